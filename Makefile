@@ -1,0 +1,144 @@
+# libmoepatch — build, test, bench. Out-of-tree into build/. See README.md.
+#
+#   make            build/libmoepatch.so (stage 1, the LD_PRELOAD object), build/libmoepatch_py.so
+#                   (stage 2, loaded only inside Python), build/libmoepatch_cuda.so (if nvcc exists)
+#   make test       C unit tests (Criterion) + Python integration tests under LD_PRELOAD (CPU)
+#   make deps       install the Debian packages the build and the tests need (root)
+#   DEBUG=1 ASAN=1 CUDA_HOME=... NVCC_GENCODE=... PYTHON=...
+
+CC          ?= gcc
+CUDA_HOME   ?= /usr/local/cuda
+NVCC        ?= $(CUDA_HOME)/bin/nvcc
+NVCC_GENCODE ?= -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
+BUILD       ?= build
+# The Python that runs the integration tests: it must have torch (Debian: python3-torch).
+PYTHON      ?= /usr/bin/python3
+# Interpreters the stage-2 object must load in (pyenv layout); missing ones are skipped by the test.
+PYENV_ROOT  ?= $(HOME)/.pyenv
+TEST_PYTHONS ?= $(wildcard $(PYENV_ROOT)/versions/3.9*/bin/python3 $(PYENV_ROOT)/versions/3.11*/bin/python3 $(PYENV_ROOT)/versions/3.13*/bin/python3)
+
+# Stage 2 is built on the stable ABI with the oldest supported headers (3.9): newer headers declare
+# functions that 3.9 lacks. Fall back to the system headers, with a warning, when 3.9's are absent.
+PY39_INC    := $(firstword $(wildcard $(PYENV_ROOT)/versions/3.9*/include/python3.9))
+ifeq ($(PY39_INC),)
+PY_INC      := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+$(warning Python 3.9 headers not found; building stage 2 against $(PY_INC): it may not load on older Pythons)
+else
+PY_INC      := $(PY39_INC)
+endif
+# The C detection tests embed an interpreter; any libpython with the stable ABI serves.
+PY_EMBED_CFLAGS := $(shell $(PYTHON)-config --includes 2>/dev/null)
+PY_EMBED_LIBS   := $(shell $(PYTHON)-config --embed --ldflags 2>/dev/null)
+
+OPT       := -O2
+SAN       :=
+ifeq ($(DEBUG),1)
+OPT       := -O0
+endif
+ifeq ($(ASAN),1)
+SAN       := -fsanitize=address,undefined -fno-omit-frame-pointer
+endif
+
+WARN      := -Wall -Wextra -Werror
+CFLAGS    += -std=c11 $(OPT) -g $(WARN) -fPIC -fvisibility=hidden -D_GNU_SOURCE -MMD -MP $(SAN)
+LDFLAGS   += $(SAN)
+PYFLAGS   := -DPy_LIMITED_API=0x03090000 -DMP_HAVE_PYTHON -I$(PY_INC)
+
+STAGE1_SRC := preload/stage1.c preload/options.c
+STAGE2_SRC := $(filter-out $(STAGE1_SRC),$(wildcard preload/*.c)) $(wildcard detect/*.c)
+KERNEL_SRC := kernels/common.c $(wildcard kernels/cpu/*.c)
+CUDA_SRC   := $(wildcard kernels/cuda/*.cu)
+
+STAGE1_OBJ := $(STAGE1_SRC:%.c=$(BUILD)/obj/%.o)
+STAGE2_OBJ := $(STAGE2_SRC:%.c=$(BUILD)/obj/%.o) $(BUILD)/obj/preload/bootstrap.o
+KERNEL_OBJ := $(KERNEL_SRC:%.c=$(BUILD)/obj/%.o)
+CUDA_OBJ   := $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
+
+HAVE_NVCC  := $(shell test -x $(NVCC) && echo 1)
+LIBS       := $(BUILD)/libmoepatch.so $(BUILD)/libmoepatch_py.so
+ifeq ($(HAVE_NVCC),1)
+LIBS       += $(BUILD)/libmoepatch_cuda.so
+endif
+
+TEST_C_SRC := $(wildcard tests/c/test_*.c)
+TEST_BINS  := $(TEST_C_SRC:tests/c/%.c=$(BUILD)/tests/%)
+
+.PHONY: all test test-c test-py demo bench install deps format tidy compdb clean
+all: $(LIBS)
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(if $(filter preload/% detect/%,$<),$(PYFLAGS)) -c $< -o $@
+
+$(BUILD)/obj/preload/bootstrap.o: preload/bootstrap.S preload/bootstrap.py
+	@mkdir -p $(dir $@)
+	$(CC) -c $< -o $@ -Wa,-I,preload
+
+# Stage 1: libc only. No CPython symbol, no libpython: it is mapped into every process.
+$(BUILD)/libmoepatch.so: $(STAGE1_OBJ) preload/stage1.map
+	$(CC) -shared $(LDFLAGS) -Wl,--version-script=preload/stage1.map -Wl,-z,defs -o $@ $(STAGE1_OBJ) -ldl
+
+# Stage 2: CPython symbols stay undefined and bind to the running interpreter at dlopen.
+$(BUILD)/libmoepatch_py.so: $(STAGE2_OBJ) $(KERNEL_OBJ) preload/stage2.map
+	$(CC) -shared $(LDFLAGS) -Wl,--version-script=preload/stage2.map -o $@ $(STAGE2_OBJ) $(KERNEL_OBJ) -ldl -lm
+
+# CUDA backend: dlopened on the first CUDA tensor. Links cudart/cuBLAS by soname, so the copies torch
+# already loaded are the ones used.
+NVCCFLAGS ?= -O3 -std=c++17 $(NVCC_GENCODE) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -lineinfo
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/libmoepatch_cuda.so: $(CUDA_OBJ) $(BUILD)/obj/kernels/common.o kernels/cuda/cuda.map
+	$(NVCC) -shared $(NVCC_GENCODE) -Xlinker --version-script=kernels/cuda/cuda.map -o $@ $(CUDA_OBJ) $(BUILD)/obj/kernels/common.o -lcudart -lcublas -lcublasLt
+
+# ---- tests ----
+$(BUILD)/tests/test_kernels_%: tests/c/test_kernels_%.c $(KERNEL_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/c -o $@ $< $(KERNEL_OBJ) $(LDFLAGS) -lcriterion -lm
+$(BUILD)/tests/test_options: tests/c/test_options.c $(BUILD)/obj/preload/options.o
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDFLAGS) -lcriterion
+$(BUILD)/tests/test_detect: tests/c/test_detect.c $(filter $(BUILD)/obj/detect/%,$(STAGE2_OBJ)) $(KERNEL_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DMP_HAVE_PYTHON $(PY_EMBED_CFLAGS) -o $@ $^ $(LDFLAGS) -lcriterion $(PY_EMBED_LIBS) -lm
+
+test: test-c test-py
+test-c: $(TEST_BINS)
+	@set -e; for t in $(TEST_BINS); do echo "== $$t"; $$t --jobs 2; done
+test-py: $(LIBS)
+	MOEPATCH_LIB=$(abspath $(BUILD))/libmoepatch.so TEST_PYTHONS="$(TEST_PYTHONS)" \
+	  $(PYTHON) -m pytest -q tests/py tests/gpu -p no:cacheprovider
+
+demo: $(LIBS)
+	$(PYTHON) examples/demo.py --lib $(abspath $(BUILD))/libmoepatch.so
+
+bench: $(LIBS)
+	$(PYTHON) tests/bench/bench_moe.py --lib $(abspath $(BUILD))/libmoepatch.so
+
+PREFIX ?= /usr/local
+install: $(LIBS)
+	install -d $(DESTDIR)$(PREFIX)/lib
+	install -m 0755 $(LIBS) $(DESTDIR)$(PREFIX)/lib/
+
+# Debian packages: compiler and Criterion for the C tests, torch and pytest for the integration tests.
+deps:
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc make libcriterion-dev python3-dev \
+	  python3-torch python3-pytest clang-format clang-tidy
+
+FORMAT_SRC = $(wildcard preload/*.c preload/*.h detect/*.c detect/*.h kernels/*.h kernels/*.c \
+               kernels/cpu/*.c kernels/cpu/*.h kernels/cuda/*.cu kernels/cuda/*.h tests/c/*.c tests/c/*.h)
+format:
+	clang-format -i $(FORMAT_SRC)
+format-check:
+	clang-format --dry-run --Werror $(FORMAT_SRC)
+tidy:
+	clang-tidy --quiet $(filter %.c,$(FORMAT_SRC)) -- -std=c11 -D_GNU_SOURCE $(PYFLAGS) -I. -Itests/c
+compdb: clean
+	bear -- $(MAKE) all $(TEST_BINS)
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
