@@ -68,7 +68,7 @@ all: $(LIBS)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(if $(filter preload/% detect/%,$<),$(PYFLAGS)) -c $< -o $@
+	$(CC) $(CFLAGS) $(if $(filter $(STAGE2_SRC),$<),$(PYFLAGS)) -c $< -o $@
 
 $(BUILD)/obj/preload/bootstrap.o: preload/bootstrap.S preload/bootstrap.py
 	@mkdir -p $(dir $@)

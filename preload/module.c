@@ -89,12 +89,6 @@ static int64_t get_i64(PyObject *d, const char *key)
     return v ? PyLong_AsLongLong(v) : 0;
 }
 
-static double get_f64(PyObject *d, const char *key, double dflt)
-{
-    PyObject *v = PyDict_GetItemString(d, key);
-    return v ? PyFloat_AsDouble(v) : dflt;
-}
-
 static void *get_ptr(PyObject *d, const char *key)
 {
     return (void *)(intptr_t)get_i64(d, key);
