@@ -3,9 +3,9 @@
  *   detect(block)            -> dict (the struct moe_spec) or str (why the block is refused)
  *   run(op, backend, cfg, io) -> None or int; raises RuntimeError on a kernel error
  *   strerror(code)           -> str
- * Design choice: the glue passes raw data pointers and strides as Python ints (a dict per call), so the
- * kernels never see torch objects and the C API (kernels/moe.h) stays usable without Python. The CUDA
- * backend is dlopened from next to this object the first time a CUDA call arrives.
+ * Design choice: the glue passes raw data pointers and strides as Python ints (a dict per call), so
+ * the kernels never see torch objects and the C API (kernels/moe.h) stays usable without Python.
+ * The CUDA backend is dlopened from next to this object the first time a CUDA call arrives.
  */
 #include <Python.h>
 
@@ -229,7 +229,8 @@ static int load_cuda(void)
     cuda_backend.backward = (int (*)(struct moe_problem *))dlsym(h, "moe_backward_cuda");
     cuda_backend.workspace_bytes =
         (size_t(*)(const struct moe_problem *, int))dlsym(h, "moe_workspace_bytes_cuda");
-    cuda_backend.saved_bytes = (size_t(*)(const struct moe_problem *))dlsym(h, "moe_saved_bytes_cuda");
+    cuda_backend.saved_bytes =
+        (size_t(*)(const struct moe_problem *))dlsym(h, "moe_saved_bytes_cuda");
     cuda_backend.last_error = (const char *(*)(void))dlsym(h, "moe_last_error_cuda");
     if (!cuda_backend.forward || !cuda_backend.backward || !cuda_backend.workspace_bytes ||
         !cuda_backend.saved_bytes) {
@@ -310,8 +311,14 @@ static PyMethodDef mp_methods[] = {
 };
 
 static struct PyModuleDef mp_moduledef = {
-    PyModuleDef_HEAD_INIT, "_moepatch", "libmoepatch: fused MoE forward/backward (C side)", -1,
-    mp_methods,            NULL,        NULL,                                               NULL,
+    PyModuleDef_HEAD_INIT,
+    "_moepatch",
+    "libmoepatch: fused MoE forward/backward (C side)",
+    -1,
+    mp_methods,
+    NULL,
+    NULL,
+    NULL,
     NULL,
 };
 

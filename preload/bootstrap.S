@@ -1,0 +1,19 @@
+/*
+ * preload/bootstrap.S — embeds preload/bootstrap.py in the stage-2 object as a NUL-terminated
+ * string. Source, not bytecode: marshalled code is specific to one Python version.
+ * mp_bootstrap_src .. mp_bootstrap_end is the text; the NUL after it is for Py_CompileString.
+ */
+    .section .rodata
+    .globl mp_bootstrap_src
+    .hidden mp_bootstrap_src
+    .type mp_bootstrap_src, @object
+mp_bootstrap_src:
+    .incbin "bootstrap.py"
+    .globl mp_bootstrap_end
+    .hidden mp_bootstrap_end
+    .type mp_bootstrap_end, @object
+mp_bootstrap_end:
+    .byte 0
+    .size mp_bootstrap_src, . - mp_bootstrap_src
+
+    .section .note.GNU-stack, "", @progbits
