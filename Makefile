@@ -70,7 +70,7 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(if $(filter $(STAGE2_SRC),$<),$(PYFLAGS)) -c $< -o $@
 
-$(BUILD)/obj/preload/bootstrap.o: preload/bootstrap.S preload/bootstrap.py
+$(BUILD)/obj/preload/bootstrap.o: preload/bootstrap.S preload/bootstrap.py preload/glue.py
 	@mkdir -p $(dir $@)
 	$(CC) -c $< -o $@ -Wa,-I,preload
 
@@ -101,7 +101,18 @@ $(BUILD)/tests/test_options: tests/c/test_options.c $(BUILD)/obj/preload/options
 	$(CC) $(CFLAGS) -o $@ $^ $(LDFLAGS) -lcriterion
 $(BUILD)/tests/test_detect: tests/c/test_detect.c $(filter $(BUILD)/obj/detect/%,$(STAGE2_OBJ)) $(KERNEL_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -DMP_HAVE_PYTHON $(PY_EMBED_CFLAGS) -o $@ $^ $(LDFLAGS) -lcriterion $(PY_EMBED_LIBS) -lm
+	$(CC) $(CFLAGS) -DMP_HAVE_PYTHON $(PY_EMBED_CFLAGS) -o $@ $(filter %.c %.o,$^) $(LDFLAGS) -lcriterion $(PY_EMBED_LIBS) -lm
+
+# CUDA backend against the CPU reference; built only where nvcc is, skips at run time without a GPU.
+ifeq ($(HAVE_NVCC),1)
+$(BUILD)/tests/test_cuda_kernels: tests/c/test_cuda_kernels.c $(KERNEL_OBJ) $(BUILD)/libmoepatch_cuda.so
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -I$(CUDA_HOME)/include -Itests/c -o $@ $< $(KERNEL_OBJ) $(LDFLAGS) \
+	  -L$(BUILD) -lmoepatch_cuda -Wl,-rpath,'$$ORIGIN/..' -L$(CUDA_HOME)/lib64 \
+	  -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcriterion -lm
+else
+TEST_BINS  := $(filter-out $(BUILD)/tests/test_cuda_kernels,$(TEST_BINS))
+endif
 
 test: test-c test-py
 test-c: $(TEST_BINS)

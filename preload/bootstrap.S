@@ -1,7 +1,8 @@
 /*
- * preload/bootstrap.S — embeds preload/bootstrap.py in the stage-2 object as a NUL-terminated
- * string. Source, not bytecode: marshalled code is specific to one Python version.
+ * preload/bootstrap.S — embeds preload/bootstrap.py and preload/glue.py in the stage-2 object as
+ * NUL-terminated strings. Source, not bytecode: marshalled code is specific to one Python version.
  * mp_bootstrap_src .. mp_bootstrap_end is the text; the NUL after it is for Py_CompileString.
+ * The glue is compiled only when a process executes its first modeling_* module.
  */
     .section .rodata
     .globl mp_bootstrap_src
@@ -15,5 +16,13 @@ mp_bootstrap_src:
 mp_bootstrap_end:
     .byte 0
     .size mp_bootstrap_src, . - mp_bootstrap_src
+
+    .globl mp_glue_src
+    .hidden mp_glue_src
+    .type mp_glue_src, @object
+mp_glue_src:
+    .incbin "glue.py"
+    .byte 0
+    .size mp_glue_src, . - mp_glue_src
 
     .section .note.GNU-stack, "", @progbits

@@ -1,491 +1,77 @@
 """libmoepatch bootstrap: runs once inside the module `_moepatch` when the interpreter is about to run
-user code. It hooks module execution, wraps the constructors of nn.Module classes of `modeling_*`
-modules, and gives each MoE block that detection accepts an instance-level forward that calls the
-fused C kernels through one autograd.Function.
-
-Design choice: nothing here imports torch. torch is taken from sys.modules when a modeling module
-(which imports torch itself) is post-processed, so non-torch Python programs pay only the hook.
+user code (every Python process under LD_PRELOAD, so it stays small). It wraps SourceFileLoader's
+exec_module, which both normal imports and transformers' remote-code loader go through, and hands
+every `modeling_*` module to the glue (preload/glue.py), compiled only when the first one appears.
+Modules imported before this ran are found by one scan of sys.modules.
 """
 
 import os
 import sys
 
 _mp = sys.modules["_moepatch"]
-_opts = _mp.options
-_LEVELS = {"warn": 0, "info": 1, "debug": 2}
-_level = _LEVELS.get(_opts.get("log", "warn"), 0)
-_allow = {m.strip() for m in _opts.get("models", "").split(",") if m.strip()}
-_RECIPES = ("softmax_topk", "sigmoid_group")
-_DTYPES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
-# One tolerance table for MOEPATCH_CHECK (fused vs the block's own forward, both rounded to the
-# dtype, hence twice the per-side bf16/fp16 tolerance of tests/c/tolerance.h).
-_CHECK_TOL = {0: 1e-5, 1: 2e-2, 2: 2e-2}
-
-_warned = set()
-_pending = []  # (family, recipe, None) for patched blocks, (family, None, reason) for refusals
-_depth = [0]
+_glue = []
 
 
-def _log(level, msg):
-    if level <= _level:
-        sys.stderr.write("moepatch: " + msg + "\n")
-        sys.stderr.flush()
+def _log(msg):
+    sys.stderr.write("moepatch: " + msg + "\n")
 
 
-def _log_once(key, level, msg):
-    if key not in _warned:
-        _warned.add(key)
-        _log(level, msg)
+def _load_glue():
+    if not _glue:
+        ns = {"__name__": "_moepatch.glue", "__builtins__": __builtins__}
+        exec(compile(_mp.glue_source(), "<moepatch glue>", "exec"), ns)
+        _glue.append(ns)
+    return _glue[0]
 
-
-def _after_fork_in_child():
-    _warned.clear()
-    _Plan.cache.clear()
-
-
-# ---------------------------------------------------------------- module hook
 
 def _is_modeling(name):
     return name.rsplit(".", 1)[-1].startswith("modeling_")
 
 
 def _postprocess(module):
-    torch = sys.modules.get("torch")
-    if torch is None:
+    name = getattr(module, "__name__", "")
+    if not _is_modeling(name) or "torch" not in sys.modules:
         return
-    nn_module = torch.nn.Module
-    for obj in list(vars(module).values()):
-        if (isinstance(obj, type) and issubclass(obj, nn_module)
-                and obj.__module__ == module.__name__
-                and not getattr(obj.__init__, "__moepatch_wrapped__", False)):
-            _wrap_init(obj)
-
-
-def _wrap_init(cls):
-    orig = cls.__init__
-
-    def __init__(self, *args, **kwargs):
-        _depth[0] += 1
-        try:
-            orig(self, *args, **kwargs)
-        finally:
-            _depth[0] -= 1
-        if type(self) is cls:
-            _examine(self)
-        if _depth[0] == 0 and _pending:
-            _summary()
-
-    __init__.__moepatch_wrapped__ = True
-    __init__.__wrapped__ = orig
-    __init__.__doc__ = orig.__doc__
-    cls.__init__ = __init__
+    try:
+        _load_glue()["postprocess"](module)
+    except Exception as e:  # never break an import
+        _log("could not process %s: %r" % (name, e))
 
 
 def _install_loader_hook():
-    ext = sys.modules["_frozen_importlib_external"]
-    loader = ext.SourceFileLoader
+    loader = sys.modules["_frozen_importlib_external"].SourceFileLoader
     orig = loader.exec_module
     if getattr(orig, "__moepatch_wrapped__", False):
         return
 
     def exec_module(self, module):
         orig(self, module)
-        name = getattr(module, "__name__", "")
-        if _is_modeling(name):
-            try:
-                _postprocess(module)
-            except Exception as e:  # never break an import
-                _log_once(("postprocess", name), 0, "could not process %s: %r" % (name, e))
+        _postprocess(module)
 
     exec_module.__moepatch_wrapped__ = True
     loader.exec_module = exec_module
 
 
-def _scan_loaded():
-    for name, module in list(sys.modules.items()):
-        if module is not None and _is_modeling(name):
-            _postprocess(module)
-
-
-# ---------------------------------------------------------------- detection and patching
-
-def _looks_like_moe(block):
-    d = block.__dict__.get("_modules", {})
-    return "experts" in d and ("gate" in d or "router" in d)
-
-
-def _examine(block):
-    if not _looks_like_moe(block):
-        return
-    spec = _mp.detect(block)
-    if isinstance(spec, str):
-        _pending.append((_family_hint(block), None, spec))
-        _log(2, "refused %s: %s" % (type(block).__name__, spec))
-        return
-    if _allow and spec["family"] not in _allow:
-        _log(1, "%s: family %s not in MOEPATCH_MODELS" % (type(block).__name__, spec["family"]))
-        return
-    _patch(block, spec)
-    _pending.append((spec["family"], _RECIPES[spec["recipe"]], None))
-
-
-def _family_hint(block):
-    cfg = getattr(block, "config", None)
-    return getattr(cfg, "model_type", None) or type(block).__module__.rsplit(".", 1)[-1]
-
-
-def _summary():
-    patched, refused = {}, {}
-    for family, recipe, reason in _pending:
-        if reason is None:
-            patched[(family, recipe)] = patched.get((family, recipe), 0) + 1
-        else:
-            refused[(family, reason)] = refused.get((family, reason), 0) + 1
-    del _pending[:]
-    total = sum(patched.values()) + sum(refused.values())
-    parts = ", ".join("%s: %d (%s)" % (f, n, r) for (f, r), n in sorted(patched.items()))
-    _log(0, "patched %d/%d MoE blocks%s; backend %s"
-         % (sum(patched.values()), total, " [" + parts + "]" if parts else "",
-            _opts.get("backend", "auto")))
-    for (family, reason), n in sorted(refused.items()):
-        _log(0, "kept the original forward of %d %s block(s): %s" % (n, family, reason))
-
-
-class _State:
-    """Per-block state the glue keeps on `block._moepatch`."""
-
-    def __init__(self, block, spec):
-        self.spec = spec
-        self.orig = type(block).forward.__get__(block)
-        self.calls = 0
-        self.disabled = None  # a reason string once the block fell back for good
-
-
-def _patch(block, spec):
-    block.__dict__["_moepatch"] = _State(block, spec)
-    block.__dict__["forward"] = _fused_forward.__get__(block)
-
-
-def _unpatch(block, reason):
-    st = block.__dict__.get("_moepatch")
-    if st is not None:
-        st.disabled = reason
-    block.__dict__.pop("forward", None)
+def _after_fork_in_child():
+    if _glue:
+        _glue[0]["after_fork_in_child"]()
 
 
 def patch(block):
     """Patch one block by hand (benchmarks, tests). True when detection accepted it."""
-    spec = _mp.detect(block)
-    if isinstance(spec, str):
-        return False
-    _patch(block, spec)
-    return True
+    return _load_glue()["patch"](block)
 
 
 def unpatch(block):
     """Give one block its own forward back."""
-    _unpatch(block, "unpatched by request")
-
-
-# ---------------------------------------------------------------- binding: tensors -> pointers
-
-class _Refuse(Exception):
-    pass
-
-
-class _KernelError(Exception):
-    pass
-
-
-def _run(op, backend, cfg, io):
-    try:
-        return _mp.run(op, backend, cfg, io)
-    except RuntimeError as e:
-        raise _KernelError(str(e)) from None
-
-
-def _mats2(t, es, rs, cs, offset=0):
-    return (0, t.data_ptr() + offset * t.element_size(), es, rs, cs)
-
-
-def _mlp_tuple(n, H, I, mats):
-    return (n, H, I) + tuple(mats)
-
-
-class _Plan:
-    """Weight tensors and their pointer description for one call; pointer arrays are cached."""
-
-    cache = {}
-
-    def __init__(self, block, spec, x):
-        torch = sys.modules["torch"]
-        self.torch = torch
-        self.spec = spec
-        E, I, H = spec["E"], spec["I"], spec["H"]
-        self.router = getattr(block, spec["router"])
-        experts = getattr(block, spec["experts"])
-        if spec["layout"] == 0:
-            self.weights = self._modulelist(experts, spec)
-        else:
-            self.weights = [getattr(experts, spec["gate"]), getattr(experts, spec["down"])]
-        self.shared = []
-        self.shared_gate = None
-        if spec["shared"]:
-            mlp = getattr(block, spec["shared_name"])
-            self.shared = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
-            if spec["shared"] == 2:
-                self.shared_gate = getattr(block, spec["shared_gate_name"]).weight
-        params = self.weights + self.shared + ([self.shared_gate] if self.shared_gate is not None else [])
-        dtype = x.dtype
-        for p in params + [self.router.weight]:
-            if p.dtype != dtype:
-                raise _Refuse("input dtype %s differs from weight dtype %s" % (dtype, p.dtype))
-            if p.device != x.device:
-                raise _Refuse("weights on %s, input on %s" % (p.device, x.device))
-        if str(dtype) not in _DTYPES:
-            raise _Refuse("dtype %s is not supported" % dtype)
-        self.dtype_code = _DTYPES[str(dtype)]
-        self.cuda = x.device.type == "cuda"
-        if not self.cuda and x.device.type != "cpu":
-            raise _Refuse("device %s is not supported" % x.device.type)
-        want = _opts.get("backend", "auto")
-        if want != "auto" and want != ("cuda" if self.cuda else "cpu"):
-            raise _Refuse("MOEPATCH_BACKEND=%s but the tensors are on %s" % (want, x.device.type))
-        self.params = params
-        self.keep = []  # pointer arrays that must outlive the kernel call
-        self.E, self.I, self.H = E, I, H
-
-    def _modulelist(self, experts, spec):
-        gates, ups, downs = [], [], []
-        for e in experts:
-            gates.append(getattr(e, spec["gate"]).weight)
-            ups.append(getattr(e, spec["up"]).weight)
-            downs.append(getattr(e, spec["down"]).weight)
-        return gates + ups + downs
-
-    def _ptr_array(self, tensors, device, cache):
-        """The data pointers of per-expert tensors as an int64 array on their device. Weights keep
-        their storage from call to call, so their arrays are cached (keyed by the pointers, which is
-        also the re-validation); fresh gradient buffers are not."""
-        torch = self.torch
-        ptrs = tuple(t.data_ptr() for t in tensors)
-        key = (device, ptrs)
-        arr = _Plan.cache.get(key) if cache else None
-        if arr is None:
-            arr = torch.tensor(ptrs, dtype=torch.int64)
-            if device.type == "cuda":
-                arr = arr.to(device)
-            if cache:
-                if len(_Plan.cache) > 1024:
-                    _Plan.cache.clear()
-                _Plan.cache[key] = arr
-        return arr
-
-    def experts_mlp(self, tensors, device, cache=True):
-        """The routed experts (or their grads) as the C tuple (n, H, I, gate, up, down)."""
-        s, E, I, H = self.spec, self.E, self.I, self.H
-        if s["layout"] == 0:
-            mats = []
-            for j in range(3):
-                group = tensors[j * E:(j + 1) * E]
-                first = group[0]
-                if any(t.stride() != first.stride() for t in group):
-                    raise _Refuse("experts have different strides")
-                arr = self._ptr_array(group, device, cache)
-                self.keep.append(arr)
-                mats.append((arr.data_ptr(), 0, 0, first.stride(0), first.stride(1)))
-            return _mlp_tuple(E, H, I, mats)
-        gu, dn = tensors
-        es, s1, s2 = gu.stride()
-        des, d1, d2 = dn.stride()
-        if s["layout"] == 1:  # [E, 2I, H], [E, H, I]
-            mats = [_mats2(gu, es, s1, s2), _mats2(gu, es, s1, s2, I * s1), _mats2(dn, des, d1, d2)]
-        else:  # [E, H, 2I], [E, I, H]
-            mats = [_mats2(gu, es, s2, s1), _mats2(gu, es, s2, s1, I * s2), _mats2(dn, des, d2, d1)]
-        return _mlp_tuple(E, H, I, mats)
-
-    def shared_mlp(self, tensors):
-        g, u, d = tensors
-        Is = g.shape[0]
-        return _mlp_tuple(1, self.H, Is, [(0, t.data_ptr(), 0, t.stride(0), t.stride(1)) for t in (g, u, d)])
-
-    def cfg(self):
-        s = self.spec
-        return (self.dtype_code, s["recipe"], s["E"], s["K"], s["n_group"], s["topk_group"],
-                s["norm"], s["norm_eps"], s["scale"], s["mask_value"])
-
-
-# ---------------------------------------------------------------- the fused op
-
-def _stream(torch, device):
-    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None
-                                              else torch.cuda.current_device())
-
-
-def _make_function(torch):
-    class MoEFn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, plan, x, logits, bias, shared_gate, *weights):
-            T, H, K = x.shape[0], plan.H, plan.spec["K"]
-            dev = x.device
-            backend = 1 if plan.cuda else 0
-            y = torch.empty((T, H), dtype=x.dtype, device=dev)
-            idx = torch.empty((T, K), dtype=torch.int32, device=dev)
-            w = torch.empty((T, K), dtype=torch.float32, device=dev)
-            nE = len(plan.weights)
-            io = {"T": T, "H": H, "x": x.data_ptr(), "x_rs": x.stride(0),
-                  "logits": logits.data_ptr(), "y": y.data_ptr(), "idx": idx.data_ptr(),
-                  "w": w.data_ptr(), "experts": plan.experts_mlp(weights[:nE], dev)}
-            if bias is not None:
-                io["bias"] = bias.data_ptr()
-            if plan.shared:
-                io["shared"] = plan.shared_mlp(weights[nE:nE + 3])
-            if shared_gate is not None:
-                io["shared_gate"] = shared_gate.data_ptr()
-            saved = counts = None
-            if plan.cuda:
-                io["stream"] = _stream(torch, dev)
-                counts = torch.empty(plan.E, dtype=torch.int64)
-                io["counts_host"] = counts.data_ptr()
-                saved = torch.empty(_run("saved", 1, plan.cfg(), io), dtype=torch.uint8, device=dev)
-                io["saved"] = saved.data_ptr()
-                ws = torch.empty(_run("workspace_forward", 1, plan.cfg(), io), dtype=torch.uint8,
-                                 device=dev)
-                io["workspace"], io["workspace_bytes"] = ws.data_ptr(), ws.numel()
-            _run("forward", backend, plan.cfg(), io)
-            ctx.plan, ctx.io_saved, ctx.counts = plan, saved, counts
-            ctx.save_for_backward(x, logits, bias, shared_gate, idx, w, *weights)
-            ctx.mark_non_differentiable(idx)
-            return y, idx
-
-        @staticmethod
-        def backward(ctx, dy, _didx):
-            plan = ctx.plan
-            x, logits, bias, shared_gate, idx, w, *weights = ctx.saved_tensors
-            dev = x.device
-            dy = dy.contiguous()
-            T, nE = x.shape[0], len(plan.weights)
-            dx = torch.empty_like(x)
-            dlogits = torch.empty_like(logits)
-            dweights = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in weights]
-            io = {"T": T, "H": plan.H, "x": x.data_ptr(), "x_rs": x.stride(0),
-                  "logits": logits.data_ptr(), "idx": idx.data_ptr(), "w": w.data_ptr(),
-                  "dy": dy.data_ptr(), "dx": dx.data_ptr(), "dlogits": dlogits.data_ptr(),
-                  "experts": plan.experts_mlp(weights[:nE], dev),
-                  "d_experts": plan.experts_mlp(dweights[:nE], dev, cache=False)}
-            if bias is not None:
-                io["bias"] = bias.data_ptr()
-            if plan.shared:
-                io["shared"] = plan.shared_mlp(weights[nE:nE + 3])
-                io["d_shared"] = plan.shared_mlp(dweights[nE:nE + 3])
-            d_sg = None
-            if shared_gate is not None:
-                d_sg = torch.empty_like(shared_gate)
-                io["shared_gate"], io["d_shared_gate"] = shared_gate.data_ptr(), d_sg.data_ptr()
-            if plan.cuda:
-                io["stream"] = _stream(torch, dev)
-                io["counts_host"] = ctx.counts.data_ptr()
-                io["saved"] = ctx.io_saved.data_ptr()
-                ws = torch.empty(_mp.run("workspace_backward", 1, plan.cfg(), io), dtype=torch.uint8,
-                                 device=dev)
-                io["workspace"], io["workspace_bytes"] = ws.data_ptr(), ws.numel()
-            _mp.run("backward", 1 if plan.cuda else 0, plan.cfg(), io)
-            return (None, dx, dlogits, None, d_sg.view_as(shared_gate) if d_sg is not None else None,
-                    *dweights)
-
-    return MoEFn
-
-
-_fn = [None]
-
-
-def _router_logits(torch, plan, x):
-    w = plan.router.weight
-    if plan.spec["logits_fp32"]:
-        return torch.nn.functional.linear(x.float(), w.float())
-    return torch.nn.functional.linear(x, w)
-
-
-def _fused(block, st, hidden_states):
-    torch = sys.modules["torch"]
-    spec = st.spec
-    shape = hidden_states.shape
-    if shape[-1] != spec["H"]:
-        raise _Refuse("hidden size %d, expected %d" % (shape[-1], spec["H"]))
-    x = hidden_states.reshape(-1, spec["H"]).contiguous()
-    plan = _Plan(block, spec, x)
-    logits = _router_logits(torch, plan, x)
-    bias = None
-    if spec["bias"]:
-        bias = getattr(plan.router, spec["bias"]).detach().float().contiguous()
-    if _fn[0] is None:
-        _fn[0] = _make_function(torch)
-    sg = plan.shared_gate
-    y, idx = _fn[0].apply(plan, x, logits.float().contiguous(), bias,
-                          sg.reshape(-1) if sg is not None else None, *plan.weights, *plan.shared)
-    y = y.view(shape)
-    ret = spec["ret"]
-    if ret == 0:
-        return y
-    if ret == 1:
-        return y, logits
-    lead = tuple(shape[:-1])
-    return y, (logits.view(*lead, spec["E"]), idx.long().view(*lead, spec["K"]))
-
-
-def _first_tensor(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _check(block, st, hidden_states, out):
-    torch = sys.modules["torch"]
-    with torch.no_grad():
-        ref = _first_tensor(st.orig(hidden_states))
-    got = _first_tensor(out).detach()
-    err = ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-    tol = _CHECK_TOL[_DTYPES.get(str(got.dtype), 0)]
-    _log(1, "check %s call %d: rel err %.3g (tol %.0e)" % (type(block).__name__, st.calls, err, tol))
-    if not err <= tol:
-        reason = "MOEPATCH_CHECK: fused output differs from the original forward (rel err %.3g > %.0e)" % (err, tol)
-        _unpatch(block, reason)
-        _log(0, "%s: %s; this block falls back to its original forward" % (type(block).__name__, reason))
-        return False
-    return True
-
-
-def _fused_forward(self, hidden_states, *args, **kwargs):
-    st = self.__dict__.get("_moepatch")
-    if st is None or st.disabled or args or kwargs:
-        return type(self).forward(self, hidden_states, *args, **kwargs)
-    if st.spec["jitter_attr"] and self.training and getattr(self, st.spec["jitter_attr"], 0) > 0:
-        _log_once((id(self), "jitter"), 0, "%s: jitter noise in training is not supported; "
-                  "original forward used for those calls" % type(self).__name__)
-        return st.orig(hidden_states)
-    try:
-        out = _fused(self, st, hidden_states)
-    except _Refuse as e:
-        _log_once((id(self), str(e)), 0, "%s: %s; original forward used for those calls"
-                  % (type(self).__name__, e))
-        return st.orig(hidden_states)
-    except _KernelError as e:
-        _unpatch(self, str(e))
-        _log(0, "%s: %s; this block falls back to its original forward" % (type(self).__name__, e))
-        return st.orig(hidden_states)
-    st.calls += 1
-    if st.calls <= _opts.get("check", 0) and not _check(self, st, hidden_states, out):
-        return st.orig(hidden_states)
-    return out
-
-
-# ---------------------------------------------------------------- install
-
-def _install():
-    _install_loader_hook()
-    _scan_loaded()
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    _load_glue()["unpatch"](block)
 
 
 try:
-    _install()
+    _install_loader_hook()
+    for _module in list(sys.modules.values()):
+        if _module is not None:
+            _postprocess(_module)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 except Exception as e:  # the program must run unmodified
-    _log(0, "not installed: %r" % (e,))
+    _log("not installed: %r" % (e,))
