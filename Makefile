@@ -98,7 +98,7 @@ $(BUILD)/tests/test_kernels_%: tests/c/test_kernels_%.c $(KERNEL_OBJ)
 	$(CC) $(CFLAGS) -Itests/c -o $@ $< $(KERNEL_OBJ) $(LDFLAGS) -lcriterion -lm
 $(BUILD)/tests/test_options: tests/c/test_options.c $(BUILD)/obj/preload/options.o
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDFLAGS) -lcriterion
+	$(CC) $(CFLAGS) -o $@ $(filter %.c %.o,$^) $(LDFLAGS) -lcriterion
 $(BUILD)/tests/test_detect: tests/c/test_detect.c $(filter $(BUILD)/obj/detect/%,$(STAGE2_OBJ)) $(KERNEL_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMP_HAVE_PYTHON $(PY_EMBED_CFLAGS) -o $@ $(filter %.c %.o,$^) $(LDFLAGS) -lcriterion $(PY_EMBED_LIBS) -lm

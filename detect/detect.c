@@ -25,7 +25,7 @@
 
 struct ctx {
     PyObject *block, *router, *experts, *config;
-    const struct mp_family *fam; /* table row, or NULL until the generic rules are chosen */
+    const struct mp_family *fam; /* table row; NULL for an unknown family, which is refused */
     struct moe_spec *spec;
     char dtype[DTYPE_LEN]; /* dtype of the expert weights, "" until the first one */
     char *reason;
@@ -138,7 +138,7 @@ static int check_linear(struct ctx *c, PyObject *m, const char *what, int64_t *r
                         char *dtype)
 {
     char wname[WHAT_LEN + 8];
-    int64_t d[MP_MAX_DIMS];
+    int64_t d[MP_MAX_DIMS] = {0};
     int rc;
 
     if (!m)
@@ -187,7 +187,7 @@ static int check_mlp(struct ctx *c, PyObject *mlp, const char *what, const char 
 static int find_router(struct ctx *c)
 {
     static const char *const names[] = {"gate", "router"};
-    int64_t d[MP_MAX_DIMS];
+    int64_t d[MP_MAX_DIMS] = {0};
     char dtype[DTYPE_LEN], what[WHAT_LEN];
     int rc;
 
@@ -253,7 +253,7 @@ static void find_config(struct ctx *c)
     }
 }
 
-/* Family name (model_type, else the module hint, else "generic") and the table row (module hint
+/* Family name (model_type, else the module hint, else "unknown") and the table row (module hint
    first: the code decides the math; model_type second). */
 static int find_family(struct ctx *c)
 {
@@ -264,7 +264,7 @@ static int find_family(struct ctx *c)
     c->fam = mp__family_find(hint);
     if (!c->fam)
         c->fam = mp__family_find(model_type);
-    copy_name(c->spec->family, model_type[0] ? model_type : hint[0] ? hint : "generic");
+    copy_name(c->spec->family, model_type[0] ? model_type : hint[0] ? hint : "unknown");
     if (c->fam && c->fam->refuse)
         return fail(c, MOE_EUNSUPPORTED, "%s", c->fam->refuse);
     /* many families name it router (Llama-4, DBRX, Jamba, PhiMoE...), each with its own math */
@@ -352,7 +352,7 @@ static int fused_orientation(struct ctx *c, const int64_t *gu, const int64_t *dn
 static int experts_fused(struct ctx *c)
 {
     struct moe_spec *s = c->spec;
-    int64_t gu[MP_MAX_DIMS], dn[MP_MAX_DIMS];
+    int64_t gu[MP_MAX_DIMS] = {0}, dn[MP_MAX_DIMS] = {0};
     char dtype[DTYPE_LEN];
     int rc;
 
@@ -468,7 +468,7 @@ static int find_bias(struct ctx *c)
     static const char *const names[] = {"e_score_correction_bias", "expert_bias", NULL};
     const char *name = NULL;
     char what[WHAT_LEN], dtype[DTYPE_LEN];
-    int64_t d[MP_MAX_DIMS];
+    int64_t d[MP_MAX_DIMS] = {0};
 
     PyObject *b = first_attr(c->router, names, &name);
     if (!b) {
@@ -523,8 +523,13 @@ static int find_recipe(struct ctx *c)
         }
     }
     c->spec->route.recipe = r;
+    /* Guessing the routing details or the return value of an unknown family could silently change
+       what the model computes: only families in the table are patched. */
     if (!c->fam)
-        c->fam = mp__family_generic(r);
+        return fail(c, MOE_EUNSUPPORTED,
+                    "unknown MoE family %s: its routing and return convention are not in the "
+                    "family table",
+                    c->spec->family);
     return 0;
 }
 

@@ -109,27 +109,6 @@ static const struct mp_family families[] = {
      .refuse = "gpt-oss experts (biases, clamped SwiGLU) are not supported yet"},
 };
 
-/* Unknown families: the transformers conventions of each layout, DeepSeek-like when sigmoid. */
-static const struct mp_family generic = {
-    .name = "generic",
-    .recipe = MOE_ROUTE_SOFTMAX_TOPK,
-    .mask_list = 0.0f,
-    .mask_3d = -INFINITY,
-    .ret_list = MP_RET_LOGITS,
-    .ret_3d = MP_RET_TENSOR,
-};
-
-static const struct mp_family generic_sigmoid = {
-    .name = "generic",
-    .recipe = MOE_ROUTE_SIGMOID_GROUP,
-    .norm_eps = 1e-20f,
-    .logits_fp32 = 1,
-    .mask_list = 0.0f,
-    .mask_3d = -INFINITY,
-    .ret_list = MP_RET_TENSOR,
-    .ret_3d = MP_RET_TENSOR,
-};
-
 const struct mp_family *mp__family_find(const char *hint)
 {
     if (!hint || !*hint)
@@ -139,9 +118,4 @@ const struct mp_family *mp__family_find(const char *hint)
             if (strcmp(families[i].hints[h], hint) == 0)
                 return &families[i];
     return NULL;
-}
-
-const struct mp_family *mp__family_generic(moe_recipe recipe)
-{
-    return recipe == MOE_ROUTE_SIGMOID_GROUP ? &generic_sigmoid : &generic;
 }

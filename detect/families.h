@@ -36,6 +36,5 @@ struct mp_family {
 /* Row for a hint (module file name without "modeling_", or a model_type); NULL when unknown. */
 const struct mp_family *mp__family_find(const char *hint);
 /* Rules for blocks of no known family, by the recipe their router's attributes call for. */
-const struct mp_family *mp__family_generic(moe_recipe recipe);
 
 #endif /* MP_FAMILIES_H */

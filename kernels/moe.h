@@ -113,6 +113,8 @@ struct moe_problem {
     void *y;      /* [T, H] dtype */
     int32_t *idx; /* [T, K] */
     float *w;     /* [T, K] fp32 routing weights */
+    int64_t *counts; /* [E] slots routed to each expert by this call, on the tensors' device; optional
+                        (the load telemetry of aux-loss-free balancing reads it) */
 
     /* backward: input and outputs. Every grad output is fully written (zeros where no token went). */
     const void *dy;            /* [T, H] dtype */
@@ -170,6 +172,8 @@ MOE_API int moe_backward_cuda(struct moe_problem *p);
 /* Bytes of workspace the caller must allocate (torch's allocator) and pass in p->workspace. */
 MOE_API size_t moe_workspace_bytes_cuda(const struct moe_problem *p, int backward);
 MOE_API size_t moe_saved_bytes_cuda(const struct moe_problem *p);
+/* The calling thread's last CUDA-backend failure: "file:line: statement: detail (error)". */
+MOE_API const char *moe_last_error_cuda(void);
 
 #ifdef __cplusplus
 }

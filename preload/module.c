@@ -158,6 +158,7 @@ static int parse_io(PyObject *io, struct moe_problem *p)
     p->y = get_ptr(io, "y");
     p->idx = get_ptr(io, "idx");
     p->w = get_ptr(io, "w");
+    p->counts = get_ptr(io, "counts");
     p->dy = get_ptr(io, "dy");
     p->dx = get_ptr(io, "dx");
     p->dlogits = get_ptr(io, "dlogits");

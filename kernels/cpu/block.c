@@ -123,6 +123,8 @@ int moe_forward_cpu(struct moe_problem *p)
 {
     if (!problem_valid(p, 0))
         return MOE_EINVAL;
+    if (p->counts)
+        memset(p->counts, 0, (size_t)p->route.E * sizeof(int64_t));
     if (p->T == 0)
         return MOE_OK;
     int64_t T = p->T, H = p->H, TK = T * p->route.K;
@@ -132,6 +134,8 @@ int moe_forward_cpu(struct moe_problem *p)
     struct groups g;
     if ((rc = groups_build(&g, p)) != MOE_OK)
         return rc;
+    if (p->counts)
+        memcpy(p->counts, g.counts, (size_t)p->route.E * sizeof(int64_t));
     int32_t *inv = moe__alloc((size_t)TK, sizeof(int32_t));
     float *out = moe__alloc((size_t)(TK * H), sizeof(float));
     float *y32 = moe__alloc((size_t)(T * H), sizeof(float));

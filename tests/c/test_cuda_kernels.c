@@ -1,0 +1,668 @@
+/*
+ * tests/c/test_cuda_kernels.c — the CUDA backend against the CPU reference, through the public API
+ * only (moe_forward/backward_cuda vs moe_forward/backward_cpu), on fresh random data per case.
+ * Every output and grad is compared (fp32 1e-5, bf16/fp16 1e-2, tests/c/tolerance.h); device
+ * outputs are poisoned with 0xFF (NaN) first, so an unwritten element fails; each case runs twice
+ * on the GPU and must give the same bits. Without a GPU every test skips with a message. Design
+ * choice: one struct describes a case (shape, recipe, dtype, weight layout); one function builds
+ * the identical problem in host and device memory and checks it, so each Test is one line.
+ */
+#include <criterion/criterion.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../kernels/moe.h"
+#include "tolerance.h"
+
+enum layout { L3D, LLIST, LT3D }; /* transformers-5 3-D, ModuleList pointers, Llama-4 transposed */
+
+struct tcase {
+    const char *name;
+    moe_dtype dt;
+    int64_t T, H, I, Is; /* Is: shared intermediate, 0 = no shared expert */
+    int E, K;
+    moe_recipe recipe;
+    int n_group, topk_group;
+    int gated; /* Qwen2 sigmoid gate on the shared expert */
+    enum layout lay;
+    int empty;     /* expert 1 gets no token */
+    int ties;      /* logits quantised to quarters: many exact ties */
+    int64_t x_pad; /* extra elements per x row */
+};
+
+static void need_gpu(void)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0)
+        cr_skip_test("no CUDA device (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+}
+
+#define CK(x)                                                                                      \
+    do {                                                                                           \
+        cudaError_t ck_ = (x);                                                                     \
+        cr_assert(ck_ == cudaSuccess, "%s: %s", #x, cudaGetErrorString(ck_));                      \
+    } while (0)
+
+/* ---- host dtype helpers (round to nearest even, as torch casts) ---- */
+
+static uint16_t f2bf(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static double elem(moe_dtype dt, const void *p, size_t i)
+{
+    if (dt == MOE_F32)
+        return ((const float *)p)[i];
+    if (dt == MOE_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return (double)((const _Float16 *)p)[i];
+}
+
+static void set_elem(moe_dtype dt, void *p, size_t i, float v)
+{
+    if (dt == MOE_F32)
+        ((float *)p)[i] = v;
+    else if (dt == MOE_BF16)
+        ((uint16_t *)p)[i] = f2bf(v);
+    else
+        ((_Float16 *)p)[i] = (_Float16)v;
+}
+
+static uint64_t rng_state;
+static float urand(void) /* uniform in [-1, 1) */
+{
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+
+static void fill(moe_dtype dt, void *p, size_t n, float scale)
+{
+    for (size_t i = 0; i < n; i++)
+        set_elem(dt, p, i, urand() * scale);
+}
+
+/* ---- a host/device pair of buffers ---- */
+
+struct pair {
+    void *h, *d;
+    size_t bytes;
+};
+
+static struct pair pair_new(size_t bytes)
+{
+    struct pair p = {calloc(bytes ? bytes : 1, 1), NULL, bytes};
+    cr_assert(p.h);
+    CK(cudaMalloc(&p.d, bytes ? bytes : 1));
+    return p;
+}
+
+static void pair_up(struct pair *p)
+{
+    CK(cudaMemcpy(p->d, p->h, p->bytes, cudaMemcpyHostToDevice));
+}
+
+static void pair_free(struct pair *p)
+{
+    free(p->h);
+    cudaFree(p->d);
+}
+
+/* ---- one MLP's weights (or grads) in a layout, host and device ---- */
+
+struct mlp_bufs {
+    int n;
+    int64_t H, I;
+    enum layout lay;
+    size_t es;
+    struct pair gu, dn;  /* L3D / LT3D: [n, 2I, H] or [n, H, 2I]; down [n, H, I] or [n, I, H] */
+    struct pair g, u, d; /* LLIST: host contiguous [n, I, H] etc. */
+    void **dev_g, **dev_u, **dev_d; /* LLIST: one device allocation per expert */
+    void **hp_g, **hp_u, **hp_d;    /* LLIST: host pointer arrays (for the CPU) */
+    void **dp_g, **dp_u, **dp_d;    /* LLIST: device arrays of device pointers (for the GPU) */
+    struct moe_mlp cpu, gpu;
+};
+
+static void **dev_ptr_array(void **src, int n)
+{
+    void **d;
+    CK(cudaMalloc((void **)&d, sizeof(void *) * (size_t)n));
+    CK(cudaMemcpy(d, src, sizeof(void *) * (size_t)n, cudaMemcpyHostToDevice));
+    return d;
+}
+
+static void list_part(struct mlp_bufs *m, struct pair *p, int64_t R, int64_t C, void ***dev,
+                      void ***hp, void ***dp, struct moe_mats *cpu, struct moe_mats *gpu)
+{
+    size_t one = (size_t)(R * C) * m->es;
+    *p = pair_new(one * (size_t)m->n);
+    *dev = calloc((size_t)m->n, sizeof(void *));
+    *hp = calloc((size_t)m->n, sizeof(void *));
+    for (int e = 0; e < m->n; e++) {
+        CK(cudaMalloc(&(*dev)[e], one));
+        (*hp)[e] = (char *)p->h + one * (size_t)e;
+    }
+    *dp = dev_ptr_array(*dev, m->n);
+    struct moe_mats c = {(void *const *)*hp, NULL, 0, C, 1};
+    struct moe_mats g = {(void *const *)*dp, NULL, 0, C, 1};
+    *cpu = c;
+    *gpu = g;
+}
+
+static void mlp_new(struct mlp_bufs *m, int n, int64_t H, int64_t I, enum layout lay, moe_dtype dt)
+{
+    memset(m, 0, sizeof *m);
+    m->n = n;
+    m->H = H;
+    m->I = I;
+    m->lay = lay;
+    m->es = moe_dtype_size(dt);
+    struct moe_mlp c = {n, H, I, {0}, {0}, {0}}, g = c;
+    if (lay == LLIST) {
+        list_part(m, &m->g, I, H, &m->dev_g, &m->hp_g, &m->dp_g, &c.gate, &g.gate);
+        list_part(m, &m->u, I, H, &m->dev_u, &m->hp_u, &m->dp_u, &c.up, &g.up);
+        list_part(m, &m->d, H, I, &m->dev_d, &m->hp_d, &m->dp_d, &c.down, &g.down);
+    } else {
+        m->gu = pair_new((size_t)(n * 2 * I * H) * m->es);
+        m->dn = pair_new((size_t)(n * H * I) * m->es);
+        char *gh = m->gu.h, *gd = m->gu.d, *dh = m->dn.h, *dd = m->dn.d;
+        size_t up_off = lay == L3D ? (size_t)(I * H) * m->es : (size_t)I * m->es;
+        /* gate/up (i, h): L3D at i*H + h (+ I*H for up); LT3D at h*2I + i (+ I for up) */
+        struct moe_mats gate = {NULL, NULL, 2 * I * H, lay == L3D ? H : 1, lay == L3D ? 1 : 2 * I};
+        /* down (h, i): L3D at h*I + i; LT3D at i*H + h */
+        struct moe_mats down = {NULL, NULL, H * I, lay == L3D ? I : 1, lay == L3D ? 1 : H};
+        c.gate = g.gate = c.up = g.up = gate;
+        c.down = g.down = down;
+        c.gate.base = gh;
+        c.up.base = gh + up_off;
+        g.gate.base = gd;
+        g.up.base = gd + up_off;
+        c.down.base = dh;
+        g.down.base = dd;
+    }
+    m->cpu = c;
+    m->gpu = g;
+}
+
+/* Host -> device (weights). */
+static void mlp_upload(struct mlp_bufs *m)
+{
+    if (m->lay != LLIST) {
+        pair_up(&m->gu);
+        pair_up(&m->dn);
+        return;
+    }
+    struct pair *p[3] = {&m->g, &m->u, &m->d};
+    void **dev[3] = {m->dev_g, m->dev_u, m->dev_d};
+    for (int j = 0; j < 3; j++) {
+        size_t one = p[j]->bytes / (size_t)m->n;
+        for (int e = 0; e < m->n; e++)
+            CK(cudaMemcpy(dev[j][e], (char *)p[j]->h + one * (size_t)e, one,
+                          cudaMemcpyHostToDevice));
+    }
+}
+
+/* Device -> host buffer dst laid out as the host copy (grads). */
+static void mlp_download(struct mlp_bufs *m, int j, void *dst)
+{
+    if (m->lay != LLIST) {
+        struct pair *p = j == 0 ? &m->gu : &m->dn;
+        CK(cudaMemcpy(dst, p->d, p->bytes, cudaMemcpyDeviceToHost));
+        return;
+    }
+    struct pair *p = j == 0 ? &m->g : j == 1 ? &m->u : &m->d;
+    void **dev = j == 0 ? m->dev_g : j == 1 ? m->dev_u : m->dev_d;
+    size_t one = p->bytes / (size_t)m->n;
+    for (int e = 0; e < m->n; e++)
+        CK(cudaMemcpy((char *)dst + one * (size_t)e, dev[e], one, cudaMemcpyDeviceToHost));
+}
+
+static void mlp_poison(struct mlp_bufs *m)
+{
+    if (m->lay != LLIST) {
+        CK(cudaMemset(m->gu.d, 0xff, m->gu.bytes));
+        CK(cudaMemset(m->dn.d, 0xff, m->dn.bytes));
+        return;
+    }
+    struct pair *p[3] = {&m->g, &m->u, &m->d};
+    void **dev[3] = {m->dev_g, m->dev_u, m->dev_d};
+    for (int j = 0; j < 3; j++)
+        for (int e = 0; e < m->n; e++)
+            CK(cudaMemset(dev[j][e], 0xff, p[j]->bytes / (size_t)m->n));
+}
+
+static int mlp_nbuf(const struct mlp_bufs *m)
+{
+    return m->lay == LLIST ? 3 : 2;
+}
+
+static struct pair *mlp_buf(struct mlp_bufs *m, int j)
+{
+    if (m->lay == LLIST)
+        return j == 0 ? &m->g : j == 1 ? &m->u : &m->d;
+    return j == 0 ? &m->gu : &m->dn;
+}
+
+static void mlp_free(struct mlp_bufs *m)
+{
+    if (m->lay != LLIST) {
+        pair_free(&m->gu);
+        pair_free(&m->dn);
+        return;
+    }
+    struct pair *p[3] = {&m->g, &m->u, &m->d};
+    void **dev[3] = {m->dev_g, m->dev_u, m->dev_d};
+    void **hp[3] = {m->hp_g, m->hp_u, m->hp_d};
+    void **dp[3] = {m->dp_g, m->dp_u, m->dp_d};
+    for (int j = 0; j < 3; j++) {
+        for (int e = 0; e < m->n; e++)
+            cudaFree(dev[j][e]);
+        free(dev[j]);
+        free(hp[j]);
+        cudaFree(dp[j]);
+        pair_free(p[j]);
+    }
+}
+
+/* ---- comparison ---- */
+
+static double worst[3]; /* per dtype, over the whole run of one test process */
+
+static double rel_err(moe_dtype dt, const void *got, const void *ref, size_t n)
+{
+    double *g = malloc(sizeof(double) * (n ? n : 1)), *r = malloc(sizeof(double) * (n ? n : 1));
+    cr_assert(g && r);
+    for (size_t i = 0; i < n; i++) {
+        g[i] = elem(dt, got, i);
+        r[i] = elem(dt, ref, i);
+    }
+    double e = moe_rel_err(g, r, n);
+    free(g);
+    free(r);
+    return e;
+}
+
+static void expect_close(const struct tcase *c, const char *what, moe_dtype dt, const void *got,
+                         const void *ref, size_t n)
+{
+    double e = rel_err(dt, got, ref, n);
+    double tol = moe_tol(c->dt);
+    if (e > worst[c->dt])
+        worst[c->dt] = e;
+    fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, what, e);
+    cr_expect(e <= tol, "%s: %s rel err %g > %g", c->name, what, e, tol);
+}
+
+/* ---- the case ---- */
+
+struct gpu_out { /* everything the GPU writes, downloaded */
+    void *y, *dx, *dsg;
+    int32_t *idx;
+    float *w, *dlogits;
+    void *dexp[3], *dsh[3];
+};
+
+static void run_case(const struct tcase *c)
+{
+    need_gpu();
+    rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(c->T * 1315423911u + c->E * 2654435761u +
+                                                   (uint64_t)c->H * 97 + (uint64_t)c->dt);
+    const moe_dtype dt = c->dt;
+    const size_t es = moe_dtype_size(dt);
+    const int64_t T = c->T, H = c->H, E = c->E, K = c->K, xrs = c->H + c->x_pad;
+    const int shared = c->Is > 0;
+
+    /* K = 1 with renormalisation makes w ≡ scale and dlogits pure rounding noise: norm only if K >
+     * 1 */
+    struct moe_route_cfg rc = {c->recipe, c->E, c->K, c->n_group, c->topk_group,
+                               c->K > 1,  0.0f, 1.0f, -INFINITY};
+    if (c->recipe == MOE_ROUTE_SIGMOID_GROUP) {
+        rc.norm_eps = 1e-20f;
+        rc.scale = 2.5f;
+        rc.mask_value = c->n_group > 1 ? -INFINITY : 0.0f;
+    }
+
+    /* inputs */
+    struct pair x = pair_new((size_t)(T * xrs) * es), dy = pair_new((size_t)(T * H) * es);
+    struct pair lg = pair_new(sizeof(float) * (size_t)(T * E)), bias = pair_new(sizeof(float) * E);
+    struct pair sg = pair_new((size_t)H * es);
+    fill(dt, x.h, (size_t)(T * xrs), 1.0f);
+    fill(dt, dy.h, (size_t)(T * H), 1.0f);
+    fill(dt, sg.h, (size_t)H, 1.0f / sqrtf((float)H));
+    float *l = lg.h;
+    for (int64_t i = 0; i < T * E; i++)
+        l[i] = c->ties ? roundf(urand() * 8.0f) / 4.0f : urand() * 3.0f;
+    if (c->empty)
+        for (int64_t t = 0; t < T; t++)
+            l[t * E + 1] = -30.0f;
+    float *b = bias.h;
+    for (int e = 0; e < E; e++)
+        b[e] = c->ties ? 0.0f : urand() * 0.1f;
+    if (c->empty)
+        b[1] = -1.0f;
+    pair_up(&x);
+    pair_up(&dy);
+    pair_up(&lg);
+    pair_up(&bias);
+    pair_up(&sg);
+
+    /* weights: same bytes on both sides */
+    struct mlp_bufs ex, sh, dex_c, dsh_c, dex_g, dsh_g;
+    mlp_new(&ex, c->E, H, c->I, c->lay, dt);
+    for (int j = 0; j < mlp_nbuf(&ex); j++)
+        fill(dt, mlp_buf(&ex, j)->h, mlp_buf(&ex, j)->bytes / es, 1.0f / sqrtf((float)H));
+    mlp_upload(&ex);
+    /* grads: CPU writes its host copy of dex_c, GPU writes the device copy of dex_g */
+    mlp_new(&dex_c, c->E, H, c->I, c->lay, dt);
+    mlp_new(&dex_g, c->E, H, c->I, c->lay, dt);
+    if (shared) {
+        enum layout sl = c->lay == LLIST ? LLIST : L3D;
+        mlp_new(&sh, 1, H, c->Is, sl, dt);
+        for (int j = 0; j < mlp_nbuf(&sh); j++)
+            fill(dt, mlp_buf(&sh, j)->h, mlp_buf(&sh, j)->bytes / es, 1.0f / sqrtf((float)H));
+        mlp_upload(&sh);
+        mlp_new(&dsh_c, 1, H, c->Is, sl, dt);
+        mlp_new(&dsh_g, 1, H, c->Is, sl, dt);
+    }
+
+    /* CPU reference */
+    struct moe_problem pc;
+    memset(&pc, 0, sizeof pc);
+    pc.route = rc;
+    pc.dtype = dt;
+    pc.T = T;
+    pc.H = H;
+    pc.x = x.h;
+    pc.x_rs = xrs;
+    pc.logits = lg.h;
+    pc.bias = c->recipe == MOE_ROUTE_SIGMOID_GROUP ? bias.h : NULL;
+    pc.experts = ex.cpu;
+    pc.shared = shared ? sh.cpu : (struct moe_mlp){0};
+    pc.shared_gate = c->gated ? sg.h : NULL;
+    void *y_c = calloc((size_t)(T * H) * es + 1, 1), *dx_c = calloc((size_t)(T * H) * es + 1, 1);
+    int32_t *idx_c = calloc((size_t)(T * K) + 1, 4);
+    float *w_c = calloc((size_t)(T * K) + 1, 4), *dl_c = calloc((size_t)(T * E) + 1, 4);
+    void *dsg_c = calloc((size_t)H * es, 1);
+    pc.y = y_c;
+    pc.idx = idx_c;
+    pc.w = w_c;
+    pc.dy = dy.h;
+    pc.dx = dx_c;
+    pc.dlogits = dl_c;
+    pc.d_experts = dex_c.cpu;
+    pc.d_shared = shared ? dsh_c.cpu : (struct moe_mlp){0};
+    pc.d_shared_gate = c->gated ? dsg_c : NULL;
+    cr_assert_eq(moe_forward_cpu(&pc), MOE_OK, "%s: cpu forward", c->name);
+    cr_assert_eq(moe_backward_cpu(&pc), MOE_OK, "%s: cpu backward", c->name);
+
+    /* GPU */
+    struct moe_problem pg = pc;
+    struct pair y = pair_new((size_t)(T * H) * es), dx = pair_new((size_t)(T * H) * es);
+    struct pair idx = pair_new(4 * (size_t)(T * K)), w = pair_new(4 * (size_t)(T * K));
+    struct pair dl = pair_new(4 * (size_t)(T * E)), dsg = pair_new((size_t)H * es);
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    pg.x = x.d;
+    pg.logits = lg.d;
+    pg.bias = pc.bias ? bias.d : NULL;
+    pg.experts = ex.gpu;
+    pg.shared = shared ? sh.gpu : (struct moe_mlp){0};
+    pg.shared_gate = c->gated ? sg.d : NULL;
+    pg.y = y.d;
+    pg.idx = idx.d;
+    pg.w = w.d;
+    pg.dy = dy.d;
+    pg.dx = dx.d;
+    pg.dlogits = dl.d;
+    pg.d_experts = dex_g.gpu;
+    pg.d_shared = shared ? dsh_g.gpu : (struct moe_mlp){0};
+    pg.d_shared_gate = c->gated ? dsg.d : NULL;
+    pg.stream = st;
+    int64_t *counts = calloc((size_t)E, sizeof(int64_t));
+    pg.counts_host = counts;
+    size_t sb = moe_saved_bytes_cuda(&pg), wf = moe_workspace_bytes_cuda(&pg, 0),
+           wb = moe_workspace_bytes_cuda(&pg, 1), wsb = wf > wb ? wf : wb;
+    CK(cudaMalloc(&pg.saved, sb ? sb : 1));
+    CK(cudaMalloc(&pg.workspace, wsb ? wsb : 1));
+    pg.workspace_bytes = wsb;
+
+    struct gpu_out run[2];
+    memset(run, 0, sizeof run);
+    for (int r = 0; r < 2; r++) {
+        struct pair *outs[] = {&y, &dx, &idx, &w, &dl, &dsg};
+        for (size_t j = 0; j < sizeof outs / sizeof *outs; j++)
+            CK(cudaMemset(outs[j]->d, 0xff, outs[j]->bytes));
+        CK(cudaMemset(pg.saved, 0xff, sb ? sb : 1));
+        CK(cudaMemset(pg.workspace, 0xff, wsb ? wsb : 1));
+        mlp_poison(&dex_g);
+        if (shared)
+            mlp_poison(&dsh_g);
+        /* cudaMemset runs on the legacy stream, which does not order against a non-blocking one */
+        CK(cudaDeviceSynchronize());
+        int rf = moe_forward_cuda(&pg);
+        cr_assert_eq(rf, MOE_OK, "%s: cuda forward: %s", c->name, moe_last_error_cuda());
+        int rb = moe_backward_cuda(&pg);
+        cr_assert_eq(rb, MOE_OK, "%s: cuda backward: %s", c->name, moe_last_error_cuda());
+        CK(cudaStreamSynchronize(st));
+        struct gpu_out *o = &run[r];
+        o->y = malloc(y.bytes + 1);
+        o->dx = malloc(dx.bytes + 1);
+        o->idx = malloc(idx.bytes + 1);
+        o->w = malloc(w.bytes + 1);
+        o->dlogits = malloc(dl.bytes + 1);
+        o->dsg = malloc(dsg.bytes + 1);
+        CK(cudaMemcpy(o->y, y.d, y.bytes, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(o->dx, dx.d, dx.bytes, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(o->idx, idx.d, idx.bytes, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(o->w, w.d, w.bytes, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(o->dlogits, dl.d, dl.bytes, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(o->dsg, dsg.d, dsg.bytes, cudaMemcpyDeviceToHost));
+        for (int j = 0; j < mlp_nbuf(&dex_g); j++) {
+            o->dexp[j] = malloc(mlp_buf(&dex_g, j)->bytes);
+            mlp_download(&dex_g, j, o->dexp[j]);
+        }
+        for (int j = 0; shared && j < mlp_nbuf(&dsh_g); j++) {
+            o->dsh[j] = malloc(mlp_buf(&dsh_g, j)->bytes);
+            mlp_download(&dsh_g, j, o->dsh[j]);
+        }
+    }
+
+    /* the per-expert counts the forward left on the host */
+    int64_t total = 0;
+    for (int e = 0; e < E; e++)
+        total += counts[e];
+    cr_expect_eq(total, T * K, "%s: host counts sum %lld", c->name, (long long)total);
+    if (c->empty && T > 0)
+        cr_expect_eq(counts[1], 0, "%s: expert 1 should get no token", c->name);
+
+    /* against the CPU */
+    struct gpu_out *o = &run[0];
+    int idx_bad = 0;
+    for (int64_t i = 0; i < T * K; i++)
+        idx_bad += o->idx[i] != idx_c[i];
+    cr_expect_eq(idx_bad, 0, "%s: %d routing choices differ", c->name, idx_bad);
+    expect_close(c, "y", dt, o->y, y_c, (size_t)(T * H));
+    expect_close(c, "w", MOE_F32, o->w, w_c, (size_t)(T * K));
+    expect_close(c, "dx", dt, o->dx, dx_c, (size_t)(T * H));
+    expect_close(c, "dlogits", MOE_F32, o->dlogits, dl_c, (size_t)(T * E));
+    static const char *names3d[] = {"d_gate_up", "d_down"},
+                      *names_list[] = {"d_gate", "d_up", "d_down"};
+    for (int j = 0; j < mlp_nbuf(&dex_g); j++)
+        expect_close(c, c->lay == LLIST ? names_list[j] : names3d[j], dt, o->dexp[j],
+                     mlp_buf(&dex_c, j)->h, mlp_buf(&dex_c, j)->bytes / es);
+    for (int j = 0; shared && j < mlp_nbuf(&dsh_g); j++)
+        expect_close(c, c->lay == LLIST ? "shared d_gate.." : "shared d_*", dt, o->dsh[j],
+                     mlp_buf(&dsh_c, j)->h, mlp_buf(&dsh_c, j)->bytes / es);
+    if (c->gated)
+        expect_close(c, "d_shared_gate", dt, o->dsg, dsg_c, (size_t)H);
+
+    /* determinism: the second run gives the same bits */
+    struct gpu_out *o2 = &run[1];
+    int same = !memcmp(o->y, o2->y, y.bytes) && !memcmp(o->dx, o2->dx, dx.bytes) &&
+               !memcmp(o->idx, o2->idx, idx.bytes) && !memcmp(o->w, o2->w, w.bytes) &&
+               !memcmp(o->dlogits, o2->dlogits, dl.bytes) &&
+               (!c->gated || !memcmp(o->dsg, o2->dsg, dsg.bytes));
+    for (int j = 0; j < mlp_nbuf(&dex_g); j++)
+        same &= !memcmp(o->dexp[j], o2->dexp[j], mlp_buf(&dex_g, j)->bytes);
+    for (int j = 0; shared && j < mlp_nbuf(&dsh_g); j++)
+        same &= !memcmp(o->dsh[j], o2->dsh[j], mlp_buf(&dsh_g, j)->bytes);
+    cr_expect(same, "%s: two GPU runs differ", c->name);
+
+    fprintf(stderr, "  %-28s worst rel: f32 %.3g bf16 %.3g f16 %.3g\n", c->name, worst[0], worst[1],
+            worst[2]);
+    for (int r = 0; r < 2; r++) {
+        free(run[r].y);
+        free(run[r].dx);
+        free(run[r].idx);
+        free(run[r].w);
+        free(run[r].dlogits);
+        free(run[r].dsg);
+        for (int j = 0; j < 3; j++) {
+            free(run[r].dexp[j]);
+            free(run[r].dsh[j]);
+        }
+    }
+    cudaFree(pg.saved);
+    cudaFree(pg.workspace);
+    cudaStreamDestroy(st);
+    free(counts);
+    free(y_c);
+    free(dx_c);
+    free(idx_c);
+    free(w_c);
+    free(dl_c);
+    free(dsg_c);
+    struct pair *ps[] = {&x, &dy, &lg, &bias, &sg, &y, &dx, &idx, &w, &dl, &dsg};
+    for (size_t j = 0; j < sizeof ps / sizeof *ps; j++)
+        pair_free(ps[j]);
+    mlp_free(&ex);
+    mlp_free(&dex_c);
+    mlp_free(&dex_g);
+    if (shared) {
+        mlp_free(&sh);
+        mlp_free(&dsh_c);
+        mlp_free(&dsh_g);
+    }
+}
+
+#define SOFTMAX MOE_ROUTE_SOFTMAX_TOPK
+#define SIGMOID MOE_ROUTE_SIGMOID_GROUP
+
+/*                      name, dtype, T, H, I, Is, E, K, recipe, n_group, topk_group, gated, layout,
+                        empty, ties, x_pad */
+Test(cuda_kernels, softmax_topk_fp32_matches_cpu)
+{
+    run_case(&(struct tcase){"softmax fp32", MOE_F32, 7, 64, 32, 0, 12, 2, SOFTMAX, 1, 1, 0, L3D, 0,
+                             0, 0});
+}
+
+Test(cuda_kernels, softmax_topk_bf16_matches_cpu)
+{
+    run_case(&(struct tcase){"softmax bf16", MOE_BF16, 7, 64, 32, 0, 12, 2, SOFTMAX, 1, 1, 0, L3D,
+                             0, 0, 0});
+}
+
+Test(cuda_kernels, fp16_matches_cpu)
+{
+    run_case(&(struct tcase){"softmax fp16", MOE_F16, 33, 64, 48, 0, 10, 3, SOFTMAX, 1, 1, 0, L3D,
+                             0, 0, 0});
+}
+
+Test(cuda_kernels, one_token_matches_cpu)
+{
+    run_case(&(struct tcase){"T=1", MOE_F32, 1, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0});
+}
+
+Test(cuda_kernels, top1_routing_matches_cpu)
+{
+    run_case(&(struct tcase){"K=1", MOE_F32, 29, 64, 32, 0, 5, 1, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0});
+}
+
+Test(cuda_kernels, zero_tokens_write_zero_weight_grads)
+{
+    run_case(&(struct tcase){"T=0", MOE_F32, 0, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 1, L3D, 0, 0, 0});
+}
+
+Test(cuda_kernels, expert_without_tokens_gets_zero_grads)
+{
+    run_case(&(struct tcase){"empty expert", MOE_F32, 40, 64, 32, 0, 9, 2, SOFTMAX, 1, 1, 0, L3D, 1,
+                             0, 0});
+}
+
+Test(cuda_kernels, sigmoid_group_limited_fp32_matches_cpu)
+{
+    run_case(&(struct tcase){"sigmoid groups fp32", MOE_F32, 50, 64, 32, 64, 24, 4, SIGMOID, 6, 3,
+                             0, L3D, 1, 0, 0});
+}
+
+Test(cuda_kernels, sigmoid_group_limited_bf16_matches_cpu)
+{
+    run_case(&(struct tcase){"sigmoid groups bf16", MOE_BF16, 50, 64, 32, 64, 24, 4, SIGMOID, 6, 3,
+                             0, L3D, 0, 0, 0});
+}
+
+Test(cuda_kernels, sigmoid_without_groups_matches_cpu)
+{
+    run_case(&(struct tcase){"sigmoid no groups", MOE_F32, 21, 64, 32, 0, 11, 3, SIGMOID, 1, 1, 0,
+                             L3D, 0, 0, 0});
+}
+
+Test(cuda_kernels, ties_go_to_the_lower_index)
+{
+    run_case(&(struct tcase){"ties softmax", MOE_F32, 64, 64, 32, 0, 16, 4, SOFTMAX, 1, 1, 0, L3D,
+                             0, 1, 0});
+    run_case(&(struct tcase){"ties sigmoid groups", MOE_F32, 64, 64, 32, 0, 16, 4, SIGMOID, 4, 2, 0,
+                             L3D, 0, 1, 0});
+}
+
+Test(cuda_kernels, modulelist_pointer_arrays_match_cpu)
+{
+    run_case(&(struct tcase){"modulelist fp32", MOE_F32, 31, 64, 32, 48, 7, 2, SIGMOID, 1, 1, 0,
+                             LLIST, 1, 0, 0});
+    run_case(&(struct tcase){"modulelist bf16", MOE_BF16, 31, 64, 32, 48, 7, 2, SOFTMAX, 1, 1, 1,
+                             LLIST, 0, 0, 0});
+}
+
+Test(cuda_kernels, transposed_3d_layout_matches_cpu)
+{
+    run_case(&(struct tcase){"transposed 3-D fp32", MOE_F32, 23, 64, 32, 0, 6, 2, SOFTMAX, 1, 1, 0,
+                             LT3D, 1, 0, 0});
+    run_case(&(struct tcase){"transposed 3-D bf16", MOE_BF16, 23, 64, 32, 0, 6, 2, SOFTMAX, 1, 1, 0,
+                             LT3D, 0, 0, 0});
+}
+
+Test(cuda_kernels, gated_shared_expert_matches_cpu)
+{
+    run_case(&(struct tcase){"qwen2 gated shared fp32", MOE_F32, 19, 64, 32, 96, 8, 2, SOFTMAX, 1,
+                             1, 1, L3D, 0, 0, 0});
+    run_case(&(struct tcase){"qwen2 gated shared bf16", MOE_BF16, 19, 64, 32, 96, 8, 2, SOFTMAX, 1,
+                             1, 1, L3D, 0, 0, 0});
+}
+
+Test(cuda_kernels, strided_x_rows_match_cpu)
+{
+    run_case(&(struct tcase){"x row stride", MOE_F32, 17, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 1, L3D,
+                             0, 0, 8});
+}
+
+Test(cuda_kernels, large_batch_matches_cpu, .timeout = 300)
+{
+    if (getenv("MOE_TEST_SMALL")) /* under compute-sanitizer: the small cases cover every kernel */
+        cr_skip_test("MOE_TEST_SMALL is set");
+    run_case(&(struct tcase){"T=4096 fp32", MOE_F32, 4096, 128, 64, 64, 60, 4, SIGMOID, 4, 2, 0,
+                             L3D, 1, 0, 0});
+    run_case(&(struct tcase){"T=4096 bf16", MOE_BF16, 4096, 128, 64, 0, 60, 4, SOFTMAX, 1, 1, 0,
+                             LLIST, 0, 0, 0});
+}
