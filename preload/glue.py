@@ -333,8 +333,28 @@ def _make_function(torch):
 _fn = [None]
 
 
+def _has_hooks(torch, module):
+    g = torch.nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(g, "_global_forward_hooks", None)
+                or getattr(g, "_global_forward_pre_hooks", None))
+
+
 def _router_logits(torch, plan, x):
-    w = plan.router.weight
+    """The router logits [T, E]. When hooks watch the router (transformers 5 records router logits
+    for the auxiliary loss with forward hooks on the gate), the router module itself is called so
+    that they see what they expect; its logits are the first output (transformers 5) or the last
+    floating [T, E] one (Bailing's gate returns (idx, weights, logits))."""
+    router = plan.router
+    if _has_hooks(torch, router):
+        out = router(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        want = (x.shape[0], plan.E)
+        for t in (outs[0],) + tuple(reversed(outs)):
+            if torch.is_tensor(t) and t.is_floating_point() and tuple(t.shape) == want:
+                return t
+        raise _Refuse("cannot find the router logits among the router's outputs")
+    w = router.weight
     if plan.spec["logits_fp32"]:
         return torch.nn.functional.linear(x.float(), w.float())
     return torch.nn.functional.linear(x, w)
