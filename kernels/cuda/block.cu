@@ -1,0 +1,368 @@
+/*
+ * kernels/cuda/block.cu — the whole MoE block on the GPU: moe_forward_cuda, moe_backward_cuda and
+ * the sizes of the caller-allocated workspace and saved state.
+ *
+ * Forward: route → counting sort (device) → one device-to-host copy of the per-expert counts
+ * (into p->counts_host; the grouped GEMMs need host sizes) → gather → grouped GEMM gate|up →
+ * SwiGLU → grouped GEMM down → gather-sum combine (+ shared expert, optionally sigmoid-gated).
+ * Saved for backward: the pre-activations [T*K, 2I] (and [T, 2Is] of the shared expert), perm,
+ * inv, device counts and offsets. Backward reads p->counts_host and copies nothing to the host.
+ *
+ * Design choice: the routing-weight grad comes from the down projection's input side,
+ * dw = <a, W_downᵀ dy> (with da = w · W_downᵀ dy), so the expert outputs are never stored.
+ */
+#include <string.h>
+
+#include "internal.h"
+
+/* ---- buffer plans (the same code measures and carves) ---- */
+
+struct saved_bufs {
+    void *h, *hs;
+    int32_t *perm, *inv;
+    int64_t *counts, *offsets;
+};
+
+struct fwd_bufs {
+    void **ptrs;
+    void *perm_scratch, *xg, *a, *out, *as, *ys;
+    float *gs;
+};
+
+struct bwd_bufs {
+    void **ptrs;
+    void *xg, *dyg, *dau, *dh, *aw, *dxg;
+    float *dw;
+    void *dau_s, *dh_s, *aw_s, *dxs;
+    float *gs, *dgs;
+    void *gate_scratch;
+};
+
+static int64_t n_rows(const struct moe_problem *p)
+{
+    return p->T * p->route.K;
+}
+
+/* x's row stride as the GEMMs see it: any stride serves a single row, cuBLAS wants ld >= H. */
+static int64_t x_stride(const struct moe_problem *p)
+{
+    return p->T <= 1 ? p->H : p->x_rs;
+}
+
+static size_t plan_saved(const struct moe_problem *p, char *base, struct saved_bufs *b)
+{
+    struct moe__arena a = {base, 0};
+    const size_t es = moe_dtype_size(p->dtype);
+    const int64_t R = n_rows(p), E = p->route.E;
+    b->h = moe__take(&a, es * (size_t)(R * 2 * p->experts.I));
+    b->hs = p->shared.n ? moe__take(&a, es * (size_t)(p->T * 2 * p->shared.I)) : NULL;
+    b->perm = (int32_t *)moe__take(&a, sizeof(int32_t) * (size_t)R);
+    b->inv = (int32_t *)moe__take(&a, sizeof(int32_t) * (size_t)R);
+    b->counts = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E);
+    b->offsets = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1));
+    return a.off;
+}
+
+static size_t plan_fwd(const struct moe_problem *p, char *base, struct fwd_bufs *b)
+{
+    struct moe__arena a = {base, 0};
+    const size_t es = moe_dtype_size(p->dtype);
+    const int64_t R = n_rows(p), T = p->T, H = p->H, I = p->experts.I, Is = p->shared.I;
+    b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
+    b->perm_scratch = moe__take(&a, moe__permute_scratch_bytes(T, p->route.K, p->route.E));
+    b->xg = moe__take(&a, es * (size_t)(R * H));
+    b->a = moe__take(&a, es * (size_t)(R * I));
+    b->out = moe__take(&a, es * (size_t)(R * H));
+    b->as = p->shared.n ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
+    b->ys = p->shared.n ? moe__take(&a, es * (size_t)(T * H)) : NULL;
+    b->gs =
+        p->shared.n && p->shared_gate ? (float *)moe__take(&a, sizeof(float) * (size_t)T) : NULL;
+    return a.off;
+}
+
+static size_t plan_bwd(const struct moe_problem *p, char *base, struct bwd_bufs *b)
+{
+    struct moe__arena a = {base, 0};
+    const size_t es = moe_dtype_size(p->dtype);
+    const int64_t R = n_rows(p), T = p->T, H = p->H, I = p->experts.I, Is = p->shared.I;
+    const int sh = p->shared.n != 0, gated = sh && p->shared_gate;
+    b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
+    b->xg = moe__take(&a, es * (size_t)(R * H));
+    b->dyg = moe__take(&a, es * (size_t)(R * H));
+    b->dau = moe__take(&a, es * (size_t)(R * I));
+    b->dh = moe__take(&a, es * (size_t)(R * 2 * I));
+    b->aw = moe__take(&a, es * (size_t)(R * I));
+    b->dxg = moe__take(&a, es * (size_t)(R * H));
+    b->dw = (float *)moe__take(&a, sizeof(float) * (size_t)R);
+    b->dau_s = sh ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
+    b->dh_s = sh ? moe__take(&a, es * (size_t)(T * 2 * Is)) : NULL;
+    b->aw_s = sh ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
+    b->dxs = sh ? moe__take(&a, es * (size_t)(T * H)) : NULL;
+    b->gs = gated ? (float *)moe__take(&a, sizeof(float) * (size_t)T) : NULL;
+    b->dgs = gated ? (float *)moe__take(&a, sizeof(float) * (size_t)T) : NULL;
+    b->gate_scratch = gated ? moe__take(&a, moe__shared_gate_scratch_bytes(T, H)) : NULL;
+    return a.off;
+}
+
+/* ---- operand helpers for the grouped GEMM engine ---- */
+
+/* Packed activations: expert e's rows start at offsets[e]; logical [rows, width] row-major. */
+static struct moe__gg_operand rows_op(const void *base, int64_t step, int64_t off)
+{
+    struct moe__gg_operand o = {NULL, base, 0, 1, step, off, step, 1};
+    return o;
+}
+
+/* The transpose of rows_op: logical [width, rows]. */
+static struct moe__gg_operand rows_t_op(const void *base, int64_t step, int64_t off)
+{
+    struct moe__gg_operand o = {NULL, base, 0, 1, step, off, 1, step};
+    return o;
+}
+
+/* Expert weights as stored ([R, C] with the moe_mats strides) or transposed ([C, R]). */
+static struct moe__gg_operand mats_op(const struct moe_mats *m, int transposed)
+{
+    struct moe__gg_operand o = {m->ptr, m->base, m->es, 0, 0, 0, m->rs, m->cs};
+    if (transposed) {
+        o.rs = m->cs;
+        o.cs = m->rs;
+    }
+    return o;
+}
+
+static struct moe__gg_part part(struct moe__gg_operand a, struct moe__gg_operand b,
+                                struct moe__gg_operand c, int64_t M, int64_t N, int64_t K,
+                                float beta)
+{
+    struct moe__gg_part q = {a, b, c, M, N, K, beta};
+    return q;
+}
+
+/* Everything an MLP pass over one set of experts needs: routed (n = E, counts from the sort) or
+   shared (n = 1, all T rows, offsets NULL). */
+struct mlp_ctx {
+    const struct moe_mlp *m;
+    const int64_t *counts_host, *counts_dev, *offsets_dev;
+    moe_dtype dt;
+    void **ptrs;
+    cublasHandle_t h;
+    cudaStream_t st;
+};
+
+static int gg(const struct mlp_ctx *c, int n_parts, struct moe__gg_part p0, struct moe__gg_part p1)
+{
+    struct moe__gg_call call;
+    call.n_experts = c->m->n;
+    call.counts_host = c->counts_host;
+    call.counts_dev = c->counts_dev;
+    call.offsets_dev = c->offsets_dev;
+    call.n_parts = n_parts;
+    call.part[0] = p0;
+    call.part[1] = p1;
+    return moe__grouped_gemm(&call, c->dt, c->ptrs, c->h, c->st);
+}
+
+/* h = [x Wgᵀ | x Wuᵀ], a = silu(gate) · up, out = a Wdᵀ. x: packed rows with row stride x_step. */
+static int mlp_forward(const struct mlp_ctx *c, const void *x, int64_t x_step, void *h, void *a,
+                       int64_t rows, void *out)
+{
+    const int64_t H = c->m->H, I = c->m->I;
+    MOE_TRY(gg(
+        c, 2,
+        part(rows_op(x, x_step, 0), mats_op(&c->m->gate, 1), rows_op(h, 2 * I, 0), -1, I, H, 0.f),
+        part(rows_op(x, x_step, 0), mats_op(&c->m->up, 1), rows_op(h, 2 * I, I), -1, I, H, 0.f)));
+    MOE_TRY(moe__swiglu_cuda(rows, I, h, a, c->dt, c->st));
+    struct moe__gg_part down =
+        part(rows_op(a, I, 0), mats_op(&c->m->down, 1), rows_op(out, H, 0), -1, H, I, 0.f);
+    return gg(c, 1, down, down);
+}
+
+/* Backward of one MLP pass. dy: packed rows (row stride H); w: per-slot weights through perm (or
+   per-row, perm NULL; NULL: 1); dw: per-slot grads of w (may be NULL). Writes the weight grads
+   of d and dxr = dh_gate Wg + dh_up Wu (packed rows, [rows, H]). */
+static int mlp_backward(const struct mlp_ctx *c, const struct moe_mlp *d, const void *x,
+                        int64_t x_step, const void *dy, const void *h, int64_t rows,
+                        const int32_t *perm, const float *w, float *dw, void *dau, void *dh,
+                        void *aw, void *dxr)
+{
+    const int64_t H = c->m->H, I = c->m->I;
+    struct moe__gg_part p;
+    p = part(rows_op(dy, H, 0), mats_op(&c->m->down, 0), rows_op(dau, I, 0), -1, I, H, 0.f);
+    MOE_TRY(gg(c, 1, p, p));
+    MOE_TRY(moe__swiglu_backward_cuda(rows, I, h, dau, perm, w, dw, dh, aw, c->dt, c->st));
+    p = part(rows_t_op(dy, H, 0), rows_op(aw, I, 0), mats_op(&d->down, 0), H, I, -1, 0.f);
+    MOE_TRY(gg(c, 1, p, p));
+    MOE_TRY(gg(
+        c, 2,
+        part(rows_t_op(dh, 2 * I, 0), rows_op(x, x_step, 0), mats_op(&d->gate, 0), I, H, -1, 0.f),
+        part(rows_t_op(dh, 2 * I, I), rows_op(x, x_step, 0), mats_op(&d->up, 0), I, H, -1, 0.f)));
+    p = part(rows_op(dh, 2 * I, 0), mats_op(&c->m->gate, 0), rows_op(dxr, H, 0), -1, H, I, 0.f);
+    MOE_TRY(gg(c, 1, p, p));
+    p = part(rows_op(dh, 2 * I, I), mats_op(&c->m->up, 0), rows_op(dxr, H, 0), -1, H, I, 1.f);
+    return gg(c, 1, p, p);
+}
+
+/* Experts without rows get zero weight grads (counts_dev NULL: every expert). */
+static int zero_empty(const struct moe_mlp *d, int n, const int64_t *counts_dev, moe_dtype dt,
+                      cudaStream_t st)
+{
+    MOE_TRY(moe__zero_empty_cuda(&d->gate, n, d->I, d->H, counts_dev, dt, st));
+    MOE_TRY(moe__zero_empty_cuda(&d->up, n, d->I, d->H, counts_dev, dt, st));
+    return moe__zero_empty_cuda(&d->down, n, d->H, d->I, counts_dev, dt, st);
+}
+
+/* ---- validation ---- */
+
+static int mats_ok(const struct moe_mats *m)
+{
+    return (m->ptr || m->base) && (m->rs == 1 || m->cs == 1);
+}
+
+static int mlp_ok(const struct moe_mlp *m, int n, int64_t H)
+{
+    return m->n == n && m->H == H && m->I > 0 && mats_ok(&m->gate) && mats_ok(&m->up) &&
+           mats_ok(&m->down);
+}
+
+static int problem_ok(const struct moe_problem *p)
+{
+    MOE_REQUIRE(p, MOE_EINVAL);
+    MOE_REQUIRE(p->dtype == MOE_F32 || p->dtype == MOE_BF16 || p->dtype == MOE_F16, MOE_EINVAL);
+    MOE_REQUIRE(p->T >= 0 && p->H > 0 && p->route.E > 0 && p->route.K > 0, MOE_EINVAL);
+    MOE_REQUIRE(p->T * p->route.K < INT32_MAX, MOE_EUNSUPPORTED);
+    MOE_REQUIRE(mlp_ok(&p->experts, p->route.E, p->H), MOE_EINVAL);
+    MOE_REQUIRE(p->shared.n == 0 || mlp_ok(&p->shared, 1, p->H), MOE_EINVAL);
+    MOE_REQUIRE(p->shared.n == 1 || !p->shared_gate, MOE_EINVAL);
+    MOE_REQUIRE(p->counts_host && p->saved, MOE_EINVAL);
+    MOE_REQUIRE(p->T == 0 || (p->x && p->logits && p->idx && p->w), MOE_EINVAL);
+    MOE_REQUIRE(p->T <= 1 || p->x_rs >= p->H, MOE_EINVAL);
+    return MOE_OK;
+}
+
+static int workspace_ok(const struct moe_problem *p, size_t need)
+{
+    MOE_REQUIRE(p->workspace && p->workspace_bytes >= need, MOE_EINVAL);
+    return MOE_OK;
+}
+
+/* ---- public entry points ---- */
+
+extern "C" MOE_API size_t moe_saved_bytes_cuda(const struct moe_problem *p)
+{
+    struct saved_bufs b;
+    return p ? plan_saved(p, NULL, &b) : 0;
+}
+
+extern "C" MOE_API size_t moe_workspace_bytes_cuda(const struct moe_problem *p, int backward)
+{
+    struct fwd_bufs f;
+    struct bwd_bufs b;
+    if (!p)
+        return 0;
+    return backward ? plan_bwd(p, NULL, &b) : plan_fwd(p, NULL, &f);
+}
+
+static int forward(struct moe_problem *p, cudaStream_t st)
+{
+    struct saved_bufs s;
+    struct fwd_bufs f;
+    plan_saved(p, (char *)p->saved, &s);
+    MOE_TRY(workspace_ok(p, plan_fwd(p, NULL, &f)));
+    plan_fwd(p, (char *)p->workspace, &f);
+    const int E = p->route.E, K = p->route.K;
+    const int64_t T = p->T, R = n_rows(p), H = p->H;
+    cublasHandle_t h;
+    MOE_TRY(moe__cublas_handle(&h));
+
+    MOE_TRY(moe__route_cuda(&p->route, T, p->logits, p->bias, p->idx, p->w, st));
+    MOE_TRY(
+        moe__permute_cuda(T, K, E, p->idx, s.counts, s.offsets, s.perm, s.inv, f.perm_scratch, st));
+    if (p->counts)
+        MOE_CHECK(T ? cudaMemcpyAsync(p->counts, s.counts, sizeof(int64_t) * (size_t)E,
+                                      cudaMemcpyDeviceToDevice, st)
+                    : cudaMemsetAsync(p->counts, 0, sizeof(int64_t) * (size_t)E, st));
+    if (T == 0) {
+        memset(p->counts_host, 0, sizeof(int64_t) * (size_t)E);
+        return MOE_OK;
+    }
+    MOE_CHECK(cudaMemcpyAsync(p->counts_host, s.counts, sizeof(int64_t) * (size_t)E,
+                              cudaMemcpyDeviceToHost, st));
+    MOE_CHECK(cudaStreamSynchronize(st));
+
+    MOE_TRY(moe__gather_rows_cuda(R, H, p->x, x_stride(p), s.perm, K, f.xg, p->dtype, st));
+    struct mlp_ctx ex = {&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, f.ptrs, h, st};
+    MOE_TRY(mlp_forward(&ex, f.xg, H, s.h, f.a, R, f.out));
+
+    if (p->shared.n) {
+        const int64_t all[1] = {T};
+        struct mlp_ctx sh = {&p->shared, all, NULL, NULL, p->dtype, f.ptrs, h, st};
+        MOE_TRY(mlp_forward(&sh, p->x, x_stride(p), s.hs, f.as, T, f.ys));
+        if (p->shared_gate)
+            MOE_TRY(
+                moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, f.gs, p->dtype, st));
+    }
+    return moe__combine_cuda(T, K, H, f.out, s.inv, p->w, f.ys, f.gs, NULL, NULL, p->y, p->dtype,
+                             st);
+}
+
+extern "C" MOE_API int moe_forward_cuda(struct moe_problem *p)
+{
+    MOE_TRY(problem_ok(p));
+    MOE_REQUIRE(p->T == 0 || p->y, MOE_EINVAL);
+    return forward(p, (cudaStream_t)p->stream);
+}
+
+static int backward(struct moe_problem *p, cudaStream_t st)
+{
+    struct saved_bufs s;
+    struct bwd_bufs b;
+    plan_saved(p, (char *)p->saved, &s);
+    MOE_TRY(workspace_ok(p, plan_bwd(p, NULL, &b)));
+    plan_bwd(p, (char *)p->workspace, &b);
+    const int E = p->route.E, K = p->route.K;
+    const int64_t T = p->T, R = n_rows(p), H = p->H;
+    cublasHandle_t h;
+    MOE_TRY(moe__cublas_handle(&h));
+
+    MOE_TRY(zero_empty(&p->d_experts, E, T ? s.counts : NULL, p->dtype, st));
+    if (p->shared.n && T == 0)
+        MOE_TRY(zero_empty(&p->d_shared, 1, NULL, p->dtype, st));
+    if (p->shared_gate && T == 0)
+        MOE_TRY(moe__shared_gate_backward_cuda(0, H, p->x, H, NULL, NULL, p->d_shared_gate, NULL,
+                                               p->dtype, st));
+    if (T == 0)
+        return MOE_OK;
+
+    MOE_TRY(moe__gather_rows_cuda(R, H, p->x, x_stride(p), s.perm, K, b.xg, p->dtype, st));
+    MOE_TRY(moe__gather_rows_cuda(R, H, p->dy, H, s.perm, K, b.dyg, p->dtype, st));
+    struct mlp_ctx ex = {&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, b.ptrs, h, st};
+    MOE_TRY(mlp_backward(&ex, &p->d_experts, b.xg, H, b.dyg, s.h, R, s.perm, p->w, b.dw, b.dau,
+                         b.dh, b.aw, b.dxg));
+    MOE_TRY(moe__route_backward_cuda(&p->route, T, p->logits, p->idx, b.dw, p->dlogits, st));
+
+    if (p->shared.n) {
+        const int64_t all[1] = {T};
+        struct mlp_ctx sh = {&p->shared, all, NULL, NULL, p->dtype, b.ptrs, h, st};
+        if (p->shared_gate)
+            MOE_TRY(
+                moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, b.gs, p->dtype, st));
+        MOE_TRY(mlp_backward(&sh, &p->d_shared, p->x, x_stride(p), p->dy, s.hs, T, NULL, b.gs,
+                             b.dgs, b.dau_s, b.dh_s, b.aw_s, b.dxs));
+        if (p->shared_gate)
+            MOE_TRY(moe__shared_gate_backward_cuda(T, H, p->x, x_stride(p), b.gs, b.dgs,
+                                                   p->d_shared_gate, b.gate_scratch, p->dtype, st));
+    }
+    return moe__combine_cuda(T, K, H, b.dxg, s.inv, NULL, b.dxs, NULL, b.dgs, p->shared_gate, p->dx,
+                             p->dtype, st);
+}
+
+extern "C" MOE_API int moe_backward_cuda(struct moe_problem *p)
+{
+    MOE_TRY(problem_ok(p));
+    MOE_REQUIRE(mlp_ok(&p->d_experts, p->route.E, p->H), MOE_EINVAL);
+    MOE_REQUIRE(p->shared.n == 0 || mlp_ok(&p->d_shared, 1, p->H), MOE_EINVAL);
+    MOE_REQUIRE(!p->shared_gate || p->d_shared_gate, MOE_EINVAL);
+    MOE_REQUIRE(p->T == 0 || (p->dy && p->dx && p->dlogits), MOE_EINVAL);
+    return backward(p, (cudaStream_t)p->stream);
+}

@@ -1,0 +1,86 @@
+/*
+ * kernels/cuda/combine.cu — moving rows between token order and expert order: the gather of
+ * token rows into expert-sorted rows, and the weighted gather-sum back to tokens.
+ *
+ * Design choice: the way back is a gather (each output element reads its K rows through inv and
+ * sums them in k order in fp32), never a scatter-add: no atomics, the same bits every run.
+ */
+#include "internal.h"
+
+template <typename T>
+static __global__ void gather_rows_kernel(int64_t R, int64_t H, const T *src, int64_t src_rs,
+                                          const int32_t *perm, int K, T *dst)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < R * H;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = i / H, c = i % H;
+        int64_t t = perm ? perm[r] / K : r;
+        dst[i] = src[t * src_rs + c];
+    }
+}
+
+static int gather_rows_launch(int64_t R, int64_t H, const void *src, int64_t src_rs,
+                              const int32_t *perm, int K, void *dst, moe_dtype dt, cudaStream_t st)
+{
+    MOE_DISPATCH(dt, (gather_rows_kernel<T><<<moe__blocks(R * H, 256), 256, 0, st>>>(
+                         R, H, (const T *)src, src_rs, perm, K, (T *)dst)));
+    MOE_CHECK_LAUNCH();
+    return MOE_OK;
+}
+
+int moe__gather_rows_cuda(int64_t R, int64_t H, const void *src, int64_t src_rs,
+                          const int32_t *perm, int K, void *dst, moe_dtype dt, cudaStream_t st)
+{
+    MOE_REQUIRE(R >= 0 && H > 0 && K > 0 && src_rs >= H, MOE_EINVAL);
+    if (R == 0)
+        return MOE_OK;
+    MOE_REQUIRE(src && dst, MOE_EINVAL);
+    return gather_rows_launch(R, H, src, src_rs, perm, K, dst, dt, st);
+}
+
+template <typename T>
+static __global__ void
+combine_kernel(int64_t T_, int K, int64_t H, const T *rows, const int32_t *inv, const float *w,
+               const T *dense, const float *dense_scale, const float *vec_scale, const T *vec, T *y)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < T_ * H;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = i / H, c = i % H;
+        float acc = 0.f;
+        if (rows)
+            for (int k = 0; k < K; k++) {
+                int64_t s = t * K + k;
+                float v = moe__to_f(rows[(int64_t)inv[s] * H + c]);
+                acc += w ? w[s] * v : v;
+            }
+        if (dense)
+            acc += (dense_scale ? dense_scale[t] : 1.f) * moe__to_f(dense[i]);
+        if (vec)
+            acc += vec_scale[t] * moe__to_f(vec[c]);
+        y[i] = moe__from_f<T>(acc);
+    }
+}
+
+static int combine_launch(int64_t T_, int K, int64_t H, const void *rows, const int32_t *inv,
+                          const float *w, const void *dense, const float *dense_scale,
+                          const float *vec_scale, const void *vec, void *y, moe_dtype dt,
+                          cudaStream_t st)
+{
+    MOE_DISPATCH(dt, (combine_kernel<T><<<moe__blocks(T_ * H, 256), 256, 0, st>>>(
+                         T_, K, H, (const T *)rows, inv, w, (const T *)dense, dense_scale,
+                         vec_scale, (const T *)vec, (T *)y)));
+    MOE_CHECK_LAUNCH();
+    return MOE_OK;
+}
+
+int moe__combine_cuda(int64_t T, int K, int64_t H, const void *rows, const int32_t *inv,
+                      const float *w, const void *dense, const float *dense_scale,
+                      const float *vec_scale, const void *vec, void *y, moe_dtype dt,
+                      cudaStream_t st)
+{
+    MOE_REQUIRE(T >= 0 && K > 0 && H > 0, MOE_EINVAL);
+    if (T == 0)
+        return MOE_OK;
+    MOE_REQUIRE(y && (!rows || inv) && (!vec || vec_scale), MOE_EINVAL);
+    return combine_launch(T, K, H, rows, inv, w, dense, dense_scale, vec_scale, vec, y, dt, st);
+}

@@ -1,0 +1,175 @@
+/*
+ * kernels/cuda/internal.h — what the CUDA step files share: element types and their fp32
+ * conversions, the dtype dispatch, the buffer carving helper, and the internal step entry points
+ * (moe__<step>_cuda: device pointers, validate inputs, launch on the given stream).
+ *
+ * Design choice: kernels are templates over the element type (float, __nv_bfloat16, __half);
+ * the dtype is chosen once per launch by MOE_DISPATCH, and every accumulation is fp32.
+ */
+#ifndef MOE_CUDA_INTERNAL_H
+#define MOE_CUDA_INTERNAL_H
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "check.h"
+
+/* ---- element types ---- */
+static __device__ __forceinline__ float moe__to_f(float v)
+{
+    return v;
+}
+static __device__ __forceinline__ float moe__to_f(__nv_bfloat16 v)
+{
+    return __bfloat162float(v);
+}
+static __device__ __forceinline__ float moe__to_f(__half v)
+{
+    return __half2float(v);
+}
+template <typename T> static __device__ __forceinline__ T moe__from_f(float v);
+template <> __device__ __forceinline__ float moe__from_f<float>(float v)
+{
+    return v;
+}
+template <> __device__ __forceinline__ __nv_bfloat16 moe__from_f<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half moe__from_f<__half>(float v)
+{
+    return __float2half_rn(v);
+}
+
+/* Runs body with T bound to the element type of dtype dt; an unknown dtype returns MOE_EINVAL. */
+#define MOE_DISPATCH(dt, body)                                                                     \
+    do {                                                                                           \
+        switch (dt) {                                                                              \
+        case MOE_F32: {                                                                            \
+            typedef float T;                                                                       \
+            body;                                                                                  \
+        } break;                                                                                   \
+        case MOE_BF16: {                                                                           \
+            typedef __nv_bfloat16 T;                                                               \
+            body;                                                                                  \
+        } break;                                                                                   \
+        case MOE_F16: {                                                                            \
+            typedef __half T;                                                                      \
+            body;                                                                                  \
+        } break;                                                                                   \
+        default:                                                                                   \
+            return moe__fail(MOE_EINVAL, __FILE__, __LINE__, "MOE_DISPATCH", "bad dtype");         \
+        }                                                                                          \
+    } while (0)
+
+static inline unsigned moe__blocks(int64_t n, int threads)
+{
+    int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b < 1 ? 1 : (b > 65535 * 16 ? 65535 * 16 : b));
+}
+
+/* Bump allocator over caller memory; with base == NULL it only measures. 256-byte alignment. */
+struct moe__arena {
+    char *base;
+    size_t off;
+};
+static inline void *moe__take(struct moe__arena *a, size_t bytes)
+{
+    size_t at = (a->off + 255) & ~(size_t)255;
+    a->off = at + bytes;
+    return a->base ? a->base + at : NULL;
+}
+
+/* ---- grouped GEMM engine (gemm.cu) ----
+ * One call = up to MOE_GG_MAX_PARTS products per expert, all in one cublasGemmGroupedBatchedEx.
+ * Each product is C[M, N] = A[M, K] · B[K, N] in row/column-stride terms; dims < 0 mean "the
+ * expert's row count". Experts with zero rows are left out. Operand pointers are built on the
+ * device by a tiny kernel, so ModuleList pointer arrays never leave the device. */
+#define MOE_GG_MAX_PARTS 2
+
+struct moe__gg_operand {
+    void *const *ptr; /* device [n] per-expert base pointers, or NULL */
+    const void *base;
+    int64_t es;     /* elements between experts (weights: ptr == NULL) */
+    int rows;       /* 1: packed activations, pointer = base + offsets[e] * step */
+    int64_t step;   /* elements per row of the packed activations */
+    int64_t off;    /* elements added to the pointer */
+    int64_t rs, cs; /* element strides of the logical matrix */
+};
+
+struct moe__gg_part {
+    struct moe__gg_operand a, b, c;
+    int64_t M, N, K; /* < 0: the expert's row count */
+    float beta;
+};
+
+struct moe__gg_call {
+    int n_experts;
+    const int64_t *counts_host; /* [n] rows per expert, host */
+    const int64_t *counts_dev;  /* [n] same on the device, or NULL when every count is > 0 */
+    const int64_t *offsets_dev; /* [n+1] first row of each expert, or NULL: all start at row 0 */
+    int n_parts;
+    struct moe__gg_part part[MOE_GG_MAX_PARTS];
+};
+
+/* Device scratch for the pointer arrays of one call: 3 * MOE_GG_MAX_PARTS * n pointers. */
+static inline size_t moe__gg_ptr_bytes(int n)
+{
+    return sizeof(void *) * 3 * MOE_GG_MAX_PARTS * (size_t)(n > 0 ? n : 1);
+}
+int moe__grouped_gemm(const struct moe__gg_call *call, moe_dtype dt, void **ptr_scratch,
+                      cublasHandle_t h, cudaStream_t st);
+
+/* Writes zeros to the [R, C] matrix (strides rs, cs) of every expert e with counts[e] == 0
+   (counts == NULL: every expert). */
+int moe__zero_empty_cuda(const struct moe_mats *m, int n, int64_t R, int64_t C,
+                         const int64_t *counts_dev, moe_dtype dt, cudaStream_t st);
+
+/* ---- routing (route.cu) ---- */
+int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
+                    const float *bias, int32_t *idx, float *w, cudaStream_t st);
+int moe__route_backward_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
+                             const int32_t *idx, const float *dw, float *dlogits, cudaStream_t st);
+
+/* ---- permutation (permute.cu): stable counting sort of the T*K slots by expert ---- */
+size_t moe__permute_scratch_bytes(int64_t T, int K, int E);
+int moe__permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
+                      int64_t *offsets, int32_t *perm, int32_t *inv, void *scratch,
+                      cudaStream_t st);
+
+/* ---- row movement and combine (combine.cu) ---- */
+/* dst[r, :] = src[perm[r] / K, :] (perm == NULL: row r), dst dense [R, H], src row stride src_rs.
+ */
+int moe__gather_rows_cuda(int64_t R, int64_t H, const void *src, int64_t src_rs,
+                          const int32_t *perm, int K, void *dst, moe_dtype dt, cudaStream_t st);
+/* y[t] = Σ_k w[t*K+k] · rows[inv[t*K+k]]  (w == NULL: 1), summed in k order in fp32,
+   + dense_scale[t] · dense[t] (dense != NULL; dense_scale == NULL: 1)
+   + vec_scale[t] · vec (vec != NULL: a [H] row) — written once as dtype. */
+int moe__combine_cuda(int64_t T, int K, int64_t H, const void *rows, const int32_t *inv,
+                      const float *w, const void *dense, const float *dense_scale,
+                      const float *vec_scale, const void *vec, void *y, moe_dtype dt,
+                      cudaStream_t st);
+
+/* ---- SwiGLU (expert_mlp.cu) ---- */
+/* a[r, i] = silu(h[r, i]) · h[r, I + i]. */
+int moe__swiglu_cuda(int64_t R, int64_t I, const void *h, void *a, moe_dtype dt, cudaStream_t st);
+/* Per row r with weight v = w[slot] (slot = perm ? perm[r] : r; w == NULL: 1):
+   a = silu(g)·u from h; dw[slot] = <a, dau[r]> (fp32, if dw); da = v·dau[r];
+   dh[r] = [da·u·silu'(g) | da·silu(g)]; aw[r] = v·a. */
+int moe__swiglu_backward_cuda(int64_t R, int64_t I, const void *h, const void *dau,
+                              const int32_t *perm, const float *w, float *dw, void *dh, void *aw,
+                              moe_dtype dt, cudaStream_t st);
+
+/* ---- shared-expert sigmoid gate (shared_gate.cu) ---- */
+/* g[t] = sigmoid(<x_t, gate>) in fp32. */
+int moe__shared_gate_cuda(int64_t T, int64_t H, const void *x, int64_t x_rs, const void *gate,
+                          float *g, moe_dtype dt, cudaStream_t st);
+/* In place: dg[t] ← dg[t] · g[t] · (1 - g[t]) (the gate logit grad); dgate = Σ_t dg[t] x_t (dtype).
+ */
+size_t moe__shared_gate_scratch_bytes(int64_t T, int64_t H);
+int moe__shared_gate_backward_cuda(int64_t T, int64_t H, const void *x, int64_t x_rs,
+                                   const float *g, float *dg, void *dgate, void *scratch,
+                                   moe_dtype dt, cudaStream_t st);
+
+#endif /* MOE_CUDA_INTERNAL_H */
