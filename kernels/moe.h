@@ -54,8 +54,9 @@ MOE_API size_t moe_dtype_size(moe_dtype dt);
 
 /* Routing recipes. Router logits are always fp32 here; the caller computes them. */
 typedef enum {
-    /* p = softmax(logits); idx = top-K of p; w = p[idx], ÷ (Σ w + norm_eps) if norm, × scale.
-       Qwen2/3-MoE, Mixtral, OLMoE. */
+    /* p = softmax(logits); idx = top-K of p, or of p + bias when a bias is given (selection only:
+       the aux-loss-free balancing bias of families without a native one); w = p[idx] (unbiased),
+       ÷ (Σ w + norm_eps) if norm, × scale. Qwen2/3-MoE, Mixtral, OLMoE. */
     MOE_ROUTE_SOFTMAX_TOPK = 0,
     /* s = sigmoid(logits); c = s + bias (selection only); group score = sum of the top-2 of c in
        each of n_group equal groups; the best topk_group groups survive, experts outside get
@@ -104,7 +105,7 @@ struct moe_problem {
     const void *x;       /* [T, H] dtype, row stride x_rs elements */
     int64_t x_rs;
     const float *logits; /* [T, E] fp32 router logits */
-    const float *bias;   /* [E] fp32 selection bias, or NULL */
+    const float *bias;   /* [E] fp32 selection bias (both recipes, see moe_recipe), or NULL */
     struct moe_mlp experts;      /* n = E */
     struct moe_mlp shared;       /* n = 1, or n = 0 when the block has no shared expert */
     const void *shared_gate;     /* [H] dtype: Qwen2 sigmoid gate of the shared expert, or NULL */
@@ -143,7 +144,8 @@ MOE_API int moe_backward_cpu(struct moe_problem *p);
 
 /* ---- the steps, public so that tests and the CUDA backend can be checked piece by piece ---- */
 
-/* idx [T, K], w [T, K] from logits [T, E] (+ bias [E] for the sigmoid recipe). */
+/* idx [T, K], w [T, K] from logits [T, E] (+ bias [E], NULL = none: it moves the selection of
+   either recipe and never enters the weights). */
 MOE_API int moe_route_cpu(const struct moe_route_cfg *c, int64_t T, const float *logits,
                           const float *bias, int32_t *idx, float *w);
 

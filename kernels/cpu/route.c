@@ -3,6 +3,7 @@
  * dw -> dlogits. Design choice: every top-k is a repeated arg-max with a strict ">" scanned in
  * ascending index order, which gives exactly the contract of moe.h (lower index wins ties, slots in
  * descending score) for any value, -inf and 0.0 mask values included, at O(K·E) per token.
+ * A selection bias (aux-loss-free balancing) moves the choice of either recipe, never the weights.
  */
 #include <math.h>
 #include <string.h>
@@ -137,7 +138,13 @@ static void route_token(const struct moe_route_cfg *c, const float *l, const flo
 {
     if (c->recipe == MOE_ROUTE_SOFTMAX_TOPK) {
         softmax(l, c->E, s->p);
-        topk(s->p, c->E, c->K, idx, s->taken);
+        if (bias) {
+            for (int e = 0; e < c->E; e++)
+                s->sel[e] = s->p[e] + bias[e];
+            topk(s->sel, c->E, c->K, idx, s->taken);
+        } else {
+            topk(s->p, c->E, c->K, idx, s->taken);
+        }
     } else {
         for (int e = 0; e < c->E; e++)
             s->p[e] = moe__sigmoid(l[e]);
@@ -174,6 +181,13 @@ static void weights_backward(const struct moe_route_cfg *c, const float *v, cons
     if (!c->norm) {
         for (int k = 0; k < c->K; k++)
             dv[k] = c->scale * dw[k];
+        return;
+    }
+    if (c->K == 1) {
+        /* w = scale · v / (v + eps): the general formula would return rounding noise around the
+           true gradient scale · eps / S², which is exactly 0 for the softmax families. */
+        float S = v[0] + c->norm_eps;
+        dv[0] = c->scale * dw[0] * (c->norm_eps / (S * S));
         return;
     }
     float sum = 0.0f, dot = 0.0f;
