@@ -197,25 +197,24 @@ class _Plan:
             downs.append(getattr(e, spec["down"]).weight)
         return gates + ups + downs
 
-    def _ptr_array(self, tensors, device, cache):
-        """The data pointers of per-expert tensors as an int64 array on their device. Weights keep
-        their storage from call to call, so their arrays are cached (keyed by the pointers, which is
-        also the re-validation); fresh gradient buffers are not."""
+    def _ptr_array(self, tensors, device):
+        """The data pointers of per-expert weights as an int64 array on their device, cached: weights
+        keep their storage from call to call, and the pointers are the key, so a moved weight
+        (FSDP, .to(), a checkpoint load) gets a new array — that is the re-validation."""
         torch = self.torch
         ptrs = tuple(t.data_ptr() for t in tensors)
         key = (device, ptrs)
-        arr = _Plan.cache.get(key) if cache else None
+        arr = _Plan.cache.get(key)
         if arr is None:
             arr = torch.tensor(ptrs, dtype=torch.int64)
             if device.type == "cuda":
                 arr = arr.to(device)
-            if cache:
-                if len(_Plan.cache) > 1024:
-                    _Plan.cache.clear()
-                _Plan.cache[key] = arr
+            if len(_Plan.cache) > 1024:
+                _Plan.cache.clear()
+            _Plan.cache[key] = arr
         return arr
 
-    def experts_mlp(self, tensors, device, cache=True):
+    def experts_mlp(self, tensors, device):
         """The routed experts (or their grads) as the C tuple (n, H, I, gate, up, down)."""
         s, E, I, H = self.spec, self.E, self.I, self.H
         if s["layout"] == 0:
@@ -225,7 +224,7 @@ class _Plan:
                 first = group[0]
                 if any(t.stride() != first.stride() for t in group):
                     raise _Refuse("experts have different strides")
-                arr = self._ptr_array(group, device, cache)
+                arr = self._ptr_array(group, device)
                 self.keep.append(arr)
                 mats.append((arr.data_ptr(), 0, 0, first.stride(0), first.stride(1)))
             return _mlp_tuple(E, H, I, mats)
@@ -237,6 +236,22 @@ class _Plan:
         else:  # [E, H, 2I], [E, I, H]
             mats = [_mats2(gu, es, s2, s1), _mats2(gu, es, s2, s1, I * s2), _mats2(dn, des, d2, d1)]
         return _mlp_tuple(E, H, I, mats)
+
+    def expert_grads(self, device):
+        """Gradient buffers of the routed experts: (the C tuple, one tensor per weight). For a
+        ModuleList the E×3 gradients are views of one buffer addressed by base + e·stride, so no
+        pointer array is built or uploaded."""
+        torch, s, E, I, H = self.torch, self.spec, self.E, self.I, self.H
+        dtype = self.weights[0].dtype
+        if s["layout"] != 0:
+            grads = [torch.empty(t.shape, dtype=dtype, device=device) for t in self.weights]
+            return self.experts_mlp(grads, device), grads
+        flat = torch.empty((3, E, I * H), dtype=dtype, device=device)
+        mats = [(0, flat[0].data_ptr(), I * H, H, 1), (0, flat[1].data_ptr(), I * H, H, 1),
+                (0, flat[2].data_ptr(), I * H, I, 1)]
+        grads = (list(flat[0].view(E, I, H).unbind(0)) + list(flat[1].view(E, I, H).unbind(0))
+                 + list(flat[2].view(E, H, I).unbind(0)))
+        return _mlp_tuple(E, H, I, mats), grads
 
     def shared_mlp(self, tensors):
         g, u, d = tensors
@@ -301,12 +316,14 @@ def _make_function(torch):
             T, nE = x.shape[0], len(plan.weights)
             dx = torch.empty_like(x)
             dlogits = torch.empty_like(logits)
-            dweights = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in weights]
+            d_experts, d_routed = plan.expert_grads(dev)
+            dweights = d_routed + [torch.empty_like(t, memory_format=torch.contiguous_format)
+                                   for t in weights[nE:]]
             io = {"T": T, "H": plan.H, "x": x.data_ptr(), "x_rs": x.stride(0),
                   "logits": logits.data_ptr(), "idx": idx.data_ptr(), "w": w.data_ptr(),
                   "dy": dy.data_ptr(), "dx": dx.data_ptr(), "dlogits": dlogits.data_ptr(),
                   "experts": plan.experts_mlp(weights[:nE], dev),
-                  "d_experts": plan.experts_mlp(dweights[:nE], dev, cache=False)}
+                  "d_experts": d_experts}
             if bias is not None:
                 io["bias"] = bias.data_ptr()
             if plan.shared:
