@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 
 import torch
 
@@ -40,7 +41,7 @@ def load_module(case):
     if how == "remote":
         # transformers 5 (dynamic_module_utils): the files are copied into a package under the modules
         # cache, then loaded by spec_from_file_location + exec_module, which skips sys.meta_path.
-        root = tempfile.mkdtemp(prefix="hf_modules_")
+        root = tempfile.mkdtemp(prefix="hf_modules_", dir=os.path.dirname(os.path.abspath(case["out"])))
         pkg = os.path.join(root, "transformers_modules", "my_org", "abc123hash")
         os.makedirs(pkg)
         for d in (os.path.join(root, "transformers_modules"), os.path.dirname(pkg), pkg):
@@ -202,10 +203,11 @@ def main():
     hooked = []
     if case.get("hook_router"):
         # what transformers 5's output recorders do to collect router logits for the aux loss
+        def record(mod, args, out):
+            hooked.append(flatten(out if isinstance(out, tuple) else (out,))[0].detach().clone())
+
         for b in blocks:
-            router = getattr(b, "gate", None) or getattr(b, "router")
-            router.register_forward_hook(
-                lambda mod, args, out: hooked.append(flatten(out if isinstance(out, tuple) else (out,))[0].detach().clone()))
+            (getattr(b, "gate", None) or getattr(b, "router")).register_forward_hook(record)
 
     def go():
         if kind == "lm":
@@ -233,8 +235,10 @@ def main():
                 res["child_after"] = [patch_state(b) for b in blocks]
                 torch.save(res, out + ".child")
                 code = 0
+            except BaseException:
+                traceback.print_exc()
             finally:
-                os._exit(code)
+                os._exit(code)  # a forked worker never runs the parent's exit handlers
         _, status = os.waitpid(pid, 0)
         info["child_status"] = status
         res = torch.load(out + ".child")

@@ -1,7 +1,8 @@
 """The fixtures themselves (no preload, in this process): each block's loop-based forward equals a plain
 vectorised reference of its family's recipe (every expert on every token, then gather), output and
-gradients, in float64 (routing in fp32, as upstream); and the float32 run agrees with the float64 one. Written independently of the
-fixtures, so a slip in either shows up here before it can blur a patched-vs-unpatched comparison."""
+gradients, in float64 (routing in fp32, as upstream); and the float32 run agrees with the float64 one.
+Written independently of the fixtures, so a slip in either shows up here before it can blur a
+patched-vs-unpatched comparison."""
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ def expert_weights(block):
     ex = block.experts
     if hasattr(ex, "gate_up_proj"):
         I = ex.gate_up_proj.shape[1] // 2
-        return [(ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e]) for e in range(ex.gate_up_proj.shape[0])]
+        w, d = ex.gate_up_proj, ex.down_proj
+        return [(w[e, :I], w[e, I:], d[e]) for e in range(w.shape[0])]
     if hasattr(ex[0], "w1"):
         return [(m.w1.weight, m.w3.weight, m.w2.weight) for m in ex]
     return [(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight) for m in ex]

@@ -17,8 +17,8 @@ REFUSED_AT_CONSTRUCTION = {
     "int8_experts": (dict(WRAPPED, config={"expert_kind": "int8"}), ("int8", "dtype", "quant")),
     "zero3_partitioned_experts": (dict(WRAPPED, config={"expert_kind": "zero3"}),
                                   ("zero", "ds_", "partition", "empty", "numel")),
-    "gpt_oss_experts_with_bias": (dict(fixture="refuse/modeling_gpt_oss.py", module_name="fixtures_refuse.modeling_gpt_oss"),
-                                  ("bias", "gpt_oss", "gpt-oss")),
+    "gpt_oss_experts_with_bias": (dict(fixture="refuse/modeling_gpt_oss.py",
+                                       module_name="fixtures_refuse.modeling_gpt_oss"), ("bias", "gpt_oss", "gpt-oss")),
 }
 
 
