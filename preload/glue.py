@@ -41,6 +41,23 @@ def after_fork_in_child():
     _Plan.cache.clear()
 
 
+# ---- aux-free balancing / telemetry (preload/auxfree.py): _bal is None unless MOEPATCH_AUXFREE or
+# MOEPATCH_TELEMETRY is set; the lines marked "auxfree" below are its only hooks in this file.
+def _load_balancer():
+    if not (_opts.get("auxfree") or _opts.get("telemetry")):
+        return None
+    try:
+        ns = {"__name__": "_moepatch.auxfree", "__builtins__": __builtins__}
+        exec(compile(_mp.auxfree_source(), "<moepatch auxfree>", "exec"), ns)
+        return ns["Balancer"](_opts, _log, _log_once)
+    except Exception as e:  # the fused path still works without it
+        _log(0, "aux-free balancing / telemetry not available: %r" % (e,))
+        return None
+
+
+_bal = _load_balancer()
+
+
 # ---------------------------------------------------------------- detection and patching
 
 def _looks_like_moe(block):
@@ -49,6 +66,8 @@ def _looks_like_moe(block):
 
 
 def _examine(block):
+    if _bal is not None:  # auxfree
+        _bal.note_config(block)
     if not _looks_like_moe(block):
         return
     spec = _mp.detect(block)
@@ -93,11 +112,38 @@ class _State:
         self.orig = type(block).forward.__get__(block)
         self.calls = 0
         self.disabled = None  # a reason string once the block fell back for good
+        self.kinds = _module_kinds(block, spec)
+
+
+def _module_kinds(block, spec):
+    """Types of the modules the fused path reads weights from, as detection saw them. PEFT (LoRA)
+    or a quantizer that replaces one of them after patching would otherwise make the fused path
+    read base weights and silently drop the adapters; every call compares these types."""
+    router, experts = getattr(block, spec["router"]), getattr(block, spec["experts"])
+    kinds = {"router": type(router), "experts": type(experts)}
+    if spec["layout"] == 0:
+        first = experts[0]
+        kinds["proj"] = tuple(type(getattr(first, n)) for n in (spec["gate"], spec["up"], spec["down"]))
+    if spec["shared"]:
+        mlp = getattr(block, spec["shared_name"])
+        kinds["shared"] = tuple(type(m) for m in (mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        if spec["shared"] == 2:
+            kinds["shared_gate"] = type(getattr(block, spec["shared_gate_name"]))
+    return kinds
+
+
+def _same_kind(name, module, expected):
+    if type(module) is not expected:
+        raise _Refuse("%s was replaced after patching (%s, was %s): LoRA or quantized layers are "
+                      "not supported by the fused path yet"
+                      % (name, type(module).__name__, expected.__name__))
 
 
 def _patch(block, spec):
     block.__dict__["_moepatch"] = _State(block, spec)
     block.__dict__["forward"] = _fused_forward.__get__(block)
+    if _bal is not None:  # auxfree
+        _bal.attach(block, spec)
 
 
 def _unpatch(block, reason):
@@ -151,24 +197,31 @@ class _Plan:
 
     cache = {}
 
-    def __init__(self, block, spec, x):
+    def __init__(self, block, st, x):
         torch = sys.modules["torch"]
         self.torch = torch
+        spec, kinds = st.spec, st.kinds
         self.spec = spec
         E, I, H = spec["E"], spec["I"], spec["H"]
         self.router = getattr(block, spec["router"])
         experts = getattr(block, spec["experts"])
+        _same_kind(spec["router"], self.router, kinds["router"])
+        _same_kind(spec["experts"], experts, kinds["experts"])
         if spec["layout"] == 0:
-            self.weights = self._modulelist(experts, spec)
+            self.weights = self._modulelist(experts, spec, kinds["proj"])
         else:
             self.weights = [getattr(experts, spec["gate"]), getattr(experts, spec["down"])]
         self.shared = []
         self.shared_gate = None
         if spec["shared"]:
             mlp = getattr(block, spec["shared_name"])
+            for m, kind in zip((mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj), kinds["shared"]):
+                _same_kind(spec["shared_name"], m, kind)
             self.shared = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
             if spec["shared"] == 2:
-                self.shared_gate = getattr(block, spec["shared_gate_name"]).weight
+                sg = getattr(block, spec["shared_gate_name"])
+                _same_kind(spec["shared_gate_name"], sg, kinds["shared_gate"])
+                self.shared_gate = sg.weight
         params = self.weights + self.shared + ([self.shared_gate] if self.shared_gate is not None else [])
         dtype = x.dtype
         for p in params + [self.router.weight]:
@@ -187,15 +240,19 @@ class _Plan:
             raise _Refuse("MOEPATCH_BACKEND=%s but the tensors are on %s" % (want, x.device.type))
         self.params = params
         self.keep = []  # pointer arrays that must outlive the kernel call
+        self.counts = None  # auxfree: int64 [E] slot counts the forward writes, or None
         self.E, self.I, self.H = E, I, H
 
-    def _modulelist(self, experts, spec):
-        gates, ups, downs = [], [], []
-        for e in experts:
-            gates.append(getattr(e, spec["gate"]).weight)
-            ups.append(getattr(e, spec["up"]).weight)
-            downs.append(getattr(e, spec["down"]).weight)
-        return gates + ups + downs
+    def _modulelist(self, experts, spec, kinds):
+        names = (spec["gate"], spec["up"], spec["down"])
+        lists = ([], [], [])
+        for i, e in enumerate(experts):
+            for name, kind, out in zip(names, kinds, lists):
+                m = getattr(e, name)
+                if type(m) is not kind:
+                    _same_kind("%s[%d].%s" % (spec["experts"], i, name), m, kind)
+                out.append(m.weight)
+        return lists[0] + lists[1] + lists[2]
 
     def _ptr_array(self, tensors, device):
         """The data pointers of per-expert weights as an int64 array on their device, cached: weights
@@ -291,6 +348,8 @@ def _make_function(torch):
                 io["shared"] = plan.shared_mlp(weights[nE:nE + 3])
             if shared_gate is not None:
                 io["shared_gate"] = shared_gate.data_ptr()
+            if plan.counts is not None:  # auxfree
+                io["counts"] = plan.counts.data_ptr()
             saved = counts = None
             if plan.cuda:
                 io["stream"] = _stream(torch, dev)
@@ -384,16 +443,21 @@ def _fused(block, st, hidden_states):
     if shape[-1] != spec["H"]:
         raise _Refuse("hidden size %d, expected %d" % (shape[-1], spec["H"]))
     x = hidden_states.reshape(-1, spec["H"]).contiguous()
-    plan = _Plan(block, spec, x)
+    plan = _Plan(block, st, x)
     logits = _router_logits(torch, plan, x)
     bias = None
     if spec["bias"]:
         bias = getattr(plan.router, spec["bias"]).detach().float().contiguous()
+    if _bal is not None:  # auxfree: the selection bias, and counts when this forward counts
+        bias = _bal.selection_bias(block, x, bias)
+        plan.counts = _bal.counts_for(block, x)
     if _fn[0] is None:
         _fn[0] = _make_function(torch)
     sg = plan.shared_gate
     y, idx = _fn[0].apply(plan, x, logits.float().contiguous(), bias,
                           sg.reshape(-1) if sg is not None else None, *plan.weights, *plan.shared)
+    if plan.counts is not None:  # auxfree
+        _bal.observe(block, plan.counts)
     y = y.view(shape)
     ret = spec["ret"]
     if ret == 0:
