@@ -288,9 +288,14 @@ static inline void ref_route_select(const struct moe_route_cfg *c, const double 
     int E = c->E, G = c->n_group, gs = E / G;
     double *sel = ref_doubles((size_t)E), *gscore = ref_doubles((size_t)G);
     int32_t *keep = (int32_t *)ref_alloc((size_t)G * sizeof(int32_t));
+    double m = l[0], z = 0.0;
+    for (int e = 1; e < E; e++)
+        m = l[e] > m ? l[e] : m;
     for (int e = 0; e < E; e++)
-        sel[e] = c->recipe == MOE_ROUTE_SOFTMAX_TOPK ? l[e] /* softmax keeps the order */
-                                                     : ref_sigmoid(l[e]) + (bias ? bias[e] : 0.0);
+        z += exp(l[e] - m);
+    for (int e = 0; e < E; e++)
+        sel[e] = (c->recipe == MOE_ROUTE_SOFTMAX_TOPK ? exp(l[e] - m) / z : ref_sigmoid(l[e])) +
+                 (bias ? bias[e] : 0.0);
     if (c->recipe == MOE_ROUTE_SIGMOID_GROUP && G > 1) {
         int32_t top2[2];
         for (int g = 0; g < G; g++) {

@@ -1,7 +1,8 @@
 /*
  * tests/c/test_kernels_route.c — routing on the CPU (moe_route_cpu, moe_route_backward_cpu): both
  * recipes on hand-computed cases (ties, group limits, -inf and 0.0 masks, norm, scale, K = 1,
- * K = E), argument checks, and the backward against float64 central differences.
+ * K = E, the selection bias of either recipe), argument checks, and the backward against float64
+ * central differences.
  */
 #include "kernels_ref.h"
 
@@ -129,6 +130,61 @@ Test(kernels_route, softmax_is_shift_invariant_for_large_logits)
     route1(&c, l, NULL, idx, w);
     expect_idx(idx, (int32_t[]){1}, 1);
     expect_w(w, (double[]){1.0 / (1.0 + exp(-1.0) + exp(-2.0))}, 1);
+}
+
+Test(kernels_route, softmax_bias_moves_the_choice_not_the_weights)
+{
+    /* p ≈ {.474, .287, .174, .064}; + bias {0, 0, .2, 0} → {.474, .287, .374, .064} */
+    float l[] = {2.0f, 1.5f, 1.0f, 0.0f};
+    float bias[] = {0.0f, 0.0f, 0.2f, 0.0f};
+    struct moe_route_cfg c = softmax_cfg(4, 2, 0, 1.0f);
+    int32_t idx[2];
+    float w[2];
+    route1(&c, l, bias, idx, w);
+    expect_idx(idx, (int32_t[]){0, 2}, 2);
+    expect_w(w, (double[]){softmax_at(l, 4, 0), softmax_at(l, 4, 2)}, 2);
+}
+
+Test(kernels_route, softmax_bias_renormalises_the_unbiased_probabilities)
+{
+    float l[] = {2.0f, 1.5f, 1.0f, 0.0f};
+    float bias[] = {-1.0f, 0.0f, 0.0f, 0.5f}; /* selection: 3 (.564), then 1 (.287) */
+    struct moe_route_cfg c = softmax_cfg(4, 2, 1, 2.0f);
+    int32_t idx[2];
+    float w[2];
+    route1(&c, l, bias, idx, w);
+    expect_idx(idx, (int32_t[]){3, 1}, 2);
+    double a = softmax_at(l, 4, 3), b = softmax_at(l, 4, 1);
+    expect_w(w, (double[]){2.0 * a / (a + b), 2.0 * b / (a + b)}, 2);
+}
+
+Test(kernels_route, softmax_zero_bias_chooses_as_no_bias)
+{
+    uint64_t seed = 3;
+    enum { T = 32, E = 8 };
+    float l[T * E], zero[E] = {0}, w0[T * 2], w1[T * 2];
+    int32_t i0[T * 2], i1[T * 2];
+    for (int i = 0; i < T * E; i++)
+        l[i] = (float)ref_uniform(&seed, -2.0, 2.0);
+    l[5] = l[6]; /* a tie: still the lower index with a zero bias */
+    struct moe_route_cfg c = softmax_cfg(E, 2, 1, 1.0f);
+    cr_assert_eq(moe_route_cpu(&c, T, l, NULL, i0, w0), MOE_OK);
+    cr_assert_eq(moe_route_cpu(&c, T, l, zero, i1, w1), MOE_OK);
+    cr_expect_eq(memcmp(i0, i1, sizeof i0), 0);
+    cr_expect_eq(memcmp(w0, w1, sizeof w0), 0);
+}
+
+Test(kernels_route, softmax_bias_ties_go_to_lower_index)
+{
+    /* p = {.25, .25, .25, .25}; biases make experts 1 and 3 tie above the rest */
+    float l[] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float bias[] = {0.0f, 0.1f, -0.1f, 0.1f};
+    struct moe_route_cfg c = softmax_cfg(4, 1, 0, 1.0f);
+    int32_t idx[1];
+    float w[1];
+    route1(&c, l, bias, idx, w);
+    expect_idx(idx, (int32_t[]){1}, 1);
+    expect_w(w, (double[]){0.25}, 1);
 }
 
 Test(kernels_route, sigmoid_bias_moves_the_choice_not_the_weights)
