@@ -70,7 +70,7 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(if $(filter $(STAGE2_SRC),$<),$(PYFLAGS)) -c $< -o $@
 
-$(BUILD)/obj/preload/bootstrap.o: preload/bootstrap.S preload/bootstrap.py preload/glue.py
+$(BUILD)/obj/preload/bootstrap.o: preload/bootstrap.S preload/bootstrap.py preload/glue.py preload/auxfree.py
 	@mkdir -p $(dir $@)
 	$(CC) -c $< -o $@ -Wa,-I,preload
 

@@ -4,6 +4,7 @@
  *   run(op, backend, cfg, io) -> None or int; raises RuntimeError on a kernel error
  *   strerror(code)           -> str
  *   glue_source()            -> str: the text of preload/glue.py, compiled by the bootstrap on demand
+ *   auxfree_source()         -> str: the text of preload/auxfree.py, compiled by the glue on demand
  * Design choice: the glue passes raw data pointers and strides as Python ints (a dict per call), so
  * the kernels never see torch objects and the C API (kernels/moe.h) stays usable without Python.
  * The CUDA backend is dlopened from next to this object the first time a CUDA call arrives.
@@ -307,6 +308,7 @@ static PyObject *py_strerror(PyObject *self, PyObject *code)
 
 /* preload/bootstrap.S */
 extern const char mp_glue_src[];
+extern const char mp_auxfree_src[];
 
 static PyObject *py_glue_source(PyObject *self, PyObject *unused)
 {
@@ -315,8 +317,16 @@ static PyObject *py_glue_source(PyObject *self, PyObject *unused)
     return PyUnicode_FromString(mp_glue_src);
 }
 
+static PyObject *py_auxfree_source(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(mp_auxfree_src);
+}
+
 static PyMethodDef mp_methods[] = {
     {"glue_source", py_glue_source, METH_NOARGS, "glue_source() -> str"},
+    {"auxfree_source", py_auxfree_source, METH_NOARGS, "auxfree_source() -> str"},
     {"detect", py_detect, METH_O, "detect(block) -> spec dict, or str: why the block is refused"},
     {"run", py_run, METH_VARARGS, "run(op, backend, cfg, io): forward/backward/workspace sizes"},
     {"strerror", py_strerror, METH_O, "strerror(code) -> str"},

@@ -8,7 +8,9 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,23 +18,112 @@
 
 static const char *const log_choices[] = {"warn", "info", "debug", NULL};
 static const char *const backend_choices[] = {"auto", "cpu", "cuda", NULL};
+static const char *const sync_choices[] = {"world", NULL};
 
 const struct mp_option_def mp_option_table[] = {
-    {"MOEPATCH", "enabled", MP_OPT_BOOL, "1",
-     "on by default; 0 keeps the library loaded but inert (the A/B switch)", NULL, 0, 0,
-     offsetof(struct mp_options, enabled)},
-    {"MOEPATCH_LOG", "log", MP_OPT_ENUM, "warn",
-     "warn: one summary line per model and refusals; info; debug (adds Python tracebacks)",
-     log_choices, 0, 0, offsetof(struct mp_options, log)},
-    {"MOEPATCH_MODELS", "models", MP_OPT_LIST, "",
-     "allow-list of model families, e.g. bailing_moe_v2,qwen3_moe; empty: every family", NULL, 0,
-     MP_MODELS_MAX, offsetof(struct mp_options, models)},
-    {"MOEPATCH_BACKEND", "backend", MP_OPT_ENUM, "auto",
-     "auto: the tensors' device decides; cpu or cuda force one backend", backend_choices, 0, 0,
-     offsetof(struct mp_options, backend)},
-    {"MOEPATCH_CHECK", "check", MP_OPT_INT, "0",
-     "N: the first N calls of each block also run the original forward and compare", NULL, 0,
-     INT_MAX, offsetof(struct mp_options, check)},
+    {.name = "MOEPATCH",
+     .key = "enabled",
+     .kind = MP_OPT_BOOL,
+     .dflt = "1",
+     .help = "on by default; 0 keeps the library loaded but inert (the A/B switch)",
+     .offset = offsetof(struct mp_options, enabled)},
+    {.name = "MOEPATCH_LOG",
+     .key = "log",
+     .kind = MP_OPT_ENUM,
+     .dflt = "warn",
+     .help = "warn: one summary line per model and refusals; info; debug (adds Python tracebacks)",
+     .choices = log_choices,
+     .offset = offsetof(struct mp_options, log)},
+    {.name = "MOEPATCH_MODELS",
+     .key = "models",
+     .kind = MP_OPT_LIST,
+     .dflt = "",
+     .help = "allow-list of model families, e.g. bailing_moe_v2,qwen3_moe; empty: every family",
+     .max = MP_MODELS_MAX,
+     .offset = offsetof(struct mp_options, models)},
+    {.name = "MOEPATCH_BACKEND",
+     .key = "backend",
+     .kind = MP_OPT_ENUM,
+     .dflt = "auto",
+     .help = "auto: the tensors' device decides; cpu or cuda force one backend",
+     .choices = backend_choices,
+     .offset = offsetof(struct mp_options, backend)},
+    {.name = "MOEPATCH_CHECK",
+     .key = "check",
+     .kind = MP_OPT_INT,
+     .dflt = "0",
+     .help = "N: the first N calls of each block also run the original forward and compare",
+     .max = INT_MAX,
+     .offset = offsetof(struct mp_options, check)},
+    {.name = "MOEPATCH_AUXFREE",
+     .key = "auxfree",
+     .kind = MP_OPT_BOOL,
+     .dflt = "0",
+     .help =
+         "aux-loss-free load balancing: a per-expert bias on the expert choice only, updated after "
+         "every optimizer step from the measured expert loads",
+     .offset = offsetof(struct mp_options, auxfree)},
+    {.name = "MOEPATCH_AUXFREE_RATE",
+     .key = "auxfree_rate",
+     .kind = MP_OPT_FLOAT,
+     .dflt = "0.01",
+     .help = "bias step per optimizer step: bias += rate * (1/E - load EMA), then mean-centred",
+     .offset = offsetof(struct mp_options, auxfree_rate),
+     .fmin = 0.0,
+     .fmax = DBL_MAX,
+     .open = MP_OPEN_MIN},
+    {.name = "MOEPATCH_AUXFREE_MOMENTUM",
+     .key = "auxfree_momentum",
+     .kind = MP_OPT_FLOAT,
+     .dflt = "0.9",
+     .help = "EMA momentum m of the per-expert load fractions: ema = m * ema + (1 - m) * load",
+     .offset = offsetof(struct mp_options, auxfree_momentum),
+     .fmin = 0.0,
+     .fmax = 1.0,
+     .open = MP_OPEN_MAX},
+    {.name = "MOEPATCH_AUXFREE_CAP",
+     .key = "auxfree_cap",
+     .kind = MP_OPT_FLOAT,
+     .dflt = "2.0",
+     .help = "each bias is clamped to [-cap, cap] after every update",
+     .offset = offsetof(struct mp_options, auxfree_cap),
+     .fmin = 0.0,
+     .fmax = DBL_MAX,
+     .open = MP_OPEN_MIN},
+    {.name = "MOEPATCH_AUXFREE_WARMUP",
+     .key = "auxfree_warmup",
+     .kind = MP_OPT_INT,
+     .dflt = "0",
+     .help = "the first N optimizer steps leave the bias unchanged (loads are still measured)",
+     .max = INT_MAX,
+     .offset = offsetof(struct mp_options, auxfree_warmup)},
+    {.name = "MOEPATCH_AUXFREE_SYNC",
+     .key = "auxfree_sync",
+     .kind = MP_OPT_INT,
+     .dflt = "world",
+     .help = "expert loads are summed over this torch.distributed group: world, or groups of N "
+             "consecutive ranks (the expert-parallel group size)",
+     .choices = sync_choices,
+     .min = 1,
+     .max = INT_MAX,
+     .offset = offsetof(struct mp_options, auxfree_sync)},
+    {.name = "MOEPATCH_TELEMETRY",
+     .key = "telemetry",
+     .kind = MP_OPT_PATH,
+     .dflt = "",
+     .help =
+         "path of a .jsonl file: per-layer expert load EMA and bias every N steps, and a heatmap "
+         "path.png at exit; empty: off",
+     .max = MP_PATH_MAX,
+     .offset = offsetof(struct mp_options, telemetry)},
+    {.name = "MOEPATCH_TELEMETRY_EVERY",
+     .key = "telemetry_every",
+     .kind = MP_OPT_INT,
+     .dflt = "10",
+     .help = "N: optimizer steps between two telemetry records",
+     .min = 1,
+     .max = INT_MAX,
+     .offset = offsetof(struct mp_options, telemetry_every)},
 };
 const size_t mp_option_count = sizeof mp_option_table / sizeof mp_option_table[0];
 
@@ -101,6 +192,10 @@ static int parse_enum(const char *const *choices, const char *s, size_t n, int *
 
 static int parse_int(const struct mp_option_def *d, const char *s, size_t n, int *out)
 {
+    if (d->choices && span_ieq(s, n, d->choices[0])) {
+        *out = 0;
+        return 0;
+    }
     char digits[32];
     if (n == 0 || n >= sizeof digits)
         return -1;
@@ -112,6 +207,40 @@ static int parse_int(const struct mp_option_def *d, const char *s, size_t n, int
     if (errno || *end || v < d->min || v > d->max)
         return -1;
     *out = (int)v;
+    return 0;
+}
+
+/* Plain decimal notation only (no hex, inf or nan), finite, within the row's bounds. */
+static int parse_float(const struct mp_option_def *d, const char *s, size_t n, double *out)
+{
+    char text[64];
+    if (n == 0 || n >= sizeof text || strspn(s, "0123456789.eE+-") < n)
+        return -1;
+    memcpy(text, s, n);
+    text[n] = '\0';
+    char *end;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (errno || *end || !isfinite(v))
+        return -1;
+    if ((d->open & MP_OPEN_MIN) ? !(v > d->fmin) : !(v >= d->fmin))
+        return -1;
+    if ((d->open & MP_OPEN_MAX) ? !(v < d->fmax) : !(v <= d->fmax))
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* Any printable text (spaces included): a control character is a quoting accident. */
+static int parse_path(const struct mp_option_def *d, const char *s, size_t n, char *out)
+{
+    if (n > (size_t)d->max)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if (!isprint((unsigned char)s[i]))
+            return -1;
+    memcpy(out, s, n);
+    out[n] = '\0';
     return 0;
 }
 
@@ -141,6 +270,8 @@ static void add_accepted(struct sbuf *b, const struct mp_option_def *d)
             sb_add(b, "%s%s", i ? ", " : "", d->choices[i]);
         break;
     case MP_OPT_INT:
+        if (d->choices)
+            sb_add(b, "%s or ", d->choices[0]);
         if (d->max == INT_MAX)
             sb_add(b, "an integer >= %ld", d->min);
         else
@@ -148,6 +279,16 @@ static void add_accepted(struct sbuf *b, const struct mp_option_def *d)
         break;
     case MP_OPT_LIST:
         sb_add(b, "comma-separated names (letters, digits, _-.), at most %ld characters", d->max);
+        break;
+    case MP_OPT_FLOAT:
+        if (d->fmax == DBL_MAX)
+            sb_add(b, "a number %s %g", (d->open & MP_OPEN_MIN) ? ">" : ">=", d->fmin);
+        else
+            sb_add(b, "a number in %c%g, %g%c", (d->open & MP_OPEN_MIN) ? '(' : '[', d->fmin,
+                   d->fmax, (d->open & MP_OPEN_MAX) ? ')' : ']');
+        break;
+    case MP_OPT_PATH:
+        sb_add(b, "a file path, at most %ld characters", d->max);
         break;
     }
 }
@@ -175,6 +316,10 @@ static int parse_row(const struct mp_option_def *d, const char *s, size_t n, str
         return parse_int(d, s, n, (int *)field);
     case MP_OPT_LIST:
         return parse_list(d, s, n, field);
+    case MP_OPT_FLOAT:
+        return parse_float(d, s, n, (double *)field);
+    case MP_OPT_PATH:
+        return parse_path(d, s, n, field);
     }
     return -1;
 }

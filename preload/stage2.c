@@ -57,6 +57,12 @@ static PyObject *options_dict(void)
         case MP_OPT_LIST:
             v = PyUnicode_FromString(field);
             break;
+        case MP_OPT_FLOAT:
+            v = PyFloat_FromDouble(*(const double *)field);
+            break;
+        case MP_OPT_PATH:
+            v = PyUnicode_DecodeFSDefault(field);
+            break;
         }
         if (!v || PyDict_SetItemString(d, row->key, v) < 0)
             Py_CLEAR(d);

@@ -15,7 +15,7 @@
 
 /* Bumped whenever struct mp_stage2_args or struct mp_options change: both objects of one build
    agree; a stage 2 from another build refuses instead of misreading the options. */
-#define MP_STAGE2_ABI 1
+#define MP_STAGE2_ABI 2
 
 #define MP_STAGE2_ENTRY "mp_stage2_init"
 

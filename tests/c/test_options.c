@@ -77,6 +77,14 @@ Test(preload_options, defaults_when_nothing_is_set)
     cr_expect_str_eq(opts.models, "");
     cr_expect_eq(opts.backend, MP_BACKEND_AUTO);
     cr_expect_eq(opts.check, 0);
+    cr_expect_eq(opts.auxfree, 0);
+    cr_expect_eq(opts.auxfree_rate, 0.01);
+    cr_expect_eq(opts.auxfree_momentum, 0.9);
+    cr_expect_eq(opts.auxfree_cap, 2.0);
+    cr_expect_eq(opts.auxfree_warmup, 0);
+    cr_expect_eq(opts.auxfree_sync, 0, "world");
+    cr_expect_str_eq(opts.telemetry, "");
+    cr_expect_eq(opts.telemetry_every, 10);
     cr_expect_str_eq(err, "");
 }
 
@@ -253,6 +261,107 @@ ParameterizedTest(struct value *value, preload_options, check_bad_values)
     cr_expect_eq(opts.check, 0, "a bad value leaves the default");
 }
 
+/* ---- aux-loss-free balancing and telemetry ---- */
+
+Test(preload_options, auxfree_is_a_bool)
+{
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE", "on"), 0);
+    cr_expect_eq(opts.auxfree, 1);
+    expect_error("MOEPATCH_AUXFREE", "2", "2", "1/true/yes/on or 0/false/no/off");
+    cr_expect_eq(opts.auxfree, 0, "a bad value leaves the default");
+}
+
+Test(preload_options, floats_accept_decimal_and_exponent_notation)
+{
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_RATE", " 0.001 "), 0, "%s", err);
+    cr_expect_eq(opts.auxfree_rate, 0.001);
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_RATE", "1e-3"), 0, "%s", err);
+    cr_expect_eq(opts.auxfree_rate, 1e-3);
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_RATE", "5"), 0, "%s", err);
+    cr_expect_eq(opts.auxfree_rate, 5.0);
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_CAP", ".5"), 0, "%s", err);
+    cr_expect_eq(opts.auxfree_cap, 0.5);
+}
+
+Test(preload_options, momentum_is_in_zero_inclusive_one_exclusive)
+{
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_MOMENTUM", "0"), 0, "%s", err);
+    cr_expect_eq(opts.auxfree_momentum, 0.0);
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_MOMENTUM", "0.999"), 0, "%s", err);
+    cr_expect_eq(opts.auxfree_momentum, 0.999);
+    expect_error("MOEPATCH_AUXFREE_MOMENTUM", "1", "1", "a number in [0, 1)");
+    expect_error("MOEPATCH_AUXFREE_MOMENTUM", "1.0", "1.0", "a number in [0, 1)");
+    expect_error("MOEPATCH_AUXFREE_MOMENTUM", "-0.1", "-0.1", "a number in [0, 1)");
+    cr_expect_eq(opts.auxfree_momentum, 0.9, "a bad value leaves the default");
+}
+
+ParameterizedTestParameters(preload_options, rate_bad_values)
+{
+    static struct value bad[] = {{"0"},     {"0.0"}, {"-0.01"}, {"nan"},  {"inf"}, {"1e400"},
+                                 {"0x1p3"}, {"1,5"}, {"abc"},   {"0.1x"}, {"."},   {"--1"}};
+    return cr_make_param_array(struct value, bad, sizeof bad / sizeof bad[0]);
+}
+
+ParameterizedTest(struct value *value, preload_options, rate_bad_values)
+{
+    expect_error("MOEPATCH_AUXFREE_RATE", value->s, value->s, "a number > 0");
+    cr_expect_eq(opts.auxfree_rate, 0.01, "a bad value leaves the default");
+}
+
+Test(preload_options, cap_must_be_positive)
+{
+    expect_error("MOEPATCH_AUXFREE_CAP", "0", "0", "a number > 0");
+    expect_error("MOEPATCH_AUXFREE_CAP", "-2", "-2", "a number > 0");
+}
+
+Test(preload_options, warmup_is_a_non_negative_integer)
+{
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_WARMUP", "100"), 0);
+    cr_expect_eq(opts.auxfree_warmup, 100);
+    expect_error("MOEPATCH_AUXFREE_WARMUP", "-1", "-1", "an integer >= 0");
+    expect_error("MOEPATCH_AUXFREE_WARMUP", "1.5", "1.5", "an integer >= 0");
+}
+
+Test(preload_options, sync_is_world_or_a_positive_group_size)
+{
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_SYNC", "8"), 0);
+    cr_expect_eq(opts.auxfree_sync, 8);
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_SYNC", " World "), 0);
+    cr_expect_eq(opts.auxfree_sync, 0);
+    cr_assert_eq(parse1("MOEPATCH_AUXFREE_SYNC", "1"), 0);
+    cr_expect_eq(opts.auxfree_sync, 1);
+    expect_error("MOEPATCH_AUXFREE_SYNC", "0", "0", "world or an integer >= 1");
+    expect_error("MOEPATCH_AUXFREE_SYNC", "all", "all", "world or an integer >= 1");
+    expect_error("MOEPATCH_AUXFREE_SYNC", "-4", "-4", "world or an integer >= 1");
+}
+
+Test(preload_options, telemetry_keeps_the_path)
+{
+    cr_assert_eq(parse1("MOEPATCH_TELEMETRY", " /tmp/run 1/load.jsonl "), 0, "%s", err);
+    cr_expect_str_eq(opts.telemetry, "/tmp/run 1/load.jsonl");
+    cr_assert_eq(parse1("MOEPATCH_TELEMETRY", "rel/x-y_z.jsonl"), 0, "%s", err);
+    cr_expect_str_eq(opts.telemetry, "rel/x-y_z.jsonl");
+}
+
+Test(preload_options, telemetry_rejects_control_characters_and_long_paths)
+{
+    expect_error("MOEPATCH_TELEMETRY", "a\tb", "a?b", "a file path");
+    char v[MP_PATH_MAX + 2];
+    memset(v, 'p', MP_PATH_MAX + 1);
+    v[MP_PATH_MAX + 1] = '\0';
+    cr_assert_eq(parse1("MOEPATCH_TELEMETRY", v), -1);
+    cr_expect(strstr(err, "at most 1024 characters"), "%s", err);
+    cr_expect_str_eq(opts.telemetry, "");
+}
+
+Test(preload_options, telemetry_every_is_at_least_one)
+{
+    cr_assert_eq(parse1("MOEPATCH_TELEMETRY_EVERY", "1"), 0);
+    cr_expect_eq(opts.telemetry_every, 1);
+    expect_error("MOEPATCH_TELEMETRY_EVERY", "0", "0", "an integer >= 1");
+    cr_expect_eq(opts.telemetry_every, 10);
+}
+
 /* ---- the error message ---- */
 
 Test(preload_options, error_replaces_control_characters)
@@ -302,6 +411,10 @@ Test(preload_options, render_has_one_row_per_option)
     }
     cr_expect(strstr(buf, "| `MOEPATCH_LOG` | `warn` | warn, info, debug |"), "%s", buf);
     cr_expect(strstr(buf, "| `MOEPATCH_MODELS` | (empty) |"), "%s", buf);
+    cr_expect(strstr(buf, "| `MOEPATCH_AUXFREE_MOMENTUM` | `0.9` | a number in [0, 1) |"), "%s",
+              buf);
+    cr_expect(strstr(buf, "| `MOEPATCH_AUXFREE_SYNC` | `world` | world or an integer >= 1 |"), "%s",
+              buf);
 }
 
 Test(preload_options, render_reports_the_size_it_needs)
