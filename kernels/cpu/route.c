@@ -200,6 +200,30 @@ static void weights_backward(const struct moe_route_cfg *c, const float *v, cons
         dv[k] = c->scale / S * (dw[k] - dot / S);
 }
 
+/* dl_e = p_e · (dp_e − Σ_f dp_f p_f) for every logit; dp is nonzero only at the K chosen experts.
+   For a chosen e this is p_e · (dp_e · (1 − p_e) − Σ_{f≠e} dp_f p_f), and 1 − p_e is summed from the
+   other probabilities: written as a difference it cancels when p_e ≈ 1 (a confident router). */
+static void softmax_backward(const struct moe_route_cfg *c, const float *p, const int32_t *idx,
+                             const float *dp, float *dl)
+{
+    float dot = 0.0f;
+    for (int k = 0; k < c->K; k++)
+        dot += dp[idx[k]] * p[idx[k]];
+    for (int e = 0; e < c->E; e++)
+        dl[e] = -p[e] * dot;
+    for (int k = 0; k < c->K; k++) {
+        int e = idx[k];
+        float others = 0.0f, cross = 0.0f;
+        for (int f = 0; f < c->E; f++)
+            if (f != e)
+                others += p[f];
+        for (int j = 0; j < c->K; j++)
+            if (j != k)
+                cross += dp[idx[j]] * p[idx[j]];
+        dl[e] = p[e] * (dp[e] * others - cross);
+    }
+}
+
 /* s->sel holds dp (the grad of every probability) here; s->gscore is not used. */
 static void route_backward_token(const struct moe_route_cfg *c, const float *l, const int32_t *idx,
                                  const float *dw, struct route_scratch *s, float *dv, float *v,
@@ -217,18 +241,11 @@ static void route_backward_token(const struct moe_route_cfg *c, const float *l, 
     memset(dp, 0, (size_t)c->E * sizeof(float));
     for (int k = 0; k < c->K; k++)
         dp[idx[k]] += dv[k];
-    if (c->recipe == MOE_ROUTE_SOFTMAX_TOPK) {
-        /* softmax: dl_e = p_e · (dp_e − Σ_f dp_f p_f); it reaches every logit */
-        float dot = 0.0f;
+    if (c->recipe == MOE_ROUTE_SOFTMAX_TOPK)
+        softmax_backward(c, s->p, idx, dp, dl);
+    else /* sigmoid is elementwise: only the chosen experts get a grad; 1 − s = sigmoid(−l) */
         for (int e = 0; e < c->E; e++)
-            dot += dp[e] * s->p[e];
-        for (int e = 0; e < c->E; e++)
-            dl[e] = s->p[e] * (dp[e] - dot);
-    } else {
-        /* sigmoid is elementwise: only the chosen experts get a grad */
-        for (int e = 0; e < c->E; e++)
-            dl[e] = dp[e] * s->p[e] * (1.0f - s->p[e]);
-    }
+            dl[e] = dp[e] * s->p[e] * moe__sigmoid(-l[e]);
 }
 
 int moe_route_backward_cpu(const struct moe_route_cfg *c, int64_t T, const float *logits,

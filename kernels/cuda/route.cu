@@ -101,7 +101,7 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const flo
     route_scores(c, logits + t * E, val, lane);
     for (int e = lane; e < E; e += 32) {
         sel[e] = val[e];
-        if (c.recipe == MOE_ROUTE_SIGMOID_GROUP && bias)
+        if (bias) /* softmax too: aux-free selection bias */
             sel[e] += bias[e];
         taken[e] = 0;
     }
@@ -192,15 +192,33 @@ static __global__ void route_backward_kernel(struct moe_route_cfg c, int64_t T, 
     __syncwarp();
     float *out = dlogits + t * E;
     if (c.recipe == MOE_ROUTE_SOFTMAX_TOPK) {
+        /* dl_e = p_e (dp_e − Σ dp p): −p_e·dot everywhere, then the K chosen experts get
+           p_e (dp_e (1 − p_e) − Σ_{f≠e} dp_f p_f) with 1 − p_e summed from the other
+           probabilities (as a difference it cancels when p_e ≈ 1), as the CPU reference does */
         float dot = 0.f;
+        for (int k = 0; k < K; k++)
+            dot += dval[idx[t * K + k]] * val[idx[t * K + k]];
         for (int e = lane; e < E; e += 32)
-            dot += dval[e] * val[e];
-        dot = warp_sum(dot);
-        for (int e = lane; e < E; e += 32)
-            out[e] = val[e] * (dval[e] - dot);
+            out[e] = -val[e] * dot;
+        __syncwarp();
+        for (int k = 0; k < K; k++) {
+            const int e = idx[t * K + k];
+            float others = 0.f;
+            for (int f = lane; f < E; f += 32)
+                others += f == e ? 0.f : val[f];
+            others = warp_sum(others);
+            if (lane == 0) {
+                float cross = 0.f;
+                for (int j = 0; j < K; j++)
+                    if (j != k)
+                        cross += dval[idx[t * K + j]] * val[idx[t * K + j]];
+                out[e] = val[e] * (dval[e] * others - cross);
+            }
+        }
     } else {
+        const float *l = logits + t * E;
         for (int e = lane; e < E; e += 32)
-            out[e] = dval[e] * val[e] * (1.f - val[e]);
+            out[e] = dval[e] * val[e] / (1.f + expf(l[e])); /* 1 − s = sigmoid(−l) */
     }
 }
 

@@ -387,7 +387,7 @@ static void run_case(const struct tcase *c)
     pc.x = x.h;
     pc.x_rs = xrs;
     pc.logits = lg.h;
-    pc.bias = c->recipe == MOE_ROUTE_SIGMOID_GROUP ? bias.h : NULL;
+    pc.bias = bias.h; /* both recipes: softmax selection is biased too (aux-free) */
     pc.experts = ex.cpu;
     pc.shared = shared ? sh.cpu : (struct moe_mlp){0};
     pc.shared_gate = c->gated ? sg.h : NULL;

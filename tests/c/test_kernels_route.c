@@ -510,3 +510,44 @@ Test(kernels_route, fd_check_detects_a_small_error)
     got[7] += 1e-4 * mx;
     cr_expect_gt(moe_rel_err(got, fd, BT * BE), MOE_TOL_F32);
 }
+
+/* A confident router: the chosen expert's probability is within 1e-5 of 1. Its own gradient is
+   dw · p (1 − p) (softmax) or dw · s (1 − s) (sigmoid); an fp32 `1 − p` keeps only a few digits
+   there, so this checks the backward against closed forms in double to 1e-6. */
+static double confident_router_err(moe_recipe recipe)
+{
+    enum { E = 8 };
+    struct moe_route_cfg c = {.recipe = recipe, .E = E, .K = 1, .n_group = 1, .topk_group = 1,
+                              .scale = 1.0f, .mask_value = -INFINITY};
+    float l[E] = {0.3f, -0.7f, 12.5f, 0.1f, -0.2f, 0.9f, -1.0f, 0.4f}, w[1], dw[1] = {0.75f};
+    float dl[E];
+    int32_t idx[1];
+    cr_assert_eq(moe_route_cpu(&c, 1, l, NULL, idx, w), MOE_OK);
+    cr_assert_eq(idx[0], 2);
+    cr_assert_eq(moe_route_backward_cpu(&c, 1, l, idx, dw, dl), MOE_OK);
+    double ref[E], num = 0.0, den = 0.0, z = 0.0;
+    for (int e = 0; e < E; e++)
+        z += exp((double)l[e] - (double)l[2]);
+    for (int e = 0; e < E; e++) {
+        if (recipe == MOE_ROUTE_SOFTMAX_TOPK) {
+            double p = exp((double)l[e] - (double)l[2]) / z, ps = 1.0 / z;
+            ref[e] = e == 2 ? dw[0] * ps * (1.0 - ps) : -dw[0] * ps * p;
+        } else {
+            double s = 1.0 / (1.0 + exp(-(double)l[e]));
+            ref[e] = e == 2 ? dw[0] * s * (1.0 / (1.0 + exp((double)l[e]))) : 0.0;
+        }
+        num += (dl[e] - ref[e]) * (dl[e] - ref[e]);
+        den += ref[e] * ref[e];
+    }
+    return sqrt(num / den);
+}
+
+Test(kernels_route, backward_softmax_is_accurate_for_a_confident_router)
+{
+    cr_expect_lt(confident_router_err(MOE_ROUTE_SOFTMAX_TOPK), 1e-6);
+}
+
+Test(kernels_route, backward_sigmoid_is_accurate_for_a_confident_router)
+{
+    cr_expect_lt(confident_router_err(MOE_ROUTE_SIGMOID_GROUP), 1e-6);
+}
