@@ -244,25 +244,33 @@ class _Plan:
         self.E, self.I, self.H = E, I, H
 
     def _modulelist(self, experts, spec, kinds):
+        """The E×3 weights, read through the modules' own dicts: nn.Module.__getattr__ would cost
+        about 1 ms per call for 256 experts, and this runs before every fused forward."""
         names = (spec["gate"], spec["up"], spec["down"])
         lists = ([], [], [])
-        for i, e in enumerate(experts):
+        for i, e in enumerate(experts._modules.values()):
+            mods = e._modules
             for name, kind, out in zip(names, kinds, lists):
-                m = getattr(e, name)
+                m = mods.get(name)
                 if type(m) is not kind:
                     _same_kind("%s[%d].%s" % (spec["experts"], i, name), m, kind)
-                out.append(m.weight)
+                w = m._parameters.get("weight")
+                out.append(w if w is not None else m.weight)
         return lists[0] + lists[1] + lists[2]
 
     def _ptr_array(self, tensors, device):
         """The data pointers of per-expert weights as an int64 array on their device, cached: weights
         keep their storage from call to call, and the pointers are the key, so a moved weight
-        (FSDP, .to(), a checkpoint load) gets a new array — that is the re-validation."""
+        (FSDP, .to(), a checkpoint load) gets a new array — that is the re-validation. The strides
+        are checked when an array is built."""
         torch = self.torch
         ptrs = tuple(t.data_ptr() for t in tensors)
-        key = (device, ptrs)
+        key = (device, tensors[0].stride(), ptrs)
         arr = _Plan.cache.get(key)
         if arr is None:
+            first = tensors[0].stride()
+            if any(t.stride() != first for t in tensors):
+                raise _Refuse("experts have different strides")
             arr = torch.tensor(ptrs, dtype=torch.int64)
             if device.type == "cuda":
                 arr = arr.to(device)
@@ -279,8 +287,6 @@ class _Plan:
             for j in range(3):
                 group = tensors[j * E:(j + 1) * E]
                 first = group[0]
-                if any(t.stride() != first.stride() for t in group):
-                    raise _Refuse("experts have different strides")
                 arr = self._ptr_array(group, device)
                 self.keep.append(arr)
                 mats.append((arr.data_ptr(), 0, 0, first.stride(0), first.stride(1)))
