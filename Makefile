@@ -144,8 +144,10 @@ format:
 	clang-format -i $(FORMAT_SRC)
 format-check:
 	clang-format --dry-run --Werror $(FORMAT_SRC)
+# Library code only: the Criterion macros of the tests drown the report in noise.
+TIDY_SRC = $(STAGE1_SRC) $(STAGE2_SRC) $(KERNEL_SRC)
 tidy:
-	clang-tidy --quiet $(filter %.c,$(FORMAT_SRC)) -- -std=c11 -D_GNU_SOURCE $(PYFLAGS) -I. -Itests/c
+	clang-tidy --quiet $(TIDY_SRC) -- -std=c11 -D_GNU_SOURCE $(PYFLAGS) -I.
 compdb: clean
 	bear -- $(MAKE) all $(TEST_BINS)
 

@@ -2,8 +2,8 @@
  * detect/spec.h — what detection learns about one MoE block instance (struct moe_spec), or why it
  * refuses it. Detection reads attributes only (never isinstance or class names of candidates); the
  * family hint (module name, config.model_type) only picks the routing recipe and return convention.
- * The spec holds attribute *names*, not tensors: weights move (FSDP, .to(), checkpoint loads), so the
- * glue re-reads the tensors through these names and re-validates them on every call.
+ * The spec holds attribute *names*, not tensors: weights move (FSDP, .to(), checkpoint loads), so
+ * the glue re-reads the tensors through these names and re-validates them on every call.
  */
 #ifndef MP_SPEC_H
 #define MP_SPEC_H
@@ -15,14 +15,16 @@
 
 typedef enum {
     MP_LAYOUT_MODULELIST = 0, /* experts = ModuleList of MLPs with gate/up/down Linear (no bias) */
-    MP_LAYOUT_FUSED3D = 1,    /* experts.gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I] */
-    MP_LAYOUT_FUSED3D_T = 2,  /* transposed: gate_up_proj [E, H, 2I], down_proj [E, I, H] (Llama-4) */
+    MP_LAYOUT_FUSED3D =
+        1, /* experts.gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I] */
+    MP_LAYOUT_FUSED3D_T =
+        2, /* transposed: gate_up_proj [E, H, 2I], down_proj [E, I, H] (Llama-4) */
 } mp_layout;
 
 typedef enum {
-    MP_RET_TENSOR = 0,       /* y [B, S, H] (transformers 5 native, DeepSeek/GLM remote code) */
-    MP_RET_LOGITS = 1,       /* (y, router_logits [B*S, E]) (transformers 4 Mixtral/Qwen/OLMoE) */
-    MP_RET_BAILING = 2,      /* (y, (router_logits [B, S, E], topk_idx [B, S, K])) (Bailing V2) */
+    MP_RET_TENSOR = 0,  /* y [B, S, H] (transformers 5 native, DeepSeek/GLM remote code) */
+    MP_RET_LOGITS = 1,  /* (y, router_logits [B*S, E]) (transformers 4 Mixtral/Qwen/OLMoE) */
+    MP_RET_BAILING = 2, /* (y, (router_logits [B, S, E], topk_idx [B, S, K])) (Bailing V2) */
 } mp_return;
 
 typedef enum {
@@ -39,16 +41,17 @@ struct moe_spec {
     mp_return ret;
 
     /* router: block.<router> is a module with .weight [E, H] */
-    char router[MP_NAME];       /* "gate" or "router" */
-    int logits_fp32;            /* logits = x.float() @ W.float().T (else in the input dtype, then .float()) */
-    char bias[MP_NAME];         /* attribute of the router holding the selection bias [E], "" = none */
+    char router[MP_NAME]; /* "gate" or "router" */
+    int logits_fp32; /* logits = x.float() @ W.float().T (else in the input dtype, then .float()) */
+    char bias[MP_NAME]; /* attribute of the router holding the selection bias [E], "" = none */
 
     /* experts: block.<experts>; ModuleList: experts[e].<gate>/<up>/<down>.weight;
        3-D: experts.<gate> is gate_up_proj, experts.<down> is down_proj, <up> is "" */
     char experts[MP_NAME];
     char gate[MP_NAME], up[MP_NAME], down[MP_NAME];
 
-    /* shared expert: block.<shared_name> MLP with gate_proj/up_proj/down_proj, optional gate Linear */
+    /* shared expert: block.<shared_name> MLP with gate_proj/up_proj/down_proj, optional gate Linear
+     */
     mp_shared shared;
     char shared_name[MP_NAME];
     char shared_gate_name[MP_NAME];

@@ -7,8 +7,8 @@
 const char *moe_strerror(int err)
 {
     switch (err) {
-#define MOE_ERR_CASE(name, value, text) \
-    case value:                         \
+#define MOE_ERR_CASE(name, value, text)                                                            \
+    case value:                                                                                    \
         return text;
         MOE_ERRORS(MOE_ERR_CASE)
 #undef MOE_ERR_CASE

@@ -5,11 +5,11 @@
  * Shape letters, used everywhere: T tokens, H hidden, E experts, K top-k, I expert intermediate,
  * G groups. A "slot" is one (token, k) pair: slot s = t*K + k, T*K slots in all.
  *
- * Design choice a reader must know: expert weights are never copied. Each projection of each expert is
- * addressed as a base pointer plus element strides (struct moe_mats), which serves an nn.ModuleList of
- * per-expert Linear layers (a pointer array), a transformers-5 3-D parameter (base + e * expert stride)
- * and the transposed Llama-4 layout (swapped row/column strides) with one code path. Gradients of the
- * weights are written through the same description.
+ * Design choice a reader must know: expert weights are never copied. Each projection of each expert
+ * is addressed as a base pointer plus element strides (struct moe_mats), which serves an
+ * nn.ModuleList of per-expert Linear layers (a pointer array), a transformers-5 3-D parameter (base
+ * + e * expert stride) and the transposed Llama-4 layout (swapped row/column strides) with one code
+ * path. Gradients of the weights are written through the same description.
  *
  * Backends: kernels/cpu (reference: plain C, fp32 accumulation) and kernels/cuda (dlopened lazily).
  * Each public entry point exists as moe_<step>_cpu and moe_<step>_cuda with the same arguments.
@@ -31,13 +31,13 @@ extern "C" {
 #endif
 
 /* Errors are negative; one list generates the strings (moe_strerror). */
-#define MOE_ERRORS(X)                                                                     \
-    X(MOE_OK, 0, "ok")                                                                    \
-    X(MOE_EINVAL, -1, "invalid argument")                                                 \
-    X(MOE_ENOMEM, -2, "out of memory")                                                    \
-    X(MOE_EUNSUPPORTED, -3, "unsupported case")                                           \
-    X(MOE_ECUDA, -4, "CUDA runtime error")                                                \
-    X(MOE_ECUBLAS, -5, "cuBLAS error")                                                    \
+#define MOE_ERRORS(X)                                                                              \
+    X(MOE_OK, 0, "ok")                                                                             \
+    X(MOE_EINVAL, -1, "invalid argument")                                                          \
+    X(MOE_ENOMEM, -2, "out of memory")                                                             \
+    X(MOE_EUNSUPPORTED, -3, "unsupported case")                                                    \
+    X(MOE_ECUDA, -4, "CUDA runtime error")                                                         \
+    X(MOE_ECUBLAS, -5, "cuBLAS error")                                                             \
     X(MOE_ENOBACKEND, -6, "backend not available")
 
 enum moe_err {
@@ -68,16 +68,16 @@ typedef enum {
 struct moe_route_cfg {
     moe_recipe recipe;
     int E, K;
-    int n_group;    /* 1 = no group limit */
-    int topk_group; /* groups kept; n_group when no limit */
-    int norm;       /* renormalise the K weights */
-    float norm_eps; /* added to the sum before dividing: 0 (softmax families), 1e-20 (sigmoid) */
-    float scale;    /* routed_scaling_factor; 1 when the family has none */
+    int n_group;      /* 1 = no group limit */
+    int topk_group;   /* groups kept; n_group when no limit */
+    int norm;         /* renormalise the K weights */
+    float norm_eps;   /* added to the sum before dividing: 0 (softmax families), 1e-20 (sigmoid) */
+    float scale;      /* routed_scaling_factor; 1 when the family has none */
     float mask_value; /* selection score of experts outside the kept groups (-INFINITY or 0) */
 };
 
-/* Ties in every top-k: the lower expert (or group) index wins. The K slots of a token are ordered by
-   descending selection score. */
+/* Ties in every top-k: the lower expert (or group) index wins. The K slots of a token are ordered
+   by descending selection score. */
 
 /* One projection of each of n experts: element (r, c) of expert e's matrix lives at
    (ptr ? ptr[e] : base + e * es) + r * rs + c * cs   (in elements of the block's dtype). */
@@ -89,7 +89,7 @@ struct moe_mats {
 
 /* A SwiGLU MLP per expert: out = down( silu(gate x) * up x ). gate, up: [I, H]; down: [H, I]. */
 struct moe_mlp {
-    int n;         /* number of experts (E for routed experts, 1 for the shared expert, 0 = absent) */
+    int n; /* number of experts (E for routed experts, 1 for the shared expert, 0 = absent) */
     int64_t H, I;
     struct moe_mats gate, up, down;
 };
@@ -102,28 +102,29 @@ struct moe_problem {
     int64_t T, H;
 
     /* inputs */
-    const void *x;       /* [T, H] dtype, row stride x_rs elements */
+    const void *x; /* [T, H] dtype, row stride x_rs elements */
     int64_t x_rs;
-    const float *logits; /* [T, E] fp32 router logits */
-    const float *bias;   /* [E] fp32 selection bias (both recipes, see moe_recipe), or NULL */
-    struct moe_mlp experts;      /* n = E */
-    struct moe_mlp shared;       /* n = 1, or n = 0 when the block has no shared expert */
-    const void *shared_gate;     /* [H] dtype: Qwen2 sigmoid gate of the shared expert, or NULL */
+    const float *logits;     /* [T, E] fp32 router logits */
+    const float *bias;       /* [E] fp32 selection bias (both recipes, see moe_recipe), or NULL */
+    struct moe_mlp experts;  /* n = E */
+    struct moe_mlp shared;   /* n = 1, or n = 0 when the block has no shared expert */
+    const void *shared_gate; /* [H] dtype: Qwen2 sigmoid gate of the shared expert, or NULL */
 
     /* forward outputs (backward reads idx and w) */
-    void *y;      /* [T, H] dtype */
-    int32_t *idx; /* [T, K] */
-    float *w;     /* [T, K] fp32 routing weights */
-    int64_t *counts; /* [E] slots routed to each expert by this call, on the tensors' device; optional
-                        (the load telemetry of aux-loss-free balancing reads it) */
+    void *y;         /* [T, H] dtype */
+    int32_t *idx;    /* [T, K] */
+    float *w;        /* [T, K] fp32 routing weights */
+    int64_t *counts; /* [E] slots routed to each expert by this call, on the tensors' device;
+                        optional (the load telemetry of aux-loss-free balancing reads it) */
 
-    /* backward: input and outputs. Every grad output is fully written (zeros where no token went). */
-    const void *dy;            /* [T, H] dtype */
-    void *dx;                  /* [T, H] dtype */
-    float *dlogits;            /* [T, E] fp32 */
-    struct moe_mlp d_experts;  /* same layout description as experts, grad pointers, dtype */
-    struct moe_mlp d_shared;   /* same as shared */
-    void *d_shared_gate;       /* [H] dtype, when shared_gate */
+    /* backward: input and outputs. Every grad output is fully written (zeros where no token went).
+     */
+    const void *dy;           /* [T, H] dtype */
+    void *dx;                 /* [T, H] dtype */
+    float *dlogits;           /* [T, E] fp32 */
+    struct moe_mlp d_experts; /* same layout description as experts, grad pointers, dtype */
+    struct moe_mlp d_shared;  /* same as shared */
+    void *d_shared_gate;      /* [H] dtype, when shared_gate */
 
     /* state kept from forward to backward by backends that want it (CUDA: the pre-activation);
        caller-allocated, moe_saved_bytes_cuda bytes; NULL for the CPU backend, which recomputes */
@@ -154,14 +155,17 @@ MOE_API int moe_route_backward_cpu(const struct moe_route_cfg *c, int64_t T, con
                                    const int32_t *idx, const float *dw, float *dlogits);
 
 /* Counting sort of the T*K slots by expert, stable in slot order.
-   counts [E]; offsets [E+1] (offsets[e]..offsets[e+1] are expert e's rows); perm [T*K]: row -> slot. */
+   counts [E]; offsets [E+1] (offsets[e]..offsets[e+1] are expert e's rows); perm [T*K]: row ->
+   slot. */
 MOE_API int moe_permute_cpu(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
                             int64_t *offsets, int32_t *perm);
 
 /* For each expert e and row r in offsets[e]..offsets[e+1]: token t = perm[r] / K,
-   h[r] = [gate x_t | up x_t] (fp32 [rows, 2I], may be NULL) and out[r] = expert_e(x_t) (fp32 [rows, H]). */
+   h[r] = [gate x_t | up x_t] (fp32 [rows, 2I], may be NULL) and out[r] = expert_e(x_t) (fp32 [rows,
+   H]). */
 MOE_API int moe_expert_mlp_cpu(const struct moe_mlp *m, moe_dtype dt, const void *x, int64_t x_rs,
-                               int K, const int64_t *offsets, const int32_t *perm, float *h, float *out);
+                               int K, const int64_t *offsets, const int32_t *perm, float *h,
+                               float *out);
 
 /* y[t] = Σ_k w[t, k] · out[row of slot t*K+k], summed in k order (deterministic, no atomics).
    inv [T*K]: slot -> row (the inverse of perm). y is dtype [T, H]. */

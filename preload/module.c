@@ -3,11 +3,11 @@
  *   detect(block)            -> dict (the struct moe_spec) or str (why the block is refused)
  *   run(op, backend, cfg, io) -> None or int; raises RuntimeError on a kernel error
  *   strerror(code)           -> str
- *   glue_source()            -> str: the text of preload/glue.py, compiled by the bootstrap on demand
- *   auxfree_source()         -> str: the text of preload/auxfree.py, compiled by the glue on demand
- * Design choice: the glue passes raw data pointers and strides as Python ints (a dict per call), so
- * the kernels never see torch objects and the C API (kernels/moe.h) stays usable without Python.
- * The CUDA backend is dlopened from next to this object the first time a CUDA call arrives.
+ *   glue_source()            -> str: the text of preload/glue.py, compiled by the bootstrap on
+ * demand auxfree_source()         -> str: the text of preload/auxfree.py, compiled by the glue on
+ * demand Design choice: the glue passes raw data pointers and strides as Python ints (a dict per
+ * call), so the kernels never see torch objects and the C API (kernels/moe.h) stays usable without
+ * Python. The CUDA backend is dlopened from next to this object the first time a CUDA call arrives.
  */
 #include <Python.h>
 

@@ -74,9 +74,9 @@ static void group_select_scores(const struct moe_route_cfg *c, const float *s, c
 {
     for (int e = 0; e < c->E; e++)
         sel[e] = s[e] + (bias ? bias[e] : 0.0f);
-    if (c->n_group <= 1)
+    int gs = c->n_group > 1 ? c->E / c->n_group : 0;
+    if (gs < 1) /* no group limit (validation guarantees n_group divides E) */
         return;
-    int gs = c->E / c->n_group;
     for (int g = 0; g < c->n_group; g++)
         gscore[g] = top2_sum(sel + g * gs, gs);
     topk(gscore, c->n_group, c->topk_group, gidx, taken);
@@ -201,8 +201,8 @@ static void weights_backward(const struct moe_route_cfg *c, const float *v, cons
 }
 
 /* dl_e = p_e · (dp_e − Σ_f dp_f p_f) for every logit; dp is nonzero only at the K chosen experts.
-   For a chosen e this is p_e · (dp_e · (1 − p_e) − Σ_{f≠e} dp_f p_f), and 1 − p_e is summed from the
-   other probabilities: written as a difference it cancels when p_e ≈ 1 (a confident router). */
+   For a chosen e this is p_e · (dp_e · (1 − p_e) − Σ_{f≠e} dp_f p_f), and 1 − p_e is summed from
+   the other probabilities: written as a difference it cancels when p_e ≈ 1 (a confident router). */
 static void softmax_backward(const struct moe_route_cfg *c, const float *p, const int32_t *idx,
                              const float *dp, float *dl)
 {

@@ -517,8 +517,13 @@ Test(kernels_route, fd_check_detects_a_small_error)
 static double confident_router_err(moe_recipe recipe)
 {
     enum { E = 8 };
-    struct moe_route_cfg c = {.recipe = recipe, .E = E, .K = 1, .n_group = 1, .topk_group = 1,
-                              .scale = 1.0f, .mask_value = -INFINITY};
+    struct moe_route_cfg c = {.recipe = recipe,
+                              .E = E,
+                              .K = 1,
+                              .n_group = 1,
+                              .topk_group = 1,
+                              .scale = 1.0f,
+                              .mask_value = -INFINITY};
     float l[E] = {0.3f, -0.7f, 12.5f, 0.1f, -0.2f, 0.9f, -1.0f, 0.4f}, w[1], dw[1] = {0.75f};
     float dl[E];
     int32_t idx[1];
