@@ -8,9 +8,15 @@
  * Saved for backward: the pre-activations [T*K, 2I] (and [T, 2Is] of the shared expert), perm,
  * inv, device counts and offsets. Backward reads p->counts_host and copies nothing to the host.
  *
+ * Padded layout (moe__gg_call in internal.h): the routed rows of the workspace start each expert on
+ * its own run of ceil(count / P) * P rows, zeros past its rows, so the grouped GEMMs run as one
+ * batched GEMM per distinct padded count (a handful of launches instead of one per expert). The
+ * saved state stays packed: the forward's SwiGLU writes the packed pre-activations.
+ *
  * Design choice: the routing-weight grad comes from the down projection's input side,
  * dw = <a, W_downᵀ dy> (with da = w · W_downᵀ dy), so the expert outputs are never stored.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -25,13 +31,16 @@ struct saved_bufs {
 
 struct fwd_bufs {
     void **ptrs;
-    void *perm_scratch, *xg, *a, *out, *as, *ys;
+    int64_t *poffsets, *shift;
+    void *perm_scratch, *xg, *a, *out, *as, *ys; /* routed rows: padded layout (fwd_padded) */
+    void *hp; /* padded gate|up output, aliases out (fwd_padded), else NULL */
     float *gs;
 };
 
 struct bwd_bufs {
     void **ptrs;
-    void *xg, *dyg, *dau, *dh, *aw, *dxg;
+    int64_t *poffsets, *shift;
+    void *xg, *dyg, *dau, *dh, *aw, *dxg; /* routed rows, padded layout */
     float *dw;
     void *dau_s, *dh_s, *aw_s, *dxs;
     float *gs, *dgs;
@@ -47,6 +56,32 @@ static int64_t n_rows(const struct moe_problem *p)
 static int64_t x_stride(const struct moe_problem *p)
 {
     return p->T <= 1 ? p->H : p->x_rs;
+}
+
+/* Row granule of the backward's padded layout (see moe__gg_call): the largest power of two up to
+   64 whose worst-case padding, min(E, R) * (P - 1) rows, stays within a fifth of the R rows. P
+   bounds both the extra workspace (<= 20 %) and the extra weight-grad work (~E * P / 2 rows). */
+static int pad_of(const struct moe_problem *p)
+{
+    const int64_t R = n_rows(p), E = p->route.E, nz = R < E ? R : E;
+    int P = 64;
+    while (P > 1 && nz * (P - 1) * 5 > R)
+        P /= 2;
+    return P;
+}
+
+/* Most rows the padded layout can need: every expert with rows wastes at most P - 1. */
+static int64_t padded_rows_max(const struct moe_problem *p)
+{
+    const int64_t R = n_rows(p), E = p->route.E, nz = R < E ? R : E;
+    return R + nz * (pad_of(p) - 1);
+}
+
+/* The forward runs in the padded layout too when the padded [rows, 2I] gate|up output fits in the
+   [rows, H] output buffer (2I <= H: it is dead before the down projection writes there). */
+static int fwd_padded(const struct moe_problem *p)
+{
+    return 2 * p->experts.I <= p->H;
 }
 
 static size_t plan_saved(const struct moe_problem *p, char *base, struct saved_bufs *b)
@@ -68,11 +103,16 @@ static size_t plan_fwd(const struct moe_problem *p, char *base, struct fwd_bufs 
     struct moe__arena a = {base, 0};
     const size_t es = moe_dtype_size(p->dtype);
     const int64_t R = n_rows(p), T = p->T, H = p->H, I = p->experts.I, Is = p->shared.I;
+    const int pd = fwd_padded(p);
+    const int64_t Rp = pd ? padded_rows_max(p) : R, E = p->route.E;
     b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
+    b->poffsets = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1)) : NULL;
+    b->shift = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E) : NULL;
     b->perm_scratch = moe__take(&a, moe__permute_scratch_bytes(T, p->route.K, p->route.E));
-    b->xg = moe__take(&a, es * (size_t)(R * H));
-    b->a = moe__take(&a, es * (size_t)(R * I));
-    b->out = moe__take(&a, es * (size_t)(R * H));
+    b->xg = moe__take(&a, es * (size_t)(Rp * H));
+    b->a = moe__take(&a, es * (size_t)(Rp * I));
+    b->out = moe__take(&a, es * (size_t)(Rp * H));
+    b->hp = pd ? b->out : NULL;
     b->as = p->shared.n ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
     b->ys = p->shared.n ? moe__take(&a, es * (size_t)(T * H)) : NULL;
     b->gs =
@@ -85,14 +125,17 @@ static size_t plan_bwd(const struct moe_problem *p, char *base, struct bwd_bufs 
     struct moe__arena a = {base, 0};
     const size_t es = moe_dtype_size(p->dtype);
     const int64_t R = n_rows(p), T = p->T, H = p->H, I = p->experts.I, Is = p->shared.I;
+    const int64_t Rp = padded_rows_max(p), E = p->route.E;
     const int sh = p->shared.n != 0, gated = sh && p->shared_gate;
     b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
-    b->xg = moe__take(&a, es * (size_t)(R * H));
-    b->dyg = moe__take(&a, es * (size_t)(R * H));
-    b->dau = moe__take(&a, es * (size_t)(R * I));
-    b->dh = moe__take(&a, es * (size_t)(R * 2 * I));
-    b->aw = moe__take(&a, es * (size_t)(R * I));
-    b->dxg = moe__take(&a, es * (size_t)(R * H));
+    b->poffsets = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1));
+    b->shift = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E);
+    b->xg = moe__take(&a, es * (size_t)(Rp * H));
+    b->dyg = moe__take(&a, es * (size_t)(Rp * H));
+    b->dau = moe__take(&a, es * (size_t)(Rp * I));
+    b->dh = moe__take(&a, es * (size_t)(Rp * 2 * I));
+    b->aw = moe__take(&a, es * (size_t)(Rp * I));
+    b->dxg = moe__take(&a, es * (size_t)(Rp * H));
     b->dw = (float *)moe__take(&a, sizeof(float) * (size_t)R);
     b->dau_s = sh ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
     b->dh_s = sh ? moe__take(&a, es * (size_t)(T * 2 * Is)) : NULL;
@@ -106,24 +149,25 @@ static size_t plan_bwd(const struct moe_problem *p, char *base, struct bwd_bufs 
 
 /* ---- operand helpers for the grouped GEMM engine ---- */
 
-/* Packed activations: expert e's rows start at offsets[e]; logical [rows, width] row-major. */
-static struct moe__gg_operand rows_op(const void *base, int64_t step, int64_t off)
+/* Packed activations: expert e's rows start at offsets[e] (padded: poffsets[e]); logical
+   [rows, width] row-major. */
+static struct moe__gg_operand rows_op(const void *base, int64_t step, int64_t off, int padded = 0)
 {
-    struct moe__gg_operand o = {NULL, base, 0, 1, step, off, step, 1};
+    struct moe__gg_operand o = {NULL, base, 0, 1, step, off, step, 1, padded};
     return o;
 }
 
 /* The transpose of rows_op: logical [width, rows]. */
-static struct moe__gg_operand rows_t_op(const void *base, int64_t step, int64_t off)
+static struct moe__gg_operand rows_t_op(const void *base, int64_t step, int64_t off, int padded = 0)
 {
-    struct moe__gg_operand o = {NULL, base, 0, 1, step, off, 1, step};
+    struct moe__gg_operand o = {NULL, base, 0, 1, step, off, 1, step, padded};
     return o;
 }
 
 /* Expert weights as stored ([R, C] with the moe_mats strides) or transposed ([C, R]). */
 static struct moe__gg_operand mats_op(const struct moe_mats *m, int transposed)
 {
-    struct moe__gg_operand o = {m->ptr, m->base, m->es, 0, 0, 0, m->rs, m->cs};
+    struct moe__gg_operand o = {m->ptr, m->base, m->es, 0, 0, 0, m->rs, m->cs, 0};
     if (transposed) {
         o.rs = m->cs;
         o.cs = m->rs;
@@ -140,7 +184,8 @@ static struct moe__gg_part part(struct moe__gg_operand a, struct moe__gg_operand
 }
 
 /* Everything an MLP pass over one set of experts needs: routed (n = E, counts from the sort) or
-   shared (n = 1, all T rows, offsets NULL). */
+   shared (n = 1, all T rows, offsets NULL). The routed experts add the padded layout (ctx_pad:
+   pad > 0, pm.poffsets == poffsets_dev) in the backward, and in the forward where fwd_padded. */
 struct mlp_ctx {
     const struct moe_mlp *m;
     const int64_t *counts_host, *counts_dev, *offsets_dev;
@@ -148,68 +193,115 @@ struct mlp_ctx {
     void **ptrs;
     cublasHandle_t h;
     cudaStream_t st;
+    const int64_t *poffsets_dev;
+    int pad;
+    struct moe__pad_map pm;
 };
 
-static int gg(const struct mlp_ctx *c, int n_parts, struct moe__gg_part p0, struct moe__gg_part p1)
+static struct mlp_ctx ctx_of(const struct moe_mlp *m, const int64_t *counts_host,
+                             const int64_t *counts_dev, const int64_t *offsets_dev, moe_dtype dt,
+                             void **ptrs, cublasHandle_t h, cudaStream_t st)
+{
+    struct mlp_ctx c;
+    memset(&c, 0, sizeof c);
+    c.m = m;
+    c.counts_host = counts_host;
+    c.counts_dev = counts_dev;
+    c.offsets_dev = offsets_dev;
+    c.dt = dt;
+    c.ptrs = ptrs;
+    c.h = h;
+    c.st = st;
+    return c;
+}
+
+/* Adds the padded layout of n experts (poffsets from moe__pad_offsets_cuda) to a routed context. */
+static void ctx_pad(struct mlp_ctx *c, int n, const int64_t *poffsets, int pad)
+{
+    c->poffsets_dev = poffsets;
+    c->pad = pad;
+    c->pm.n = n;
+    c->pm.offsets = c->offsets_dev;
+    c->pm.poffsets = poffsets;
+}
+
+/* bucket: one cuBLAS group per distinct padded count (only where the padded layout exists). */
+static int gg(const struct mlp_ctx *c, int n_parts, struct moe__gg_part p0, struct moe__gg_part p1,
+              int bucket = 0)
 {
     struct moe__gg_call call;
     call.n_experts = c->m->n;
     call.counts_host = c->counts_host;
     call.counts_dev = c->counts_dev;
     call.offsets_dev = c->offsets_dev;
+    call.poffsets_dev = c->poffsets_dev;
+    call.pad = c->pad;
+    call.bucket = bucket && c->pad > 0 && c->counts_dev != NULL;
     call.n_parts = n_parts;
     call.part[0] = p0;
     call.part[1] = p1;
     return moe__grouped_gemm(&call, c->dt, c->ptrs, c->h, c->st);
 }
 
-/* h = [x Wgᵀ | x Wuᵀ], a = silu(gate) · up, out = a Wdᵀ. x: packed rows with row stride x_step. */
-static int mlp_forward(const struct mlp_ctx *c, const void *x, int64_t x_step, void *h, void *a,
-                       int64_t rows, void *out)
+/* h = [x Wgᵀ | x Wuᵀ], a = silu(gate) · up, out = a Wdᵀ. x: rows with row stride x_step. With
+   c->pad, x, h, a and out are in the padded layout (rows: its row count), the GEMMs run bucketed
+   and h_pack receives the packed h (what backward reads); else h_pack is unused. */
+static int mlp_forward(const struct mlp_ctx *c, const void *x, int64_t x_step, void *h,
+                       void *h_pack, void *a, int64_t rows, void *out)
 {
     const int64_t H = c->m->H, I = c->m->I;
-    MOE_TRY(gg(
-        c, 2,
-        part(rows_op(x, x_step, 0), mats_op(&c->m->gate, 1), rows_op(h, 2 * I, 0), -1, I, H, 0.f),
-        part(rows_op(x, x_step, 0), mats_op(&c->m->up, 1), rows_op(h, 2 * I, I), -1, I, H, 0.f)));
-    MOE_TRY(moe__swiglu_cuda(rows, I, h, a, c->dt, c->st));
+    const int pd = c->pad > 0;
+    MOE_TRY(gg(c, 2,
+               part(rows_op(x, x_step, 0, pd), mats_op(&c->m->gate, 1), rows_op(h, 2 * I, 0, pd),
+                    -1, I, H, 0.f),
+               part(rows_op(x, x_step, 0, pd), mats_op(&c->m->up, 1), rows_op(h, 2 * I, I, pd), -1,
+                    I, H, 0.f),
+               pd));
+    MOE_TRY(moe__swiglu_cuda(rows, I, h, a, pd ? &c->pm : NULL, h_pack, c->dt, c->st));
     struct moe__gg_part down =
-        part(rows_op(a, I, 0), mats_op(&c->m->down, 1), rows_op(out, H, 0), -1, H, I, 0.f);
-    return gg(c, 1, down, down);
+        part(rows_op(a, I, 0, pd), mats_op(&c->m->down, 1), rows_op(out, H, 0, pd), -1, H, I, 0.f);
+    return gg(c, 1, down, down, pd);
 }
 
-/* Backward of one MLP pass. dy: packed rows (row stride H); w: per-slot weights through perm (or
-   per-row, perm NULL; NULL: 1); dw: per-slot grads of w (may be NULL). Writes the weight grads
-   of d and dxr = dh_gate Wg + dh_up Wu (packed rows, [rows, H]). */
+/* Backward of one MLP pass. dy: rows (row stride H); w: per-slot weights through perm (or per-row,
+   perm NULL; NULL: 1); dw: per-slot grads of w (may be NULL). Writes the weight grads of d and
+   dxr = dh_gate Wg + dh_up Wu ([rows, H]). With c->pad, x, dy, dau, dh, aw and dxr are in the
+   padded layout (rows: its row count; h and perm stay packed), the weight grads run bucketed. */
 static int mlp_backward(const struct mlp_ctx *c, const struct moe_mlp *d, const void *x,
                         int64_t x_step, const void *dy, const void *h, int64_t rows,
                         const int32_t *perm, const float *w, float *dw, void *dau, void *dh,
                         void *aw, void *dxr)
 {
     const int64_t H = c->m->H, I = c->m->I;
+    const int pd = c->pad > 0;
     struct moe__gg_part p;
-    p = part(rows_op(dy, H, 0), mats_op(&c->m->down, 0), rows_op(dau, I, 0), -1, I, H, 0.f);
-    MOE_TRY(gg(c, 1, p, p));
-    MOE_TRY(moe__swiglu_backward_cuda(rows, I, h, dau, perm, w, dw, dh, aw, c->dt, c->st));
-    p = part(rows_t_op(dy, H, 0), rows_op(aw, I, 0), mats_op(&d->down, 0), H, I, -1, 0.f);
-    MOE_TRY(gg(c, 1, p, p));
-    MOE_TRY(gg(
-        c, 2,
-        part(rows_t_op(dh, 2 * I, 0), rows_op(x, x_step, 0), mats_op(&d->gate, 0), I, H, -1, 0.f),
-        part(rows_t_op(dh, 2 * I, I), rows_op(x, x_step, 0), mats_op(&d->up, 0), I, H, -1, 0.f)));
-    p = part(rows_op(dh, 2 * I, 0), mats_op(&c->m->gate, 0), rows_op(dxr, H, 0), -1, H, I, 0.f);
-    MOE_TRY(gg(c, 1, p, p));
-    p = part(rows_op(dh, 2 * I, I), mats_op(&c->m->up, 0), rows_op(dxr, H, 0), -1, H, I, 1.f);
-    return gg(c, 1, p, p);
+    p = part(rows_op(dy, H, 0, pd), mats_op(&c->m->down, 0), rows_op(dau, I, 0, pd), -1, I, H, 0.f);
+    MOE_TRY(gg(c, 1, p, p, pd));
+    MOE_TRY(moe__swiglu_backward_cuda(rows, I, h, dau, perm, pd ? &c->pm : NULL, w, dw, dh, aw,
+                                      c->dt, c->st));
+    p = part(rows_t_op(dy, H, 0, pd), rows_op(aw, I, 0, pd), mats_op(&d->down, 0), H, I, -1, 0.f);
+    MOE_TRY(gg(c, 1, p, p, 1));
+    MOE_TRY(gg(c, 2,
+               part(rows_t_op(dh, 2 * I, 0, pd), rows_op(x, x_step, 0, pd), mats_op(&d->gate, 0), I,
+                    H, -1, 0.f),
+               part(rows_t_op(dh, 2 * I, I, pd), rows_op(x, x_step, 0, pd), mats_op(&d->up, 0), I,
+                    H, -1, 0.f),
+               1));
+    p = part(rows_op(dh, 2 * I, 0, pd), mats_op(&c->m->gate, 0), rows_op(dxr, H, 0, pd), -1, H, I,
+             0.f);
+    MOE_TRY(gg(c, 1, p, p, pd));
+    p = part(rows_op(dh, 2 * I, I, pd), mats_op(&c->m->up, 0), rows_op(dxr, H, 0, pd), -1, H, I,
+             1.f);
+    return gg(c, 1, p, p, pd);
 }
 
-/* Experts without rows get zero weight grads (counts_dev NULL: every expert). */
-static int zero_empty(const struct moe_mlp *d, int n, const int64_t *counts_dev, moe_dtype dt,
-                      cudaStream_t st)
+/* Experts without rows get zero weight grads (counts_dev NULL: every expert); n_empty of them. */
+static int zero_empty(const struct moe_mlp *d, int n, const int64_t *counts_dev, int n_empty,
+                      moe_dtype dt, cudaStream_t st)
 {
-    MOE_TRY(moe__zero_empty_cuda(&d->gate, n, d->I, d->H, counts_dev, dt, st));
-    MOE_TRY(moe__zero_empty_cuda(&d->up, n, d->I, d->H, counts_dev, dt, st));
-    return moe__zero_empty_cuda(&d->down, n, d->H, d->I, counts_dev, dt, st);
+    MOE_TRY(moe__zero_empty_cuda(&d->gate, n, d->I, d->H, counts_dev, n_empty, dt, st));
+    MOE_TRY(moe__zero_empty_cuda(&d->up, n, d->I, d->H, counts_dev, n_empty, dt, st));
+    return moe__zero_empty_cuda(&d->down, n, d->H, d->I, counts_dev, n_empty, dt, st);
 }
 
 /* ---- validation ---- */
@@ -290,20 +382,33 @@ static int forward(struct moe_problem *p, cudaStream_t st)
                               cudaMemcpyDeviceToHost, st));
     MOE_CHECK(cudaStreamSynchronize(st));
 
-    MOE_TRY(moe__gather_rows_cuda(R, H, p->x, x_stride(p), s.perm, K, f.xg, p->dtype, st));
-    struct mlp_ctx ex = {&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, f.ptrs, h, st};
-    MOE_TRY(mlp_forward(&ex, f.xg, H, s.h, f.a, R, f.out));
+    struct mlp_ctx ex =
+        ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, f.ptrs, h, st);
+    if (fwd_padded(p)) {
+        const int pad = pad_of(p);
+        const int64_t Rp = moe__padded_rows(E, p->counts_host, pad);
+        MOE_REQUIRE(Rp <= padded_rows_max(p) && Rp <= INT32_MAX, MOE_EINVAL);
+        MOE_TRY(moe__pad_offsets_cuda(E, s.counts, s.offsets, pad, f.poffsets, f.shift, st));
+        ctx_pad(&ex, E, f.poffsets, pad);
+        MOE_TRY(
+            moe__gather_rows_cuda(Rp, H, p->x, x_stride(p), s.perm, K, &ex.pm, f.xg, p->dtype, st));
+        MOE_TRY(mlp_forward(&ex, f.xg, H, f.hp, s.h, f.a, Rp, f.out));
+    } else {
+        MOE_TRY(
+            moe__gather_rows_cuda(R, H, p->x, x_stride(p), s.perm, K, NULL, f.xg, p->dtype, st));
+        MOE_TRY(mlp_forward(&ex, f.xg, H, s.h, NULL, f.a, R, f.out));
+    }
 
     if (p->shared.n) {
         const int64_t all[1] = {T};
-        struct mlp_ctx sh = {&p->shared, all, NULL, NULL, p->dtype, f.ptrs, h, st};
-        MOE_TRY(mlp_forward(&sh, p->x, x_stride(p), s.hs, f.as, T, f.ys));
+        struct mlp_ctx sh = ctx_of(&p->shared, all, NULL, NULL, p->dtype, f.ptrs, h, st);
+        MOE_TRY(mlp_forward(&sh, p->x, x_stride(p), s.hs, NULL, f.as, T, f.ys));
         if (p->shared_gate)
             MOE_TRY(
                 moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, f.gs, p->dtype, st));
     }
-    return moe__combine_cuda(T, K, H, f.out, s.inv, p->w, f.ys, f.gs, NULL, NULL, p->y, p->dtype,
-                             st);
+    return moe__combine_cuda(T, K, H, f.out, s.inv, p->idx, f.shift, p->w, f.ys, f.gs, NULL, NULL,
+                             p->y, p->dtype, st);
 }
 
 extern "C" MOE_API int moe_forward_cuda(struct moe_problem *p)
@@ -325,25 +430,37 @@ static int backward(struct moe_problem *p, cudaStream_t st)
     cublasHandle_t h;
     MOE_TRY(moe__cublas_handle(&h));
 
-    MOE_TRY(zero_empty(&p->d_experts, E, T ? s.counts : NULL, p->dtype, st));
+    int n_empty = E;
+    if (T)
+        for (int e = 0; e < E; e++)
+            n_empty -= p->counts_host[e] != 0;
+    MOE_TRY(zero_empty(&p->d_experts, E, T ? s.counts : NULL, n_empty, p->dtype, st));
     if (p->shared.n && T == 0)
-        MOE_TRY(zero_empty(&p->d_shared, 1, NULL, p->dtype, st));
+        MOE_TRY(zero_empty(&p->d_shared, 1, NULL, 1, p->dtype, st));
     if (p->shared_gate && T == 0)
         MOE_TRY(moe__shared_gate_backward_cuda(0, H, p->x, H, NULL, NULL, p->d_shared_gate, NULL,
                                                p->dtype, st));
     if (T == 0)
         return MOE_OK;
 
-    MOE_TRY(moe__gather_rows_cuda(R, H, p->x, x_stride(p), s.perm, K, b.xg, p->dtype, st));
-    MOE_TRY(moe__gather_rows_cuda(R, H, p->dy, H, s.perm, K, b.dyg, p->dtype, st));
-    struct mlp_ctx ex = {&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, b.ptrs, h, st};
-    MOE_TRY(mlp_backward(&ex, &p->d_experts, b.xg, H, b.dyg, s.h, R, s.perm, p->w, b.dw, b.dau,
+    /* the routed rows in the padded layout (zero rows past each expert's rows) */
+    const int pad = pad_of(p);
+    const int64_t Rp = moe__padded_rows(E, p->counts_host, pad);
+    MOE_REQUIRE(Rp <= padded_rows_max(p) && Rp <= INT32_MAX, MOE_EINVAL);
+    MOE_TRY(moe__pad_offsets_cuda(E, s.counts, s.offsets, pad, b.poffsets, b.shift, st));
+    const struct moe__pad_map pm = {E, s.offsets, b.poffsets};
+    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->x, x_stride(p), s.perm, K, &pm, b.xg, p->dtype, st));
+    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->dy, H, s.perm, K, &pm, b.dyg, p->dtype, st));
+    struct mlp_ctx ex =
+        ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, b.ptrs, h, st);
+    ctx_pad(&ex, E, b.poffsets, pad);
+    MOE_TRY(mlp_backward(&ex, &p->d_experts, b.xg, H, b.dyg, s.h, Rp, s.perm, p->w, b.dw, b.dau,
                          b.dh, b.aw, b.dxg));
     MOE_TRY(moe__route_backward_cuda(&p->route, T, p->logits, p->idx, b.dw, p->dlogits, st));
 
     if (p->shared.n) {
         const int64_t all[1] = {T};
-        struct mlp_ctx sh = {&p->shared, all, NULL, NULL, p->dtype, b.ptrs, h, st};
+        struct mlp_ctx sh = ctx_of(&p->shared, all, NULL, NULL, p->dtype, b.ptrs, h, st);
         if (p->shared_gate)
             MOE_TRY(
                 moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, b.gs, p->dtype, st));
@@ -353,8 +470,8 @@ static int backward(struct moe_problem *p, cudaStream_t st)
             MOE_TRY(moe__shared_gate_backward_cuda(T, H, p->x, x_stride(p), b.gs, b.dgs,
                                                    p->d_shared_gate, b.gate_scratch, p->dtype, st));
     }
-    return moe__combine_cuda(T, K, H, b.dxg, s.inv, NULL, b.dxs, NULL, b.dgs, p->shared_gate, p->dx,
-                             p->dtype, st);
+    return moe__combine_cuda(T, K, H, b.dxg, s.inv, p->idx, b.shift, NULL, b.dxs, NULL, b.dgs,
+                             p->shared_gate, p->dx, p->dtype, st);
 }
 
 extern "C" MOE_API int moe_backward_cuda(struct moe_problem *p)

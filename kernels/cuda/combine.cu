@@ -7,15 +7,24 @@
  */
 #include "internal.h"
 
-/* One row per block iteration: the source row index is computed once per row, not per element. */
+/* One row per block iteration: the source row index is computed once per row, not per element.
+   With a pad map, dst row q holds packed row r (or zeros past its expert's rows). */
 template <typename V>
 static __global__ void gather_rows_kernel(int64_t R, int64_t n, const V *src, int64_t src_rs,
-                                          const int32_t *perm, int K, V *dst)
+                                          const int32_t *perm, int K, struct moe__pad_map pm,
+                                          V *dst)
 {
-    for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    for (int64_t q = blockIdx.x; q < R; q += gridDim.x) {
+        const int64_t r = pm.poffsets ? moe__unpad_row(pm, q) : q;
+        V *d = dst + q * n;
+        if (r < 0) {
+            const V z = V();
+            for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
+                d[c] = z;
+            continue;
+        }
         int64_t t = perm ? perm[r] / K : r;
         const V *s = src + t * src_rs;
-        V *d = dst + r * n;
         for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
             d[c] = s[c];
     }
@@ -24,7 +33,8 @@ static __global__ void gather_rows_kernel(int64_t R, int64_t n, const V *src, in
 /* 16-byte vectors when the row length, the source stride and both pointers allow: the gather moves
    T·K rows of H elements, the largest memory traffic of the forward. */
 static int gather_rows_launch(int64_t R, int64_t H, const void *src, int64_t src_rs,
-                              const int32_t *perm, int K, void *dst, moe_dtype dt, cudaStream_t st)
+                              const int32_t *perm, int K, struct moe__pad_map pm, void *dst,
+                              moe_dtype dt, cudaStream_t st)
 {
     const int64_t es = (int64_t)moe_dtype_size(dt);
     const unsigned blocks = (unsigned)(R < 65535 ? R : 65535);
@@ -32,32 +42,38 @@ static int gather_rows_launch(int64_t R, int64_t H, const void *src, int64_t src
         (uintptr_t)dst % 16 == 0) {
         const int64_t v = 16 / es;
         gather_rows_kernel<int4><<<blocks, 128, 0, st>>>(R, H / v, (const int4 *)src, src_rs / v,
-                                                         perm, K, (int4 *)dst);
+                                                         perm, K, pm, (int4 *)dst);
     } else if (es == 4) {
-        gather_rows_kernel<float><<<blocks, 256, 0, st>>>(R, H, (const float *)src, src_rs, perm,
-                                                          K, (float *)dst);
+        gather_rows_kernel<float>
+            <<<blocks, 256, 0, st>>>(R, H, (const float *)src, src_rs, perm, K, pm, (float *)dst);
     } else {
         gather_rows_kernel<unsigned short><<<blocks, 256, 0, st>>>(
-            R, H, (const unsigned short *)src, src_rs, perm, K, (unsigned short *)dst);
+            R, H, (const unsigned short *)src, src_rs, perm, K, pm, (unsigned short *)dst);
     }
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }
 
 int moe__gather_rows_cuda(int64_t R, int64_t H, const void *src, int64_t src_rs,
-                          const int32_t *perm, int K, void *dst, moe_dtype dt, cudaStream_t st)
+                          const int32_t *perm, int K, const struct moe__pad_map *pad, void *dst,
+                          moe_dtype dt, cudaStream_t st)
 {
     MOE_REQUIRE(R >= 0 && H > 0 && K > 0 && src_rs >= H, MOE_EINVAL);
     if (R == 0)
         return MOE_OK;
     MOE_REQUIRE(src && dst, MOE_EINVAL);
-    return gather_rows_launch(R, H, src, src_rs, perm, K, dst, dt, st);
+    MOE_REQUIRE(!pad || (pad->n > 0 && pad->offsets && pad->poffsets), MOE_EINVAL);
+    struct moe__pad_map pm = {0, NULL, NULL};
+    if (pad)
+        pm = *pad;
+    return gather_rows_launch(R, H, src, src_rs, perm, K, pm, dst, dt, st);
 }
 
 template <typename T>
-static __global__ void
-combine_kernel(int64_t T_, int K, int64_t H, const T *rows, const int32_t *inv, const float *w,
-               const T *dense, const float *dense_scale, const float *vec_scale, const T *vec, T *y)
+static __global__ void combine_kernel(int64_t T_, int K, int64_t H, const T *rows,
+                                      const int32_t *inv, const int32_t *idx, const int64_t *shift,
+                                      const float *w, const T *dense, const float *dense_scale,
+                                      const float *vec_scale, const T *vec, T *y)
 {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < T_ * H;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -66,7 +82,8 @@ combine_kernel(int64_t T_, int K, int64_t H, const T *rows, const int32_t *inv, 
         if (rows)
             for (int k = 0; k < K; k++) {
                 int64_t s = t * K + k;
-                float v = moe__to_f(rows[(int64_t)inv[s] * H + c]);
+                int64_t r = shift ? inv[s] + shift[idx[s]] : inv[s];
+                float v = moe__to_f(rows[r * H + c]);
                 acc += w ? w[s] * v : v;
             }
         if (dense)
@@ -78,25 +95,26 @@ combine_kernel(int64_t T_, int K, int64_t H, const T *rows, const int32_t *inv, 
 }
 
 static int combine_launch(int64_t T_, int K, int64_t H, const void *rows, const int32_t *inv,
-                          const float *w, const void *dense, const float *dense_scale,
-                          const float *vec_scale, const void *vec, void *y, moe_dtype dt,
-                          cudaStream_t st)
+                          const int32_t *idx, const int64_t *shift, const float *w,
+                          const void *dense, const float *dense_scale, const float *vec_scale,
+                          const void *vec, void *y, moe_dtype dt, cudaStream_t st)
 {
     MOE_DISPATCH(dt, (combine_kernel<T><<<moe__blocks(T_ * H, 256), 256, 0, st>>>(
-                         T_, K, H, (const T *)rows, inv, w, (const T *)dense, dense_scale,
-                         vec_scale, (const T *)vec, (T *)y)));
+                         T_, K, H, (const T *)rows, inv, idx, shift, w, (const T *)dense,
+                         dense_scale, vec_scale, (const T *)vec, (T *)y)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }
 
 int moe__combine_cuda(int64_t T, int K, int64_t H, const void *rows, const int32_t *inv,
-                      const float *w, const void *dense, const float *dense_scale,
-                      const float *vec_scale, const void *vec, void *y, moe_dtype dt,
-                      cudaStream_t st)
+                      const int32_t *idx, const int64_t *shift, const float *w, const void *dense,
+                      const float *dense_scale, const float *vec_scale, const void *vec, void *y,
+                      moe_dtype dt, cudaStream_t st)
 {
     MOE_REQUIRE(T >= 0 && K > 0 && H > 0, MOE_EINVAL);
     if (T == 0)
         return MOE_OK;
-    MOE_REQUIRE(y && (!rows || inv) && (!vec || vec_scale), MOE_EINVAL);
-    return combine_launch(T, K, H, rows, inv, w, dense, dense_scale, vec_scale, vec, y, dt, st);
+    MOE_REQUIRE(y && (!rows || inv) && (!vec || vec_scale) && (!shift || idx), MOE_EINVAL);
+    return combine_launch(T, K, H, rows, inv, idx, shift, w, dense, dense_scale, vec_scale, vec, y,
+                          dt, st);
 }

@@ -10,6 +10,7 @@
  * pointer arrays are written on the device from moe_mats and the device offsets.
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -20,33 +21,57 @@ struct gg_ptr_args {
     int n_parts;
 };
 
+static __device__ __host__ int64_t padded_count(int64_t c, int pad)
+{
+    return (c + pad - 1) / pad * pad;
+}
+
 static __device__ char *operand_ptr(const struct moe__gg_operand &o, int e, const int64_t *offsets,
-                                    int64_t elt)
+                                    const int64_t *poffsets, int64_t elt)
 {
     const char *p;
-    if (o.rows)
-        p = (const char *)o.base + (offsets ? offsets[e] : 0) * o.step * elt;
-    else
+    if (o.rows) {
+        const int64_t *starts = o.padded ? poffsets : offsets;
+        p = (const char *)o.base + (starts ? starts[e] : 0) * o.step * elt;
+    } else {
         p = o.ptr ? (const char *)o.ptr[e] : (const char *)o.base + e * o.es * elt;
+    }
     return (char *)p + o.off * elt;
 }
 
-/* arr[(which * n_parts + part) * nz + j] for the j-th expert with rows; which: 0 A, 1 B, 2 C. */
+#define GG_PTR_THREADS 1024
+#define GG_MAX_SMEM_EXPERTS 4096
+
+/* arr[(which * n_parts + part) * nz + j] for the j-th expert with rows; which: 0 A, 1 B, 2 C.
+   j counts the experts with rows before e; bucketed (pad > 0), the experts are ordered by padded
+   count first (the host's group order), then by index. counts are staged in shared memory. */
 static __global__ void gg_ptr_kernel(struct gg_ptr_args a, int n, int nz, const int64_t *counts,
-                                     const int64_t *offsets, int64_t elt, void **arr)
+                                     const int64_t *offsets, const int64_t *poffsets, int pad,
+                                     int64_t elt, void **arr)
 {
+    __shared__ int64_t key[GG_MAX_SMEM_EXPERTS];
+    if (counts)
+        for (int e = threadIdx.x; e < n; e += blockDim.x)
+            key[e] = pad > 0 ? padded_count(counts[e], pad) : counts[e];
+    __syncthreads();
     for (int e = threadIdx.x; e < n; e += blockDim.x) {
-        if (counts && counts[e] == 0)
-            continue;
-        int j = 0;
-        if (counts)
-            for (int x = 0; x < e; x++)
-                j += counts[x] != 0;
-        else
-            j = e;
+        int j = e;
+        if (counts) {
+            const int64_t k = key[e];
+            if (k == 0)
+                continue;
+            j = 0;
+            if (pad > 0)
+                for (int x = 0; x < n; x++)
+                    j += key[x] != 0 && (key[x] < k || (key[x] == k && x < e));
+            else
+                for (int x = 0; x < e; x++)
+                    j += key[x] != 0;
+        }
         for (int p = 0; p < a.n_parts; p++)
             for (int w = 0; w < 3; w++)
-                arr[(w * a.n_parts + p) * nz + j] = operand_ptr(a.op[p][w], e, offsets, elt);
+                arr[(w * a.n_parts + p) * nz + j] =
+                    operand_ptr(a.op[p][w], e, offsets, poffsets, elt);
     }
 }
 
@@ -104,12 +129,77 @@ struct gg_host { /* the host arrays of one cublasGemmGroupedBatchedEx call */
     cublasOperation_t *ta, *tb;
     int *m, *n, *k, *lda, *ldb, *ldc, *size;
     float *alpha, *beta;
+    int64_t *key; /* [n experts]: the row count of each group (per part), ascending */
 };
+
+/* The host arrays live in one per-thread buffer that only grows: no allocation per call. */
+static __thread char *gg_mem;
+static __thread size_t gg_mem_bytes;
+
+static int gg_host_arrays(int G, int n, struct gg_host *a)
+{
+    const size_t need =
+        (size_t)G * (2 * sizeof(cublasOperation_t) + 7 * sizeof(int) + 2 * sizeof(float)) +
+        sizeof(int64_t) * (size_t)n + 16;
+    if (need > gg_mem_bytes) {
+        char *m = (char *)realloc(gg_mem, need);
+        MOE_REQUIRE(m != NULL, MOE_ENOMEM);
+        gg_mem = m;
+        gg_mem_bytes = need;
+    }
+    a->key = (int64_t *)gg_mem;
+    a->ta = (cublasOperation_t *)(a->key + n);
+    a->tb = a->ta + G;
+    a->m = (int *)(a->tb + G);
+    a->n = a->m + G;
+    a->k = a->n + G;
+    a->lda = a->k + G;
+    a->ldb = a->lda + G;
+    a->ldc = a->ldb + G;
+    a->size = a->ldc + G;
+    a->alpha = (float *)(a->size + G);
+    a->beta = a->alpha + G;
+    return MOE_OK;
+}
+
+static int cmp_i64(const void *x, const void *y)
+{
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Row count of each group, in group order, into key[0..ng) with multiplicities size[0..ng):
+   one group per expert with rows, or (bucketed) one per distinct padded count, ascending. */
+static int gg_groups(const struct moe__gg_call *c, int64_t *key, int *size)
+{
+    int m = 0;
+    for (int e = 0; e < c->n_experts; e++) {
+        int64_t cnt = c->counts_host[e];
+        if (cnt != 0)
+            key[m++] = c->bucket ? padded_count(cnt, c->pad) : cnt;
+    }
+    if (!c->bucket) {
+        for (int g = 0; g < m; g++)
+            size[g] = 1;
+        return m;
+    }
+    qsort(key, (size_t)m, sizeof *key, cmp_i64);
+    int ng = 0;
+    for (int i = 0; i < m; i++) {
+        if (ng > 0 && key[ng - 1] == key[i]) {
+            size[ng - 1]++;
+        } else {
+            key[ng] = key[i];
+            size[ng++] = 1;
+        }
+    }
+    return ng;
+}
 
 static int gg_launch(const struct moe__gg_call *c, const struct gg_form *form, int nz, moe_dtype dt,
                      void **arr, cublasHandle_t h, cudaStream_t st)
 {
-    const int P = c->n_parts, G = P * nz;
+    const int P = c->n_parts;
     struct gg_ptr_args pa;
     pa.n_parts = P;
     for (int p = 0; p < P; p++) {
@@ -117,34 +207,23 @@ static int gg_launch(const struct moe__gg_call *c, const struct gg_form *form, i
         pa.op[p][1] = c->part[p].b;
         pa.op[p][2] = c->part[p].c;
     }
-    int threads = c->n_experts < 1024 ? c->n_experts : 1024;
+    int threads = c->n_experts < GG_PTR_THREADS ? c->n_experts : GG_PTR_THREADS;
     gg_ptr_kernel<<<1, threads, 0, st>>>(pa, c->n_experts, nz, c->counts_dev, c->offsets_dev,
+                                         c->poffsets_dev, c->bucket ? c->pad : 0,
                                          (int64_t)moe_dtype_size(dt), arr);
     MOE_CHECK_LAUNCH();
 
-    size_t words = (size_t)G;
-    char *mem = (char *)malloc(
-        words * (2 * sizeof(cublasOperation_t) + 7 * sizeof(int) + 2 * sizeof(float)));
-    MOE_REQUIRE(mem != NULL, MOE_ENOMEM);
+    /* group sizes first (into the size array of part 0), then every part repeats them */
     struct gg_host a;
-    a.ta = (cublasOperation_t *)mem;
-    a.tb = a.ta + G;
-    a.m = (int *)(a.tb + G);
-    a.n = a.m + G;
-    a.k = a.n + G;
-    a.lda = a.k + G;
-    a.ldb = a.lda + G;
-    a.ldc = a.ldb + G;
-    a.size = a.ldc + G;
-    a.alpha = (float *)(a.size + G);
-    a.beta = a.alpha + G;
+    memset(&a, 0, sizeof a);
+    MOE_TRY(gg_host_arrays(P * nz, c->n_experts, &a));
+    const int ng = gg_groups(c, a.key, a.size);
+    const int G = P * ng;
     int g = 0, bad = 0;
     for (int p = 0; p < P; p++) {
         const struct moe__gg_part *q = &c->part[p];
-        for (int e = 0; e < c->n_experts; e++) {
-            int64_t cnt = c->counts_host[e];
-            if (cnt == 0)
-                continue;
+        for (int i = 0; i < ng; i++) {
+            int64_t cnt = a.key[i];
             int64_t M = q->M < 0 ? cnt : q->M, N = q->N < 0 ? cnt : q->N, K = q->K < 0 ? cnt : q->K;
             bad |= M > INT32_MAX || N > INT32_MAX || K > INT32_MAX;
             a.ta[g] = form[p].ta;
@@ -155,30 +234,38 @@ static int gg_launch(const struct moe__gg_call *c, const struct gg_form *form, i
             a.lda[g] = (int)form[p].lda;
             a.ldb[g] = (int)form[p].ldb;
             a.ldc[g] = (int)form[p].ldc;
-            a.size[g] = 1;
+            a.size[g] = a.size[i];
             a.alpha[g] = 1.f;
             a.beta[g] = q->beta;
             g++;
         }
     }
-    if (bad) {
-        free(mem);
+    if (bad)
         return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "gg_launch", "dim over INT32_MAX");
-    }
-    /* Column-major A' and B' are (B, A) when C is row-major: the pointer arrays swap with them. */
-    void **A = arr, **B = arr + G, **C = arr + 2 * G;
-    cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
+    /* Column-major A' and B' are (B, A) when C is row-major: the pointer arrays swap with them.
+       The arrays hold P * nz entries: part-major, each part in group order. */
+    const int NZ = P * nz;
+    void **A = arr, **B = arr + NZ, **C = arr + 2 * NZ;
     cudaDataType_t ty = cuda_type(dt);
     /* Parts of one call share the orientation (checked by the caller), so one swap serves all. */
     void **A1 = form[0].swap ? B : A, **B1 = form[0].swap ? A : B;
-    s = cublasSetStream(h, st);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasGemmGroupedBatchedEx(h, a.ta, a.tb, a.m, a.n, a.k, a.alpha,
-                                       (const void *const *)A1, ty, a.lda, (const void *const *)B1,
-                                       ty, a.ldb, a.beta, C, ty, a.ldc, G, a.size,
-                                       CUBLAS_COMPUTE_32F);
-    free(mem);
-    MOE_CHECK(s);
+    MOE_CHECK(cublasSetStream(h, st));
+    if (c->bucket || ng == 1) {
+        /* One pointer-array batched GEMM per group: cuBLAS runs these as Hopper (sm90) kernels,
+           where the grouped call picks CUTLASS sm80 ones for groups of several GEMMs or a single
+           one (H100, CUDA 13: Ring-mini T=16384 fwd+bwd 12.6 ms grouped vs 9.6 ms batched). The
+           grouped call stays for one GEMM per expert (a single launch where an inner dim is M). */
+        for (int i = 0, at = 0; i < G; at += a.size[i], i++)
+            MOE_CHECK(cublasGemmBatchedEx(h, a.ta[i], a.tb[i], a.m[i], a.n[i], a.k[i], &a.alpha[i],
+                                          (const void *const *)(A1 + at), ty, a.lda[i],
+                                          (const void *const *)(B1 + at), ty, a.ldb[i], &a.beta[i],
+                                          C + at, ty, a.ldc[i], a.size[i], CUBLAS_COMPUTE_32F,
+                                          CUBLAS_GEMM_DEFAULT));
+        return MOE_OK;
+    }
+    MOE_CHECK(cublasGemmGroupedBatchedEx(
+        h, a.ta, a.tb, a.m, a.n, a.k, a.alpha, (const void *const *)A1, ty, a.lda,
+        (const void *const *)B1, ty, a.ldb, a.beta, C, ty, a.ldc, G, a.size, CUBLAS_COMPUTE_32F));
     return MOE_OK;
 }
 
@@ -186,11 +273,16 @@ int moe__grouped_gemm(const struct moe__gg_call *c, moe_dtype dt, void **ptr_scr
                       cublasHandle_t h, cudaStream_t st)
 {
     MOE_REQUIRE(c && c->n_experts > 0 && c->counts_host && ptr_scratch, MOE_EINVAL);
+    MOE_REQUIRE(c->n_experts <= GG_MAX_SMEM_EXPERTS, MOE_EUNSUPPORTED);
     MOE_REQUIRE(c->n_parts >= 1 && c->n_parts <= MOE_GG_MAX_PARTS, MOE_EINVAL);
+    MOE_REQUIRE(!c->bucket || (c->pad > 0 && c->counts_dev && c->poffsets_dev), MOE_EINVAL);
     struct gg_form form[MOE_GG_MAX_PARTS];
     for (int p = 0; p < c->n_parts; p++) {
         MOE_TRY(gg_form_of(&c->part[p], &form[p]));
         MOE_REQUIRE(form[p].swap == form[0].swap, MOE_EUNSUPPORTED);
+        const struct moe__gg_operand *o[3] = {&c->part[p].a, &c->part[p].b, &c->part[p].c};
+        for (int w = 0; w < 3; w++)
+            MOE_REQUIRE(!o[w]->rows || !o[w]->padded || c->poffsets_dev, MOE_EINVAL);
     }
     int nz = 0;
     for (int e = 0; e < c->n_experts; e++) {
@@ -200,6 +292,55 @@ int moe__grouped_gemm(const struct moe__gg_call *c, moe_dtype dt, void **ptr_scr
     if (nz == 0)
         return MOE_OK;
     return gg_launch(c, form, nz, dt, ptr_scratch, h, st);
+}
+
+/* ---- padded layout ---- */
+
+/* One block: exclusive scan of the padded counts through shared memory, chunk by chunk. */
+static __global__ void pad_offsets_kernel(int n, const int64_t *counts, const int64_t *offsets,
+                                          int pad, int64_t *poffsets, int64_t *shift)
+{
+    __shared__ int64_t part[GG_PTR_THREADS];
+    int64_t carry = 0;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int e = base + threadIdx.x;
+        const int64_t v = e < n ? padded_count(counts[e], pad) : 0;
+        part[threadIdx.x] = v;
+        __syncthreads();
+        for (int o = 1; o < (int)blockDim.x; o <<= 1) {
+            int64_t add = threadIdx.x >= (unsigned)o ? part[threadIdx.x - o] : 0;
+            __syncthreads();
+            part[threadIdx.x] += add;
+            __syncthreads();
+        }
+        if (e < n) {
+            const int64_t at = carry + part[threadIdx.x] - v;
+            poffsets[e] = at;
+            shift[e] = at - offsets[e];
+        }
+        carry += part[blockDim.x - 1];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        poffsets[n] = carry;
+}
+
+int moe__pad_offsets_cuda(int n, const int64_t *counts_dev, const int64_t *offsets_dev, int pad,
+                          int64_t *poffsets, int64_t *shift, cudaStream_t st)
+{
+    MOE_REQUIRE(n > 0 && pad > 0 && counts_dev && offsets_dev && poffsets && shift, MOE_EINVAL);
+    pad_offsets_kernel<<<1, GG_PTR_THREADS, 0, st>>>(n, counts_dev, offsets_dev, pad, poffsets,
+                                                     shift);
+    MOE_CHECK_LAUNCH();
+    return MOE_OK;
+}
+
+int64_t moe__padded_rows(int n, const int64_t *counts_host, int pad)
+{
+    int64_t r = 0;
+    for (int e = 0; e < n; e++)
+        r += padded_count(counts_host[e], pad);
+    return r;
 }
 
 /* ---- zero grads of experts without rows ---- */
@@ -217,11 +358,15 @@ static __global__ void zero_empty_kernel(struct moe_mats m, int64_t R, int64_t C
         p[(i / C) * m.rs + (i % C) * m.cs] = moe__from_f<T>(0.f);
 }
 
+/* Blocks per expert scale down with the number of empty experts: the blocks of experts with rows
+   exit at once, and a few empty experts each get enough blocks to fill the GPU. */
 static int zero_empty_launch(const struct moe_mats *m, int n, int64_t R, int64_t C,
-                             const int64_t *counts, moe_dtype dt, cudaStream_t st)
+                             const int64_t *counts, int n_empty, moe_dtype dt, cudaStream_t st)
 {
     unsigned bx = moe__blocks(R * C, 256);
-    bx = bx > 1024 ? 1024 : bx;
+    unsigned cap = (unsigned)(2048 / n_empty);
+    cap = cap < 1 ? 1 : cap > 1024 ? 1024 : cap;
+    bx = bx > cap ? cap : bx;
     dim3 grid(bx, (unsigned)n);
     MOE_DISPATCH(dt, (zero_empty_kernel<T><<<grid, 256, 0, st>>>(*m, R, C, counts)));
     MOE_CHECK_LAUNCH();
@@ -229,13 +374,13 @@ static int zero_empty_launch(const struct moe_mats *m, int n, int64_t R, int64_t
 }
 
 int moe__zero_empty_cuda(const struct moe_mats *m, int n, int64_t R, int64_t C,
-                         const int64_t *counts_dev, moe_dtype dt, cudaStream_t st)
+                         const int64_t *counts_dev, int n_empty, moe_dtype dt, cudaStream_t st)
 {
-    MOE_REQUIRE(m && n > 0 && n <= 65535 && R >= 0 && C >= 0, MOE_EINVAL);
+    MOE_REQUIRE(m && n > 0 && n <= 65535 && R >= 0 && C >= 0 && n_empty >= 0, MOE_EINVAL);
     MOE_REQUIRE(m->ptr || m->base, MOE_EINVAL);
-    if (R * C == 0)
+    if (R * C == 0 || n_empty == 0)
         return MOE_OK;
-    return zero_empty_launch(m, n, R, C, counts_dev, dt, st);
+    return zero_empty_launch(m, n, R, C, counts_dev, n_empty, dt, st);
 }
 
 /* ---- SwiGLU ---- */
@@ -264,25 +409,71 @@ static int swiglu_launch(int64_t R, int64_t I, const void *h, void *a, moe_dtype
     return MOE_OK;
 }
 
-int moe__swiglu_cuda(int64_t R, int64_t I, const void *h, void *a, moe_dtype dt, cudaStream_t st)
+/* Padded layout: one row per block iteration (the row's source is found once); h_pack gets the
+   packed copy of h, a gets zeros past each expert's rows. */
+template <typename T>
+static __global__ void swiglu_padded_kernel(int64_t R, int64_t I, const T *h, T *a,
+                                            struct moe__pad_map pm, T *h_pack)
+{
+    for (int64_t q = blockIdx.x; q < R; q += gridDim.x) {
+        const int64_t r = moe__unpad_row(pm, q);
+        const T *hq = h + q * 2 * I;
+        for (int64_t c = threadIdx.x; c < I; c += blockDim.x) {
+            if (r < 0) {
+                a[q * I + c] = moe__from_f<T>(0.f);
+                continue;
+            }
+            const T gv = hq[c], uv = hq[I + c];
+            a[q * I + c] = moe__from_f<T>(silu(moe__to_f(gv)) * moe__to_f(uv));
+            h_pack[r * 2 * I + c] = gv;
+            h_pack[r * 2 * I + I + c] = uv;
+        }
+    }
+}
+
+static int swiglu_padded_launch(int64_t R, int64_t I, const void *h, void *a,
+                                struct moe__pad_map pm, void *h_pack, moe_dtype dt, cudaStream_t st)
+{
+    const unsigned blocks = (unsigned)(R < 65535 * 4 ? R : 65535 * 4);
+    MOE_DISPATCH(dt, (swiglu_padded_kernel<T>
+                      <<<blocks, 256, 0, st>>>(R, I, (const T *)h, (T *)a, pm, (T *)h_pack)));
+    MOE_CHECK_LAUNCH();
+    return MOE_OK;
+}
+
+int moe__swiglu_cuda(int64_t R, int64_t I, const void *h, void *a, const struct moe__pad_map *pad,
+                     void *h_pack, moe_dtype dt, cudaStream_t st)
 {
     MOE_REQUIRE(R >= 0 && I > 0, MOE_EINVAL);
     if (R == 0)
         return MOE_OK;
     MOE_REQUIRE(h && a, MOE_EINVAL);
+    if (pad) {
+        MOE_REQUIRE(pad->n > 0 && pad->offsets && pad->poffsets && h_pack, MOE_EINVAL);
+        return swiglu_padded_launch(R, I, h, a, *pad, h_pack, dt, st);
+    }
     return swiglu_launch(R, I, h, a, dt, st);
 }
 
 #define SWB_THREADS 256
 
-/* One block per row: the dot product <a, dau> is a fixed-order block tree (deterministic). */
+/* One block per row: the dot product <a, dau> is a fixed-order block tree (deterministic).
+   Block q is a row of dau/dh/aw; with a pad map it reads packed row r of h (zero rows: none). */
 template <typename T>
 static __global__ void swiglu_backward_kernel(int64_t I, const T *h, const T *dau,
-                                              const int32_t *perm, const float *w, float *dw, T *dh,
-                                              T *aw)
+                                              const int32_t *perm, struct moe__pad_map pm,
+                                              const float *w, float *dw, T *dh, T *aw)
 {
     __shared__ float red[SWB_THREADS];
-    const int64_t r = blockIdx.x;
+    const int64_t q = blockIdx.x;
+    const int64_t r = pm.poffsets ? moe__unpad_row(pm, q) : q;
+    if (r < 0) { /* padding: zero rows of dh and aw, the operands of the weight-grad GEMMs */
+        for (int64_t c = threadIdx.x; c < 2 * I; c += blockDim.x)
+            dh[q * 2 * I + c] = moe__from_f<T>(0.f);
+        for (int64_t c = threadIdx.x; c < I; c += blockDim.x)
+            aw[q * I + c] = moe__from_f<T>(0.f);
+        return;
+    }
     const int64_t slot = perm ? perm[r] : r;
     const float v = w ? w[slot] : 1.f;
     const T *hr = h + r * 2 * I;
@@ -290,13 +481,13 @@ static __global__ void swiglu_backward_kernel(int64_t I, const T *h, const T *da
     for (int64_t c = threadIdx.x; c < I; c += blockDim.x) {
         float g = moe__to_f(hr[c]), u = moe__to_f(hr[I + c]);
         float sg = 1.f / (1.f + expf(-g)), s = g * sg;
-        float d = moe__to_f(dau[r * I + c]);
+        float d = moe__to_f(dau[q * I + c]);
         dot += s * u * d;
         float da = v * d;
-        dh[r * 2 * I + c] = moe__from_f<T>(da * u * sg * (1.f + g * (1.f - sg)));
-        dh[r * 2 * I + I + c] = moe__from_f<T>(da * s);
+        dh[q * 2 * I + c] = moe__from_f<T>(da * u * sg * (1.f + g * (1.f - sg)));
+        dh[q * 2 * I + I + c] = moe__from_f<T>(da * s);
         if (aw)
-            aw[r * I + c] = moe__from_f<T>(v * s * u);
+            aw[q * I + c] = moe__from_f<T>(v * s * u);
     }
     if (!dw)
         return;
@@ -312,22 +503,26 @@ static __global__ void swiglu_backward_kernel(int64_t I, const T *h, const T *da
 }
 
 static int swiglu_backward_launch(int64_t R, int64_t I, const void *h, const void *dau,
-                                  const int32_t *perm, const float *w, float *dw, void *dh,
-                                  void *aw, moe_dtype dt, cudaStream_t st)
+                                  const int32_t *perm, struct moe__pad_map pm, const float *w,
+                                  float *dw, void *dh, void *aw, moe_dtype dt, cudaStream_t st)
 {
     MOE_DISPATCH(dt, (swiglu_backward_kernel<T><<<(unsigned)R, SWB_THREADS, 0, st>>>(
-                         I, (const T *)h, (const T *)dau, perm, w, dw, (T *)dh, (T *)aw)));
+                         I, (const T *)h, (const T *)dau, perm, pm, w, dw, (T *)dh, (T *)aw)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }
 
 int moe__swiglu_backward_cuda(int64_t R, int64_t I, const void *h, const void *dau,
-                              const int32_t *perm, const float *w, float *dw, void *dh, void *aw,
-                              moe_dtype dt, cudaStream_t st)
+                              const int32_t *perm, const struct moe__pad_map *pad, const float *w,
+                              float *dw, void *dh, void *aw, moe_dtype dt, cudaStream_t st)
 {
     MOE_REQUIRE(R >= 0 && R <= INT32_MAX && I > 0, MOE_EINVAL);
     if (R == 0)
         return MOE_OK;
     MOE_REQUIRE(h && dau && dh, MOE_EINVAL);
-    return swiglu_backward_launch(R, I, h, dau, perm, w, dw, dh, aw, dt, st);
+    MOE_REQUIRE(!pad || (pad->n > 0 && pad->offsets && pad->poffsets && aw), MOE_EINVAL);
+    struct moe__pad_map pm = {0, NULL, NULL};
+    if (pad)
+        pm = *pad;
+    return swiglu_backward_launch(R, I, h, dau, perm, pm, w, dw, dh, aw, dt, st);
 }

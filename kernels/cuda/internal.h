@@ -81,11 +81,19 @@ static inline void *moe__take(struct moe__arena *a, size_t bytes)
     return a->base ? a->base + at : NULL;
 }
 
-/* ---- grouped GEMM engine (gemm.cu) ----
+/* ---- grouped GEMM engine (expert_mlp.cu) ----
  * One call = up to MOE_GG_MAX_PARTS products per expert, all in one cublasGemmGroupedBatchedEx.
  * Each product is C[M, N] = A[M, K] · B[K, N] in row/column-stride terms; dims < 0 mean "the
  * expert's row count". Experts with zero rows are left out. Operand pointers are built on the
- * device by a tiny kernel, so ModuleList pointer arrays never leave the device. */
+ * device by a tiny kernel, so ModuleList pointer arrays never leave the device.
+ *
+ * Padded layout (the routed rows of the workspace): expert e's rows start at poffsets[e] and span
+ * ceil(counts[e] / pad) * pad rows; the rows past counts[e] are zero. A bucketed call uses that
+ * padded row count for every dim < 0 and issues one cublasGemmBatchedEx per distinct padded count
+ * (batch = experts in it) instead of one grouped GEMM per expert: cuBLAS launches a kernel per
+ * group when the inner dimension varies (~E launches), and runs sm80 kernels for the grouped call.
+ * Zero rows add exact zeros along a varying inner dimension; along a varying M they compute rows
+ * nobody reads. */
 #define MOE_GG_MAX_PARTS 2
 
 struct moe__gg_operand {
@@ -96,19 +104,24 @@ struct moe__gg_operand {
     int64_t step;   /* elements per row of the packed activations */
     int64_t off;    /* elements added to the pointer */
     int64_t rs, cs; /* element strides of the logical matrix */
+    int padded;     /* rows: in the padded layout (poffsets[e] instead of offsets[e]) */
 };
 
 struct moe__gg_part {
     struct moe__gg_operand a, b, c;
-    int64_t M, N, K; /* < 0: the expert's row count */
+    int64_t M, N, K; /* < 0: the expert's row count (bucketed: its padded row count) */
     float beta;
 };
 
 struct moe__gg_call {
     int n_experts;
-    const int64_t *counts_host; /* [n] rows per expert, host */
-    const int64_t *counts_dev;  /* [n] same on the device, or NULL when every count is > 0 */
-    const int64_t *offsets_dev; /* [n+1] first row of each expert, or NULL: all start at row 0 */
+    const int64_t *counts_host;  /* [n] rows per expert, host */
+    const int64_t *counts_dev;   /* [n] same on the device, or NULL when every count is > 0 */
+    const int64_t *offsets_dev;  /* [n+1] first row of each expert, or NULL: all start at row 0 */
+    const int64_t *poffsets_dev; /* [n+1] first row of each expert in the padded layout, or NULL */
+    int pad;                     /* row granule of the padded layout (>= 1), 0: none */
+    int bucket; /* 1: one group per distinct padded count (needs pad, counts_dev, and every operand
+                   that spans a dim < 0 in the padded layout) */
     int n_parts;
     struct moe__gg_part part[MOE_GG_MAX_PARTS];
 };
@@ -121,10 +134,18 @@ static inline size_t moe__gg_ptr_bytes(int n)
 int moe__grouped_gemm(const struct moe__gg_call *call, moe_dtype dt, void **ptr_scratch,
                       cublasHandle_t h, cudaStream_t st);
 
+/* The padded layout of n experts: poffsets[e] = Σ_{x<e} ceil(counts[x] / pad) * pad (n+1
+   entries), shift[e] = poffsets[e] - offsets[e] (a row's padded index minus its packed one). */
+int moe__pad_offsets_cuda(int n, const int64_t *counts_dev, const int64_t *offsets_dev, int pad,
+                          int64_t *poffsets, int64_t *shift, cudaStream_t st);
+/* Padded rows of the host counts: Σ ceil(counts[e] / pad) * pad. */
+int64_t moe__padded_rows(int n, const int64_t *counts_host, int pad);
+
 /* Writes zeros to the [R, C] matrix (strides rs, cs) of every expert e with counts[e] == 0
-   (counts == NULL: every expert). */
+   (counts == NULL: every expert). n_empty: how many such experts (from the host counts); 0 launches
+   nothing. */
 int moe__zero_empty_cuda(const struct moe_mats *m, int n, int64_t R, int64_t C,
-                         const int64_t *counts_dev, moe_dtype dt, cudaStream_t st);
+                         const int64_t *counts_dev, int n_empty, moe_dtype dt, cudaStream_t st);
 
 /* ---- routing (route.cu) ---- */
 int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
@@ -139,27 +160,56 @@ int moe__permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_t *coun
                       cudaStream_t st);
 
 /* ---- row movement and combine (combine.cu) ---- */
+/* Where a row of a padded layout (n experts, moe__pad_offsets_cuda) comes from: NULL pad means
+   dst row q is packed row q. */
+struct moe__pad_map {
+    int n;
+    const int64_t *offsets, *poffsets; /* [n+1] each, device */
+};
+/* The packed row held by row q of the padded layout, or -1 for a zero row past its expert's rows
+   (binary search: the last expert whose padded block starts at or before q). */
+static __device__ __forceinline__ int64_t moe__unpad_row(const struct moe__pad_map &m, int64_t q)
+{
+    int lo = 0, hi = m.n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (m.poffsets[mid] <= q)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    int64_t r = m.offsets[lo] + (q - m.poffsets[lo]);
+    return r < m.offsets[lo + 1] ? r : -1;
+}
 /* dst[r, :] = src[perm[r] / K, :] (perm == NULL: row r), dst dense [R, H], src row stride src_rs.
- */
+   With pad: R is the padded row count, dst row q holds packed row r of its expert (zeros past the
+   expert's rows). */
 int moe__gather_rows_cuda(int64_t R, int64_t H, const void *src, int64_t src_rs,
-                          const int32_t *perm, int K, void *dst, moe_dtype dt, cudaStream_t st);
-/* y[t] = Σ_k w[t*K+k] · rows[inv[t*K+k]]  (w == NULL: 1), summed in k order in fp32,
+                          const int32_t *perm, int K, const struct moe__pad_map *pad, void *dst,
+                          moe_dtype dt, cudaStream_t st);
+/* y[t] = Σ_k w[t*K+k] · rows[inv[t*K+k] + (shift ? shift[idx[t*K+k]] : 0)]  (w == NULL: 1),
+   summed in k order in fp32,
    + dense_scale[t] · dense[t] (dense != NULL; dense_scale == NULL: 1)
    + vec_scale[t] · vec (vec != NULL: a [H] row) — written once as dtype. */
 int moe__combine_cuda(int64_t T, int K, int64_t H, const void *rows, const int32_t *inv,
-                      const float *w, const void *dense, const float *dense_scale,
-                      const float *vec_scale, const void *vec, void *y, moe_dtype dt,
-                      cudaStream_t st);
+                      const int32_t *idx, const int64_t *shift, const float *w, const void *dense,
+                      const float *dense_scale, const float *vec_scale, const void *vec, void *y,
+                      moe_dtype dt, cudaStream_t st);
 
 /* ---- SwiGLU (expert_mlp.cu) ---- */
-/* a[r, i] = silu(h[r, i]) · h[r, I + i]. */
-int moe__swiglu_cuda(int64_t R, int64_t I, const void *h, void *a, moe_dtype dt, cudaStream_t st);
+/* a[r, i] = silu(h[r, i]) · h[r, I + i]. With pad: R is the padded row count, h and a are in the
+   padded layout (a gets zero rows past each expert's rows), and h_pack [rows, 2I] receives the
+   packed copy of h (what the forward saves). */
+int moe__swiglu_cuda(int64_t R, int64_t I, const void *h, void *a, const struct moe__pad_map *pad,
+                     void *h_pack, moe_dtype dt, cudaStream_t st);
 /* Per row r with weight v = w[slot] (slot = perm ? perm[r] : r; w == NULL: 1):
    a = silu(g)·u from h; dw[slot] = <a, dau[r]> (fp32, if dw); da = v·dau[r];
-   dh[r] = [da·u·silu'(g) | da·silu(g)]; aw[r] = v·a. */
+   dh[r] = [da·u·silu'(g) | da·silu(g)]; aw[r] = v·a.
+   With pad: R is the padded row count; dau, dh and aw are in the padded layout (h, perm are
+   packed), and dh, aw get zero rows past each expert's rows. */
 int moe__swiglu_backward_cuda(int64_t R, int64_t I, const void *h, const void *dau,
-                              const int32_t *perm, const float *w, float *dw, void *dh, void *aw,
-                              moe_dtype dt, cudaStream_t st);
+                              const int32_t *perm, const struct moe__pad_map *pad, const float *w,
+                              float *dw, void *dh, void *aw, moe_dtype dt, cudaStream_t st);
 
 /* ---- shared-expert sigmoid gate (shared_gate.cu) ---- */
 /* g[t] = sigmoid(<x_t, gate>) in fp32. */

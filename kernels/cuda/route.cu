@@ -183,7 +183,7 @@ static __global__ void route_backward_kernel(struct moe_route_cfg c, int64_t T, 
             float g = dw[t * K + k];
             /* K = 1 with norm: w = scale · v / (v + eps), whose gradient is exactly
                scale · eps / S² (0 for softmax families); the general form leaves rounding noise */
-            float dv = !c.norm ? c.scale * g
+            float dv = !c.norm  ? c.scale * g
                        : K == 1 ? c.scale * g * (c.norm_eps / (S * S))
                                 : c.scale * (g / S - GV / (S * S));
             dval[idx[t * K + k]] = dv;

@@ -32,6 +32,7 @@ struct tcase {
     int empty;     /* expert 1 gets no token */
     int ties;      /* logits quantised to quarters: many exact ties */
     int64_t x_pad; /* extra elements per x row */
+    float skew;    /* logits += skew * e / E: uneven loads, several padded-count buckets */
 };
 
 static void need_gpu(void)
@@ -343,7 +344,8 @@ static void run_case(const struct tcase *c)
     fill(dt, sg.h, (size_t)H, 1.0f / sqrtf((float)H));
     float *l = lg.h;
     for (int64_t i = 0; i < T * E; i++)
-        l[i] = c->ties ? roundf(urand() * 8.0f) / 4.0f : urand() * 3.0f;
+        l[i] = (c->ties ? roundf(urand() * 8.0f) / 4.0f : urand() * 3.0f) +
+               c->skew * (float)(i % E) / (float)E;
     if (c->empty)
         for (int64_t t = 0; t < T; t++)
             l[t * E + 1] = -30.0f;
@@ -565,96 +567,99 @@ static void run_case(const struct tcase *c)
 Test(cuda_kernels, softmax_topk_fp32_matches_cpu)
 {
     run_case(&(struct tcase){"softmax fp32", MOE_F32, 7, 64, 32, 0, 12, 2, SOFTMAX, 1, 1, 0, L3D, 0,
-                             0, 0});
+                             0, 0, 0.0f});
 }
 
 Test(cuda_kernels, softmax_topk_bf16_matches_cpu)
 {
     run_case(&(struct tcase){"softmax bf16", MOE_BF16, 7, 64, 32, 0, 12, 2, SOFTMAX, 1, 1, 0, L3D,
-                             0, 0, 0});
+                             0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, fp16_matches_cpu)
 {
     run_case(&(struct tcase){"softmax fp16", MOE_F16, 33, 64, 48, 0, 10, 3, SOFTMAX, 1, 1, 0, L3D,
-                             0, 0, 0});
+                             0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, one_token_matches_cpu)
 {
-    run_case(&(struct tcase){"T=1", MOE_F32, 1, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0});
+    run_case(
+        &(struct tcase){"T=1", MOE_F32, 1, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, top1_routing_matches_cpu)
 {
-    run_case(&(struct tcase){"K=1", MOE_F32, 29, 64, 32, 0, 5, 1, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0});
+    run_case(
+        &(struct tcase){"K=1", MOE_F32, 29, 64, 32, 0, 5, 1, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, zero_tokens_write_zero_weight_grads)
 {
-    run_case(&(struct tcase){"T=0", MOE_F32, 0, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 1, L3D, 0, 0, 0});
+    run_case(
+        &(struct tcase){"T=0", MOE_F32, 0, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 1, L3D, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, expert_without_tokens_gets_zero_grads)
 {
     run_case(&(struct tcase){"empty expert", MOE_F32, 40, 64, 32, 0, 9, 2, SOFTMAX, 1, 1, 0, L3D, 1,
-                             0, 0});
+                             0, 0, 0.0f});
 }
 
 Test(cuda_kernels, sigmoid_group_limited_fp32_matches_cpu)
 {
     run_case(&(struct tcase){"sigmoid groups fp32", MOE_F32, 50, 64, 32, 64, 24, 4, SIGMOID, 6, 3,
-                             0, L3D, 1, 0, 0});
+                             0, L3D, 1, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, sigmoid_group_limited_bf16_matches_cpu)
 {
     run_case(&(struct tcase){"sigmoid groups bf16", MOE_BF16, 50, 64, 32, 64, 24, 4, SIGMOID, 6, 3,
-                             0, L3D, 0, 0, 0});
+                             0, L3D, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, sigmoid_without_groups_matches_cpu)
 {
     run_case(&(struct tcase){"sigmoid no groups", MOE_F32, 21, 64, 32, 0, 11, 3, SIGMOID, 1, 1, 0,
-                             L3D, 0, 0, 0});
+                             L3D, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, ties_go_to_the_lower_index)
 {
     run_case(&(struct tcase){"ties softmax", MOE_F32, 64, 64, 32, 0, 16, 4, SOFTMAX, 1, 1, 0, L3D,
-                             0, 1, 0});
+                             0, 1, 0, 0.0f});
     run_case(&(struct tcase){"ties sigmoid groups", MOE_F32, 64, 64, 32, 0, 16, 4, SIGMOID, 4, 2, 0,
-                             L3D, 0, 1, 0});
+                             L3D, 0, 1, 0, 0.0f});
 }
 
 Test(cuda_kernels, modulelist_pointer_arrays_match_cpu)
 {
     run_case(&(struct tcase){"modulelist fp32", MOE_F32, 31, 64, 32, 48, 7, 2, SIGMOID, 1, 1, 0,
-                             LLIST, 1, 0, 0});
+                             LLIST, 1, 0, 0, 0.0f});
     run_case(&(struct tcase){"modulelist bf16", MOE_BF16, 31, 64, 32, 48, 7, 2, SOFTMAX, 1, 1, 1,
-                             LLIST, 0, 0, 0});
+                             LLIST, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, transposed_3d_layout_matches_cpu)
 {
     run_case(&(struct tcase){"transposed 3-D fp32", MOE_F32, 23, 64, 32, 0, 6, 2, SOFTMAX, 1, 1, 0,
-                             LT3D, 1, 0, 0});
+                             LT3D, 1, 0, 0, 0.0f});
     run_case(&(struct tcase){"transposed 3-D bf16", MOE_BF16, 23, 64, 32, 0, 6, 2, SOFTMAX, 1, 1, 0,
-                             LT3D, 0, 0, 0});
+                             LT3D, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, gated_shared_expert_matches_cpu)
 {
     run_case(&(struct tcase){"qwen2 gated shared fp32", MOE_F32, 19, 64, 32, 96, 8, 2, SOFTMAX, 1,
-                             1, 1, L3D, 0, 0, 0});
+                             1, 1, L3D, 0, 0, 0, 0.0f});
     run_case(&(struct tcase){"qwen2 gated shared bf16", MOE_BF16, 19, 64, 32, 96, 8, 2, SOFTMAX, 1,
-                             1, 1, L3D, 0, 0, 0});
+                             1, 1, L3D, 0, 0, 0, 0.0f});
 }
 
 Test(cuda_kernels, strided_x_rows_match_cpu)
 {
     run_case(&(struct tcase){"x row stride", MOE_F32, 17, 64, 32, 32, 6, 2, SOFTMAX, 1, 1, 1, L3D,
-                             0, 0, 8});
+                             0, 0, 8, 0.0f});
 }
 
 Test(cuda_kernels, large_batch_matches_cpu, .timeout = 300)
@@ -662,7 +667,28 @@ Test(cuda_kernels, large_batch_matches_cpu, .timeout = 300)
     if (getenv("MOE_TEST_SMALL")) /* under compute-sanitizer: the small cases cover every kernel */
         cr_skip_test("MOE_TEST_SMALL is set");
     run_case(&(struct tcase){"T=4096 fp32", MOE_F32, 4096, 128, 64, 64, 60, 4, SIGMOID, 4, 2, 0,
-                             L3D, 1, 0, 0});
+                             L3D, 1, 0, 0, 0.0f});
     run_case(&(struct tcase){"T=4096 bf16", MOE_BF16, 4096, 128, 64, 0, 60, 4, SOFTMAX, 1, 1, 0,
-                             LLIST, 0, 0, 0});
+                             LLIST, 0, 0, 0, 0.0f});
+}
+
+/* Uneven loads: experts fall into several padded-count buckets of the backward's weight-grad GEMMs
+   (granule 64 at R = 8192, E = 16; 16 at R = 3072, E = 24), one of them gets no token. */
+Test(cuda_kernels, skewed_loads_match_cpu, .timeout = 120)
+{
+    run_case(&(struct tcase){"skewed bf16 list", MOE_BF16, 2048, 64, 32, 0, 16, 4, SOFTMAX, 1, 1, 0,
+                             LLIST, 1, 0, 0, 6.0f});
+    run_case(&(struct tcase){"skewed fp32 3-D", MOE_F32, 1024, 64, 32, 32, 24, 3, SIGMOID, 4, 2, 0,
+                             L3D, 1, 0, 0, 4.0f});
+    run_case(&(struct tcase){"skewed fp32 T3D", MOE_F32, 700, 64, 48, 0, 12, 2, SOFTMAX, 1, 1, 0,
+                             LT3D, 0, 0, 0, 8.0f});
+}
+
+/* One token over many experts: K experts of one row each, the rest empty. */
+Test(cuda_kernels, one_token_many_experts_match_cpu)
+{
+    run_case(&(struct tcase){"T=1 E=64 K=8", MOE_F32, 1, 64, 32, 0, 64, 8, SOFTMAX, 1, 1, 0, L3D, 0,
+                             0, 0, 0.0f});
+    run_case(&(struct tcase){"T=1 E=64 K=8 bf16", MOE_BF16, 1, 64, 32, 32, 64, 8, SIGMOID, 8, 4, 0,
+                             LLIST, 0, 0, 0, 0.0f});
 }
