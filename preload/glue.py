@@ -61,8 +61,21 @@ _bal = _load_balancer()
 # ---------------------------------------------------------------- detection and patching
 
 def _looks_like_moe(block):
+    """Cheap filter before detection: a router child plus experts, either as an `experts` child or
+    as a number of experts on the block or its router (JetMoE-style blocks hold their experts in
+    other parameters); detection then patches or refuses with a reason, so the log names every
+    MoE block it did not patch."""
     d = block.__dict__.get("_modules", {})
-    return "experts" in d and ("gate" in d or "router" in d)
+    router = d.get("gate") or d.get("router")
+    if router is None:
+        return False
+    if "experts" in d:
+        return True
+    for owner in (block, router):
+        n = owner.__dict__.get("num_experts")
+        if isinstance(n, int) and n > 1:
+            return True
+    return False
 
 
 def _examine(block):
@@ -539,6 +552,10 @@ def _wrap_init(cls):
         _depth[0] += 1
         try:
             orig(self, *args, **kwargs)
+        except BaseException:
+            if _depth[0] == 1:  # that model was never built: its blocks must not count in the next summary
+                del _pending[:]
+            raise
         finally:
             _depth[0] -= 1
         if type(self) is cls:
