@@ -40,7 +40,7 @@ struct fwd_bufs {
 struct bwd_bufs {
     void **ptrs;
     int64_t *poffsets, *shift;
-    void *xg, *dyg, *dau, *dh, *aw, *dxg; /* routed rows, padded layout */
+    void *rows, *dau, *dh, *aw; /* routed rows, padded layout; rows: gathered dy, x, then dx rows */
     float *dw;
     void *dau_s, *dh_s, *aw_s, *dxs;
     float *gs, *dgs;
@@ -111,8 +111,9 @@ static size_t plan_fwd(const struct moe_problem *p, char *base, struct fwd_bufs 
     b->perm_scratch = moe__take(&a, moe__permute_scratch_bytes(T, p->route.K, p->route.E));
     b->xg = moe__take(&a, es * (size_t)(Rp * H));
     b->a = moe__take(&a, es * (size_t)(Rp * I));
-    b->out = moe__take(&a, es * (size_t)(Rp * H));
-    b->hp = pd ? b->out : NULL;
+    /* the gathered x is dead once gate|up ran: the down-proj output reuses it */
+    b->out = b->xg;
+    b->hp = pd ? moe__take(&a, es * (size_t)(Rp * 2 * I)) : NULL;
     b->as = p->shared.n ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
     b->ys = p->shared.n ? moe__take(&a, es * (size_t)(T * H)) : NULL;
     b->gs =
@@ -130,12 +131,10 @@ static size_t plan_bwd(const struct moe_problem *p, char *base, struct bwd_bufs 
     b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
     b->poffsets = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1));
     b->shift = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E);
-    b->xg = moe__take(&a, es * (size_t)(Rp * H));
-    b->dyg = moe__take(&a, es * (size_t)(Rp * H));
+    b->rows = moe__take(&a, es * (size_t)(Rp * H));
     b->dau = moe__take(&a, es * (size_t)(Rp * I));
     b->dh = moe__take(&a, es * (size_t)(Rp * 2 * I));
     b->aw = moe__take(&a, es * (size_t)(Rp * I));
-    b->dxg = moe__take(&a, es * (size_t)(Rp * H));
     b->dw = (float *)moe__take(&a, sizeof(float) * (size_t)R);
     b->dau_s = sh ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
     b->dh_s = sh ? moe__take(&a, es * (size_t)(T * 2 * Is)) : NULL;
@@ -267,10 +266,11 @@ static int mlp_forward(const struct mlp_ctx *c, const void *x, int64_t x_step, v
    perm NULL; NULL: 1); dw: per-slot grads of w (may be NULL). Writes the weight grads of d and
    dxr = dh_gate Wg + dh_up Wu ([rows, H]). With c->pad, x, dy, dau, dh, aw and dxr are in the
    padded layout (rows: its row count; h and perm stay packed), the weight grads run bucketed. */
-static int mlp_backward(const struct mlp_ctx *c, const struct moe_mlp *d, const void *x,
-                        int64_t x_step, const void *dy, const void *h, int64_t rows,
-                        const int32_t *perm, const float *w, float *dw, void *dau, void *dh,
-                        void *aw, void *dxr)
+/* First half of an MLP backward: everything that reads dy (dau = dy W_down, SwiGLU backward giving
+   dh, aw and dw, and the down-proj weight grad). */
+static int mlp_backward_dy(const struct mlp_ctx *c, const struct moe_mlp *d, const void *dy,
+                           const void *h, int64_t rows, const int32_t *perm, const float *w,
+                           float *dw, void *dau, void *dh, void *aw)
 {
     const int64_t H = c->m->H, I = c->m->I;
     const int pd = c->pad > 0;
@@ -280,7 +280,17 @@ static int mlp_backward(const struct mlp_ctx *c, const struct moe_mlp *d, const 
     MOE_TRY(moe__swiglu_backward_cuda(rows, I, h, dau, perm, pd ? &c->pm : NULL, w, dw, dh, aw,
                                       c->dt, c->st));
     p = part(rows_t_op(dy, H, 0, pd), rows_op(aw, I, 0, pd), mats_op(&d->down, 0), H, I, -1, 0.f);
-    MOE_TRY(gg(c, 1, p, p, 1));
+    return gg(c, 1, p, p, 1);
+}
+
+/* Second half: the gate/up weight grads (read x) and the input-grad rows dxr = dh [W_gate; W_up].
+   dxr may be the buffer x was read from: the stream orders the two. */
+static int mlp_backward_x(const struct mlp_ctx *c, const struct moe_mlp *d, const void *x,
+                          int64_t x_step, const void *dh, void *dxr)
+{
+    const int64_t H = c->m->H, I = c->m->I;
+    const int pd = c->pad > 0;
+    struct moe__gg_part p;
     MOE_TRY(gg(c, 2,
                part(rows_t_op(dh, 2 * I, 0, pd), rows_op(x, x_step, 0, pd), mats_op(&d->gate, 0), I,
                     H, -1, 0.f),
@@ -449,13 +459,16 @@ static int backward(struct moe_problem *p, cudaStream_t st)
     MOE_REQUIRE(Rp <= padded_rows_max(p) && Rp <= INT32_MAX, MOE_EINVAL);
     MOE_TRY(moe__pad_offsets_cuda(E, s.counts, s.offsets, pad, b.poffsets, b.shift, st));
     const struct moe__pad_map pm = {E, s.offsets, b.poffsets};
-    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->x, x_stride(p), s.perm, K, &pm, b.xg, p->dtype, st));
-    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->dy, H, s.perm, K, &pm, b.dyg, p->dtype, st));
     struct mlp_ctx ex =
         ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, b.ptrs, h, st);
     ctx_pad(&ex, E, b.poffsets, pad);
-    MOE_TRY(mlp_backward(&ex, &p->d_experts, b.xg, H, b.dyg, s.h, Rp, s.perm, p->w, b.dw, b.dau,
-                         b.dh, b.aw, b.dxg));
+    /* b.rows holds the gathered dy, then the gathered x, then the input-grad rows: their lives do
+       not overlap, and each is [T·K (padded), H], the largest buffers of the backward */
+    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->dy, H, s.perm, K, &pm, b.rows, p->dtype, st));
+    MOE_TRY(mlp_backward_dy(&ex, &p->d_experts, b.rows, s.h, Rp, s.perm, p->w, b.dw, b.dau, b.dh,
+                            b.aw));
+    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->x, x_stride(p), s.perm, K, &pm, b.rows, p->dtype, st));
+    MOE_TRY(mlp_backward_x(&ex, &p->d_experts, b.rows, H, b.dh, b.rows));
     MOE_TRY(moe__route_backward_cuda(&p->route, T, p->logits, p->idx, b.dw, p->dlogits, st));
 
     if (p->shared.n) {
@@ -464,13 +477,14 @@ static int backward(struct moe_problem *p, cudaStream_t st)
         if (p->shared_gate)
             MOE_TRY(
                 moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, b.gs, p->dtype, st));
-        MOE_TRY(mlp_backward(&sh, &p->d_shared, p->x, x_stride(p), p->dy, s.hs, T, NULL, b.gs,
-                             b.dgs, b.dau_s, b.dh_s, b.aw_s, b.dxs));
+        MOE_TRY(mlp_backward_dy(&sh, &p->d_shared, p->dy, s.hs, T, NULL, b.gs, b.dgs, b.dau_s,
+                                b.dh_s, b.aw_s));
+        MOE_TRY(mlp_backward_x(&sh, &p->d_shared, p->x, x_stride(p), b.dh_s, b.dxs));
         if (p->shared_gate)
             MOE_TRY(moe__shared_gate_backward_cuda(T, H, p->x, x_stride(p), b.gs, b.dgs,
                                                    p->d_shared_gate, b.gate_scratch, p->dtype, st));
     }
-    return moe__combine_cuda(T, K, H, b.dxg, s.inv, p->idx, b.shift, NULL, b.dxs, NULL, b.dgs,
+    return moe__combine_cuda(T, K, H, b.rows, s.inv, p->idx, b.shift, NULL, b.dxs, NULL, b.dgs,
                              p->shared_gate, p->dx, p->dtype, st);
 }
 
