@@ -44,8 +44,9 @@ CFLAGS    += -std=c11 $(OPT) -g $(WARN) -fPIC -fvisibility=hidden -D_GNU_SOURCE 
 LDFLAGS   += $(SAN)
 PYFLAGS   := -DPy_LIMITED_API=0x03090000 -DMP_HAVE_PYTHON -I$(PY_INC)
 
-STAGE1_SRC := preload/stage1.c preload/options.c
-STAGE2_SRC := $(filter-out $(STAGE1_SRC),$(wildcard preload/*.c)) $(wildcard detect/*.c)
+# log.c (libc only) serves both stages; options.c is parsed once, in stage 1.
+STAGE1_SRC := preload/stage1.c preload/options.c preload/log.c
+STAGE2_SRC := $(filter-out preload/stage1.c preload/options.c,$(wildcard preload/*.c)) $(wildcard detect/*.c)
 KERNEL_SRC := kernels/common.c $(wildcard kernels/cpu/*.c)
 CUDA_SRC   := $(wildcard kernels/cuda/*.cu)
 

@@ -7,12 +7,12 @@
  */
 #include <dlfcn.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "log.h"
 #include "options.h"
 #include "stage2.h"
 
@@ -23,26 +23,6 @@ typedef const char *(*get_version_fn)(void);
 static struct mp_options options;
 static struct mp_stage2_args stage2_args;
 static atomic_int ran;
-
-/* One line, one write(2): lines from many ranks sharing a terminal do not interleave. */
-__attribute__((format(printf, 2, 3))) static void say(int level, const char *fmt, ...)
-{
-    static const char *const tag[] = {"error: ", "warning: ", "", "debug: "};
-    char line[1024];
-    va_list ap;
-    if (level > options.log)
-        return;
-    int n = snprintf(line, sizeof line, "moepatch: %s", tag[level - MP_LOG_ERROR]);
-    va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
-    va_end(ap);
-    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
-    if (len > sizeof line - 2)
-        len = sizeof line - 2;
-    line[len++] = '\n';
-    ssize_t rc = write(STDERR_FILENO, line, len);
-    (void)rc;
-}
 
 /* "3.11.7 (main, ...)" -> 311; 0 when unparsable. */
 static int python_version(const char *v)
@@ -63,19 +43,19 @@ static void *load_stage2(void)
     Dl_info info;
     char path[PATH_MAX];
     if (!dladdr((void *)python_version, &info) || !info.dli_fname) {
-        say(MP_LOG_WARN, "cannot locate libmoepatch.so; library inert");
+        mp_log(MP_LOG_WARN, "cannot locate libmoepatch.so; library inert");
         return NULL;
     }
     const char *slash = strrchr(info.dli_fname, '/');
     int dir_len = slash ? (int)(slash - info.dli_fname + 1) : 0;
     if (snprintf(path, sizeof path, "%.*slibmoepatch_py.so", dir_len, info.dli_fname) >=
         (int)sizeof path) {
-        say(MP_LOG_WARN, "path of libmoepatch.so too long; library inert");
+        mp_log(MP_LOG_WARN, "path of libmoepatch.so too long; library inert");
         return NULL;
     }
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!h)
-        say(MP_LOG_WARN, "cannot load %s; library inert", dlerror());
+        mp_log(MP_LOG_WARN, "cannot load %s; library inert", dlerror());
     return h;
 }
 
@@ -97,20 +77,21 @@ __attribute__((constructor)) static void mp_stage1_init(void)
     int rc = mp_options_parse(&options, NULL, err, sizeof err);
     if (!options.enabled)
         return;
+    mp_log_set_level(options.log);
     if (rc < 0) {
-        say(MP_LOG_ERROR, "%s; library inert", err);
+        mp_log(MP_LOG_ERROR, "%s; library inert", err);
         return;
     }
 
     get_version_fn get_version = (get_version_fn)dlsym(RTLD_DEFAULT, "Py_GetVersion");
     const char *version = get_version ? get_version() : "";
     if (python_version(version) < 309) {
-        say(MP_LOG_INFO, "Python %.*s is older than 3.9; library inert", (int)strcspn(version, " "),
+        mp_log(MP_LOG_INFO, "Python %.*s is older than 3.9; library inert", (int)strcspn(version, " "),
             version);
         return;
     }
     if (strstr(version, "free-threading")) {
-        say(MP_LOG_WARN, "free-threaded Python builds are not supported (the stable ABI does not "
+        mp_log(MP_LOG_WARN, "free-threaded Python builds are not supported (the stable ABI does not "
                          "load there); library inert");
         return;
     }
@@ -120,7 +101,7 @@ __attribute__((constructor)) static void mp_stage1_init(void)
         return;
     mp_stage2_init_fn init = (mp_stage2_init_fn)dlsym(h, MP_STAGE2_ENTRY);
     if (!init) {
-        say(MP_LOG_WARN, "libmoepatch_py.so lacks %s; library inert", MP_STAGE2_ENTRY);
+        mp_log(MP_LOG_WARN, "libmoepatch_py.so lacks %s; library inert", MP_STAGE2_ENTRY);
         dlclose(h);
         return;
     }
@@ -129,17 +110,17 @@ __attribute__((constructor)) static void mp_stage1_init(void)
     mp_audit_hook_fn hook = NULL;
     rc = init(&stage2_args, &hook);
     if (rc == MP_STAGE2_EAGAIN) {
-        say(MP_LOG_DEBUG, "another copy of libmoepatch.so already installed the hook");
+        mp_log(MP_LOG_DEBUG, "another copy of libmoepatch.so already installed the hook");
         dlclose(h);
         return;
     }
     if (rc < 0 || !hook) {
-        say(MP_LOG_WARN, "libmoepatch_py.so is from another build; library inert");
+        mp_log(MP_LOG_WARN, "libmoepatch_py.so is from another build; library inert");
         dlclose(h);
         return;
     }
     if (add_hook(hook, NULL) != 0)
-        say(MP_LOG_WARN, "PySys_AddAuditHook failed; library inert");
+        mp_log(MP_LOG_WARN, "PySys_AddAuditHook failed; library inert");
     else
-        say(MP_LOG_DEBUG, "audit hook installed");
+        mp_log(MP_LOG_DEBUG, "audit hook installed");
 }
