@@ -251,7 +251,9 @@ class _Plan:
         want = _opts.get("backend", "auto")
         if want != "auto" and want != ("cuda" if self.cuda else "cpu"):
             raise _Refuse("MOEPATCH_BACKEND=%s but the tensors are on %s" % (want, x.device.type))
-        self.params = params
+        s = spec
+        self.cfg = (self.dtype_code, s["recipe"], s["E"], s["K"], s["n_group"], s["topk_group"],
+                    s["norm"], s["norm_eps"], s["scale"], s["mask_value"])  # the C cfg tuple
         self.keep = []  # pointer arrays that must outlive the kernel call
         self.counts = None  # auxfree: int64 [E] slot counts the forward writes, or None
         self.E, self.I, self.H = E, I, H
@@ -334,11 +336,6 @@ class _Plan:
         Is = g.shape[0]
         return _mlp_tuple(1, self.H, Is, [(0, t.data_ptr(), 0, t.stride(0), t.stride(1)) for t in (g, u, d)])
 
-    def cfg(self):
-        s = self.spec
-        return (self.dtype_code, s["recipe"], s["E"], s["K"], s["n_group"], s["topk_group"],
-                s["norm"], s["norm_eps"], s["scale"], s["mask_value"])
-
 
 # ---------------------------------------------------------------- the fused op
 
@@ -374,12 +371,12 @@ def _make_function(torch):
                 io["stream"] = _stream(torch, dev)
                 counts = torch.empty(plan.E, dtype=torch.int64)
                 io["counts_host"] = counts.data_ptr()
-                saved = torch.empty(_run("saved", 1, plan.cfg(), io), dtype=torch.uint8, device=dev)
+                saved = torch.empty(_run("saved", 1, plan.cfg, io), dtype=torch.uint8, device=dev)
                 io["saved"] = saved.data_ptr()
-                ws = torch.empty(_run("workspace_forward", 1, plan.cfg(), io), dtype=torch.uint8,
+                ws = torch.empty(_run("workspace_forward", 1, plan.cfg, io), dtype=torch.uint8,
                                  device=dev)
                 io["workspace"], io["workspace_bytes"] = ws.data_ptr(), ws.numel()
-            _run("forward", backend, plan.cfg(), io)
+            _run("forward", backend, plan.cfg, io)
             ctx.plan, ctx.io_saved, ctx.counts = plan, saved, counts
             ctx.save_for_backward(x, logits, bias, shared_gate, idx, w, *weights)
             ctx.mark_non_differentiable(idx)
@@ -400,6 +397,7 @@ def _make_function(torch):
             io = {"T": T, "H": plan.H, "x": x.data_ptr(), "x_rs": x.stride(0),
                   "logits": logits.data_ptr(), "idx": idx.data_ptr(), "w": w.data_ptr(),
                   "dy": dy.data_ptr(), "dx": dx.data_ptr(), "dlogits": dlogits.data_ptr(),
+                  # described again, not reused from forward: FSDP re-gathers weights for backward
                   "experts": plan.experts_mlp(weights[:nE], dev),
                   "d_experts": d_experts}
             if bias is not None:
@@ -415,10 +413,10 @@ def _make_function(torch):
                 io["stream"] = _stream(torch, dev)
                 io["counts_host"] = ctx.counts.data_ptr()
                 io["saved"] = ctx.io_saved.data_ptr()
-                ws = torch.empty(_mp.run("workspace_backward", 1, plan.cfg(), io), dtype=torch.uint8,
+                ws = torch.empty(_mp.run("workspace_backward", 1, plan.cfg, io), dtype=torch.uint8,
                                  device=dev)
                 io["workspace"], io["workspace_bytes"] = ws.data_ptr(), ws.numel()
-            _mp.run("backward", 1 if plan.cuda else 0, plan.cfg(), io)
+            _mp.run("backward", 1 if plan.cuda else 0, plan.cfg, io)
             return (None, dx, dlogits, None, d_sg.view_as(shared_gate) if d_sg is not None else None,
                     *dweights)
 
