@@ -172,12 +172,39 @@ MOE_API int moe_expert_mlp_cpu(const struct moe_mlp *m, moe_dtype dt, const void
 MOE_API int moe_combine_cpu(int64_t T, int K, int64_t H, const float *out, const int32_t *inv,
                             const float *w, moe_dtype dt, void *y);
 
+/* Grouped GEMM over experts with row ranges in offsets (on the tensors' device): for each expert e
+   and each row r in offsets[e]..offsets[e+1], for n < N:
+       c[r, n] = Σ_{j < D} a[src(r), j] · B_e[n, j],   src(r) = gather ? gather[r] / gather_div : r,
+   where row n of B_e is row n of b[0] for n < n_split, else row n - n_split of b[1] (so the gate
+   and up projections of a ModuleList expert form one [2I, H] operand). fp32 accumulation; a, B, c
+   in dtype. The CUDA version is the Hopper engine (kernels/cuda/gemm_sm90.cu): it needs no host
+   copy of the offsets, only the bound rows_max >= offsets[E]; it returns MOE_EUNSUPPORTED (the
+   caller falls back) off sm_90, for fp32, and for shapes it does not tile (N and n_split multiples
+   of 256, D of 64, 16-byte aligned rows, unit column stride in B). */
+struct moe_gemm {
+    moe_dtype dtype;
+    int E;
+    int64_t N, D, rows_max;
+    const void *a; /* [src rows, D], row stride a_rs elements */
+    int64_t a_rs;
+    const int32_t *gather; /* [rows] or NULL */
+    int gather_div;
+    const int64_t *offsets; /* [E+1] */
+    struct moe_mats b[2];   /* element (n, j) of expert e: see struct moe_mats */
+    int64_t n_split;        /* N when b[1] is unused */
+    void *c;                /* [rows, N], row stride c_rs elements */
+    int64_t c_rs;
+    void *stream; /* CUDA: cudaStream_t */
+};
+MOE_API int moe_grouped_gemm_cpu(const struct moe_gemm *g);
+
 /* ---- CUDA backend (kernels/cuda, libmoepatch_cuda.so): same arguments, work on p->stream ---- */
 MOE_API int moe_forward_cuda(struct moe_problem *p);
 MOE_API int moe_backward_cuda(struct moe_problem *p);
 /* Bytes of workspace the caller must allocate (torch's allocator) and pass in p->workspace. */
 MOE_API size_t moe_workspace_bytes_cuda(const struct moe_problem *p, int backward);
 MOE_API size_t moe_saved_bytes_cuda(const struct moe_problem *p);
+MOE_API int moe_grouped_gemm_cuda(const struct moe_gemm *g);
 /* The calling thread's last CUDA-backend failure: "file:line: statement: detail (error)". */
 MOE_API const char *moe_last_error_cuda(void);
 

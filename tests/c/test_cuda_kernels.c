@@ -692,3 +692,172 @@ Test(cuda_kernels, one_token_many_experts_match_cpu)
     run_case(&(struct tcase){"T=1 E=64 K=8 bf16", MOE_BF16, 1, 64, 32, 32, 64, 8, SIGMOID, 8, 4, 0,
                              LLIST, 0, 0, 0, 0.0f});
 }
+
+/* ---- the Hopper grouped GEMM alone (moe_grouped_gemm_cuda vs moe_grouped_gemm_cpu) ---- */
+
+struct gcase {
+    const char *name;
+    moe_dtype dt;
+    int E;
+    int64_t N, D, n_split; /* n_split < N: two operand parts (ModuleList gate | up) */
+    int list;              /* per-expert allocations (pointer arrays) instead of one 3-D tensor */
+    int topk;              /* gather_div; 0: no gather (packed rows) */
+    const int64_t *counts; /* rows per expert */
+};
+
+/* One operand part of E experts, [R, D] each: host copy (contiguous) and device copy (3-D or one
+   allocation per expert), described for both sides. */
+struct gpart {
+    struct pair all;
+    void **dev, **hp, **dp;
+    struct moe_mats cpu, gpu;
+};
+
+static void gpart_new(struct gpart *p, const struct gcase *c, int64_t R)
+{
+    const size_t es = moe_dtype_size(c->dt), one = (size_t)(R * c->D) * es;
+    memset(p, 0, sizeof *p);
+    p->all = pair_new(one * (size_t)c->E);
+    fill(c->dt, p->all.h, (size_t)(R * c->D) * (size_t)c->E, 1.0f / sqrtf((float)c->D));
+    struct moe_mats m = {NULL, NULL, R * c->D, c->D, 1};
+    p->cpu = p->gpu = m;
+    p->cpu.base = p->all.h;
+    p->gpu.base = p->all.d;
+    pair_up(&p->all);
+    if (!c->list)
+        return;
+    p->dev = calloc((size_t)c->E, sizeof(void *));
+    p->hp = calloc((size_t)c->E, sizeof(void *));
+    for (int e = 0; e < c->E; e++) {
+        CK(cudaMalloc(&p->dev[e], one));
+        p->hp[e] = (char *)p->all.h + one * (size_t)e;
+        CK(cudaMemcpy(p->dev[e], p->hp[e], one, cudaMemcpyHostToDevice));
+    }
+    p->dp = dev_ptr_array(p->dev, c->E);
+    p->cpu.ptr = (void *const *)p->hp;
+    p->gpu.ptr = (void *const *)p->dp;
+    p->cpu.base = p->gpu.base = NULL;
+    p->cpu.es = p->gpu.es = 0;
+}
+
+static void gpart_free(struct gpart *p, int E)
+{
+    if (p->dev) {
+        for (int e = 0; e < E; e++)
+            cudaFree(p->dev[e]);
+        cudaFree(p->dp);
+        free(p->dev);
+        free(p->hp);
+    }
+    pair_free(&p->all);
+}
+
+static int need_sm90(void)
+{
+    need_gpu();
+    int dev = 0, major = 0, minor = 0;
+    CK(cudaGetDevice(&dev));
+    CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    CK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    if (major != 9 || minor != 0)
+        cr_skip_test("the grouped GEMM engine needs an sm_90 GPU (this one is sm_%d%d)", major,
+                     minor);
+    return 1;
+}
+
+static void run_gemm_case(const struct gcase *c)
+{
+    need_sm90();
+    rng_state = 0x2545f4914f6cdd1dull ^ (uint64_t)(c->E * 7919 + c->N * 31 + c->D);
+    const size_t es = moe_dtype_size(c->dt);
+    int64_t *off = calloc((size_t)c->E + 1, sizeof(int64_t));
+    for (int e = 0; e < c->E; e++)
+        off[e + 1] = off[e] + c->counts[e];
+    const int64_t R = off[c->E], src_rows = c->topk ? R / c->topk + 1 : R;
+    struct pair a = pair_new((size_t)(src_rows * c->D) * es), cc = pair_new((size_t)(R * c->N) * es);
+    struct pair gat = pair_new(sizeof(int32_t) * (size_t)(R ? R : 1));
+    struct pair offs = pair_new(sizeof(int64_t) * (size_t)(c->E + 1));
+    fill(c->dt, a.h, (size_t)(src_rows * c->D), 1.0f);
+    int32_t *gh = gat.h;
+    for (int64_t r = 0; r < R; r++) /* every source row at most topk times, scattered */
+        gh[r] = (int32_t)((r * 7919) % (src_rows * (c->topk ? c->topk : 1)));
+    memcpy(offs.h, off, sizeof(int64_t) * (size_t)(c->E + 1));
+    pair_up(&a);
+    pair_up(&gat);
+    pair_up(&offs);
+    struct gpart b0, b1;
+    gpart_new(&b0, c, c->n_split);
+    if (c->n_split < c->N)
+        gpart_new(&b1, c, c->N - c->n_split);
+
+    struct moe_gemm gc = {c->dt, c->E, c->N, c->D, R, a.h, c->D, c->topk ? gat.h : NULL,
+                          c->topk, offs.h, {b0.cpu, c->n_split < c->N ? b1.cpu : b0.cpu},
+                          c->n_split, NULL, c->N, NULL};
+    void *want = calloc((size_t)(R * c->N) * es + 1, 1), *got = calloc((size_t)(R * c->N) * es + 1, 1);
+    gc.c = want;
+    cr_assert_eq(moe_grouped_gemm_cpu(&gc), MOE_OK, "%s: cpu", c->name);
+
+    struct moe_gemm gg = gc;
+    gg.a = a.d;
+    gg.gather = c->topk ? gat.d : NULL;
+    gg.offsets = offs.d;
+    gg.b[0] = b0.gpu;
+    gg.b[1] = c->n_split < c->N ? b1.gpu : b0.gpu;
+    gg.c = cc.d;
+    for (int rep = 0; rep < 2; rep++) {
+        CK(cudaMemset(cc.d, 0xff, cc.bytes)); /* NaN: an unwritten element fails */
+        int rc = moe_grouped_gemm_cuda(&gg);
+        cr_assert_eq(rc, MOE_OK, "%s: %s", c->name, moe_last_error_cuda());
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(rep ? cc.h : got, cc.d, cc.bytes, cudaMemcpyDeviceToHost));
+    }
+    cr_expect(memcmp(cc.h, got, cc.bytes) == 0, "%s: two runs differ", c->name);
+    const double e = rel_err(c->dt, got, want, (size_t)(R * c->N));
+    fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, "c", e);
+    cr_expect(e <= moe_tol(c->dt), "%s: rel err %g", c->name, e);
+
+    gpart_free(&b0, c->E);
+    if (c->n_split < c->N)
+        gpart_free(&b1, c->E);
+    pair_free(&a);
+    pair_free(&cc);
+    pair_free(&gat);
+    pair_free(&offs);
+    free(off);
+    free(want);
+    free(got);
+}
+
+/* Row counts that hit every tile edge: empty, 1, a full tile, one past it, several tiles. */
+static const int64_t gemm_counts[] = {0, 1, 128, 129, 300, 0, 64, 513, 255, 7};
+
+Test(cuda_kernels, grouped_gemm_gathered_3d_bf16_matches_cpu, .timeout = 120)
+{
+    run_gemm_case(&(struct gcase){"gemm gather 3-D bf16", MOE_BF16, 10, 512, 256, 512, 0, 4,
+                                  gemm_counts});
+}
+
+Test(cuda_kernels, grouped_gemm_pointer_arrays_two_parts_match_cpu, .timeout = 120)
+{
+    run_gemm_case(&(struct gcase){"gemm list gate|up bf16", MOE_BF16, 10, 768, 192, 256, 1, 8,
+                                  gemm_counts});
+}
+
+Test(cuda_kernels, grouped_gemm_packed_fp16_matches_cpu, .timeout = 120)
+{
+    run_gemm_case(&(struct gcase){"gemm packed fp16", MOE_F16, 10, 256, 512, 256, 0, 0,
+                                  gemm_counts});
+}
+
+Test(cuda_kernels, grouped_gemm_refuses_what_it_does_not_tile)
+{
+    need_sm90();
+    int64_t off[2] = {0, 0};
+    struct moe_gemm g = {MOE_F32, 1, 256, 64, 0, (void *)16, 64, NULL, 1, off, {{0}, {0}}, 256,
+                         (void *)16, 256, NULL};
+    cr_expect_eq(moe_grouped_gemm_cuda(&g), MOE_EUNSUPPORTED, "fp32");
+    g.dtype = MOE_BF16;
+    g.N = 200;
+    g.n_split = 200;
+    cr_expect_eq(moe_grouped_gemm_cuda(&g), MOE_EUNSUPPORTED, "N not a multiple of 256");
+}
