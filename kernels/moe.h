@@ -133,6 +133,11 @@ struct moe_problem {
        per-expert counts (its one device-to-host copy), the backward reads them. NULL on the CPU. */
     int64_t *counts_host;
 
+    /* CUDA: 1 lets an sm_90 GPU run the routed experts' GEMMs on the Hopper engine
+       (moe_grouped_gemm_cuda) where it tiles the shapes, with no host round trip; 0 keeps the
+       cuBLAS path. Forward and backward of one call must pass the same value. */
+    int engine;
+
     /* backend state: CUDA stream (cudaStream_t) and a caller-allocated workspace */
     void *stream;
     void *workspace;
@@ -172,28 +177,44 @@ MOE_API int moe_expert_mlp_cpu(const struct moe_mlp *m, moe_dtype dt, const void
 MOE_API int moe_combine_cpu(int64_t T, int K, int64_t H, const float *out, const int32_t *inv,
                             const float *w, moe_dtype dt, void *y);
 
-/* Grouped GEMM over experts with row ranges in offsets (on the tensors' device): for each expert e
-   and each row r in offsets[e]..offsets[e+1], for n < N:
-       c[r, n] = Σ_{j < D} a[src(r), j] · B_e[n, j],   src(r) = gather ? gather[r] / gather_div : r,
-   where row n of B_e is row n of b[0] for n < n_split, else row n - n_split of b[1] (so the gate
-   and up projections of a ModuleList expert form one [2I, H] operand). fp32 accumulation; a, B, c
-   in dtype. The CUDA version is the Hopper engine (kernels/cuda/gemm_sm90.cu): it needs no host
-   copy of the offsets, only the bound rows_max >= offsets[E]; it returns MOE_EUNSUPPORTED (the
-   caller falls back) off sm_90, for fp32, and for shapes it does not tile (N and n_split multiples
-   of 256, D of 64, 16-byte aligned rows, unit column stride in B). */
+/* Grouped GEMM over experts with row ranges in offsets (on the tensors' device). Expert e owns the
+   rows r in offsets[e]..offsets[e+1]; they are the M dimension (varlen-M: c[r, n] = Σ_k A[r, k]
+   B[n, k], the forward and the input grads) or the reduction (varlen-K: C_e[m, n] = Σ_r A[m, r]
+   B[n, r], the weight grads; an expert without rows gets C_e = 0). fp32 accumulation, dtype in and
+   out. An operand's element (x, k) — x along M for A, along N for B — is read as:
+   - activations (rows = 1), indexed by the global row on the varlen side (x for varlen-M, k for
+     varlen-K): base + src(row) * rs + other, src(row) = gather ? gather[row] / gather_div : row
+     (the other coordinate is contiguous);
+   - weights (rows = 0): element (x, k) of expert e in m[part] (struct moe_mats, rs the x stride, cs
+     the k stride), part 1 where the split coordinate (k if split_k, else x) is >= split, which is
+     then counted from split: the gate and up projections of a ModuleList expert form one operand. */
+struct moe_gemm_op {
+    int rows;
+    const void *base;
+    int64_t rs;
+    const int32_t *gather;
+    int gather_div;
+    struct moe_mats m[2];
+    int64_t split; /* >= the split dimension's length: one part */
+    int split_k;
+};
+
+/* The CUDA version is the Hopper engine (kernels/cuda/gemm_sm90.cu): it needs no host copy of the
+   offsets, only the bound rows_max >= offsets[E]; it returns MOE_EUNSUPPORTED (the caller falls
+   back) off sm_90, for fp32, and for shapes it does not tile (N a multiple of 256; varlen-M: D of
+   64; varlen-K: M of 128; splits on tile edges; unit strides as described; 16-byte rows). */
 struct moe_gemm {
     moe_dtype dtype;
     int E;
-    int64_t N, D, rows_max;
-    const void *a; /* [src rows, D], row stride a_rs elements */
-    int64_t a_rs;
-    const int32_t *gather; /* [rows] or NULL */
-    int gather_div;
+    int varlen_k;
+    int64_t M, N, D; /* varlen-M: M unused (the rows), D the reduction; varlen-K: D unused */
+    int64_t rows_max;
     const int64_t *offsets; /* [E+1] */
-    struct moe_mats b[2];   /* element (n, j) of expert e: see struct moe_mats */
-    int64_t n_split;        /* N when b[1] is unused */
-    void *c;                /* [rows, N], row stride c_rs elements */
+    struct moe_gemm_op a, b;
+    void *c; /* varlen-M: [rows, N], row stride c_rs elements */
     int64_t c_rs;
+    struct moe_mats cm[2]; /* varlen-K: C_e (m, n) in cm[m >= c_split] (m counted from c_split) */
+    int64_t c_split;
     void *stream; /* CUDA: cudaStream_t */
 };
 MOE_API int moe_grouped_gemm_cpu(const struct moe_gemm *g);

@@ -167,6 +167,7 @@ static int parse_io(PyObject *io, struct moe_problem *p)
     p->saved = get_ptr(io, "saved");
     p->counts_host = get_ptr(io, "counts_host");
     p->stream = get_ptr(io, "stream");
+    p->engine = (int)get_i64(io, "engine");
     p->workspace = get_ptr(io, "workspace");
     p->workspace_bytes = (size_t)get_i64(io, "workspace_bytes");
     if (PyErr_Occurred())

@@ -2,11 +2,18 @@
  * kernels/cuda/block.cu — the whole MoE block on the GPU: moe_forward_cuda, moe_backward_cuda and
  * the sizes of the caller-allocated workspace and saved state.
  *
- * Forward: route → counting sort (device) → one device-to-host copy of the per-expert counts
- * (into p->counts_host; the grouped GEMMs need host sizes) → gather → grouped GEMM gate|up →
- * SwiGLU → grouped GEMM down → gather-sum combine (+ shared expert, optionally sigmoid-gated).
- * Saved for backward: the pre-activations [T*K, 2I] (and [T, 2Is] of the shared expert), perm,
- * inv, device counts and offsets. Backward reads p->counts_host and copies nothing to the host.
+ * Two engines for the routed experts' GEMMs:
+ * - Hopper (p->engine set, sm_90, shapes it tiles; kernels/cuda/gemm_sm90.cu): route → counting sort (device) →
+ *   grouped GEMM gate|up reading x's rows through perm → SwiGLU → grouped GEMM down → gather-sum
+ *   combine; the backward mirrors it (input grads with the weights read MN-major, weight grads as
+ *   varlen-K GEMMs that also write the zeros of experts without rows). Rows stay packed and no
+ *   count ever goes to the host: the whole forward and backward can be captured in a CUDA graph.
+ * - cuBLAS (anything else): one device-to-host copy of the per-expert counts (p->counts_host; the
+ *   batched GEMMs need host sizes) → gather → batched GEMMs over a padded layout (below).
+ * The forward copies the counts only when the backward will need them (fwd_needs_host_counts); a
+ * backward that unexpectedly needs them copies them itself. The shared expert always runs on
+ * cuBLAS (one dense GEMM per projection). Saved for backward: the pre-activations [T*K, 2I] (and
+ * [T, 2Is] of the shared expert), perm, inv, device counts and offsets.
  *
  * Padded layout (moe__gg_call in internal.h): the routed rows of the workspace start each expert on
  * its own run of ceil(count / P) * P rows, zeros past its rows, so the grouped GEMMs run as one
@@ -77,6 +84,147 @@ static int64_t padded_rows_max(const struct moe_problem *p)
     return R + nz * (pad_of(p) - 1);
 }
 
+/* An activation operand of the engine: rows with stride rs, read through gather[r] / div. */
+static struct moe_gemm_op rows_operand(const void *base, int64_t rs, const int32_t *gather, int div)
+{
+    struct moe_gemm_op o;
+    memset(&o, 0, sizeof o);
+    o.rows = 1;
+    o.base = base;
+    o.rs = rs;
+    o.gather = gather;
+    o.gather_div = div;
+    return o;
+}
+
+/* The routed experts' forward GEMMs in the Hopper engine's terms (moe_grouped_gemm_cuda): gate|up
+   reads x's rows through perm into the packed pre-activation h, down reads the packed SwiGLU
+   output a into out. With s or f NULL (sizing), the buffers they hold stay NULL. */
+static void engine_gemms(const struct moe_problem *p, const struct saved_bufs *s,
+                         const struct fwd_bufs *f, struct moe_gemm *gu, struct moe_gemm *dn)
+{
+    const struct moe_mlp *m = &p->experts;
+    const int64_t R = p->T * p->route.K, H = p->H, I = m->I;
+    memset(gu, 0, sizeof *gu);
+    gu->dtype = p->dtype;
+    gu->E = p->route.E;
+    gu->rows_max = R;
+    gu->offsets = s ? s->offsets : NULL;
+    gu->stream = p->stream;
+    *dn = *gu;
+    gu->N = 2 * I;
+    gu->D = H;
+    gu->a = rows_operand(p->x, x_stride(p), s ? s->perm : NULL, p->route.K);
+    gu->b.m[0] = m->gate;
+    gu->b.m[1] = m->up;
+    gu->b.split = I;
+    gu->c = s ? s->h : NULL;
+    gu->c_rs = 2 * I;
+    dn->N = H;
+    dn->D = I;
+    dn->a = rows_operand(f ? f->a : NULL, I, NULL, 1);
+    dn->b.m[0] = dn->b.m[1] = m->down;
+    dn->b.split = H;
+    dn->c = f ? f->out : NULL;
+    dn->c_rs = H;
+}
+
+/* 1: the routed experts' forward runs on the Hopper engine (packed rows, x gathered inside the
+   GEMM); else on cuBLAS. */
+static int fwd_engine(const struct moe_problem *p)
+{
+    struct moe_gemm gu, dn;
+    engine_gemms(p, NULL, NULL, &gu, &dn);
+    return p->engine && p->T > 0 && moe__gemm_sm90_ok(&gu) && moe__gemm_sm90_ok(&dn);
+}
+
+/* Expert weights (element (r, c) of moe_mats m) read as the operand (x = c, k = r): W itself where
+   the product needs Wᵀ's rows, i.e. MN-major. */
+static struct moe_mats transposed(const struct moe_mats *m)
+{
+    struct moe_mats t = {m->ptr, m->base, m->es, m->cs, m->rs};
+    return t;
+}
+
+/* The routed experts' backward GEMMs in the engine's terms, writing the weight grads described by d
+   (p->d_experts; p->experts stands in for its layout before the grads exist): g[0] dau = dyg
+   W_down, g[1] the down-proj weight grad, g[2] the gate|up weight grads, g[3] the input-grad rows
+   dxr = dh [W_gate; W_up]. dyg and the x rows are read through perm. s, b NULL: sizing only. */
+static void engine_bwd_gemms(const struct moe_problem *p, const struct moe_mlp *d,
+                             const struct saved_bufs *s, const struct bwd_bufs *b,
+                             struct moe_gemm g[4])
+{
+    const struct moe_mlp *m = &p->experts;
+    const int64_t R = p->T * p->route.K, H = p->H, I = m->I;
+    const int32_t *perm = s ? s->perm : NULL;
+    const struct moe_gemm_op dyg = rows_operand(p->dy, H, perm, p->route.K);
+    const struct moe_gemm_op dh = rows_operand(b ? b->dh : NULL, 2 * I, NULL, 1);
+    memset(g, 0, 4 * sizeof *g);
+    g[0].dtype = p->dtype;
+    g[0].E = p->route.E;
+    g[0].rows_max = R;
+    g[0].offsets = s ? s->offsets : NULL;
+    g[0].stream = p->stream;
+    g[1] = g[2] = g[3] = g[0];
+
+    g[0].N = I;
+    g[0].D = H;
+    g[0].a = dyg;
+    g[0].b.m[0] = g[0].b.m[1] = transposed(&m->down);
+    g[0].b.split = H;
+    g[0].b.split_k = 1;
+    g[0].c = b ? b->dau : NULL;
+    g[0].c_rs = I;
+
+    g[1].varlen_k = 1;
+    g[1].M = H;
+    g[1].N = I;
+    g[1].a = dyg;
+    g[1].b = rows_operand(b ? b->aw : NULL, I, NULL, 1);
+    g[1].cm[0] = g[1].cm[1] = d->down;
+    g[1].c_split = H;
+
+    g[2].varlen_k = 1;
+    g[2].M = 2 * I;
+    g[2].N = H;
+    g[2].a = dh;
+    g[2].b = rows_operand(p->x, x_stride(p), perm, p->route.K);
+    g[2].cm[0] = d->gate;
+    g[2].cm[1] = d->up;
+    g[2].c_split = I;
+
+    g[3].N = H;
+    g[3].D = 2 * I;
+    g[3].a = dh;
+    g[3].b.m[0] = transposed(&m->gate);
+    g[3].b.m[1] = transposed(&m->up);
+    g[3].b.split = I;
+    g[3].b.split_k = 1;
+    g[3].c = b ? b->rows : NULL;
+    g[3].c_rs = H;
+}
+
+/* 1: the routed experts' backward runs on the Hopper engine with grads laid out as d. */
+static int bwd_engine_for(const struct moe_problem *p, const struct moe_mlp *d)
+{
+    struct moe_gemm g[4];
+    if (!p->engine || p->T == 0)
+        return 0;
+    engine_bwd_gemms(p, d, NULL, NULL, g);
+    for (int i = 0; i < 4; i++)
+        if (!moe__gemm_sm90_ok(&g[i]))
+            return 0;
+    return 1;
+}
+
+/* The forward copies the per-expert counts to the host (for the cuBLAS backward) unless both passes
+   run on the engine, judged with the grads laid out like the weights (as the glue allocates them);
+   a backward that then cannot use the engine copies them itself. */
+static int fwd_needs_host_counts(const struct moe_problem *p)
+{
+    return !(fwd_engine(p) && bwd_engine_for(p, &p->experts));
+}
+
 /* The forward runs in the padded layout too when the padded [rows, 2I] gate|up output fits in the
    [rows, H] output buffer (2I <= H: it is dead before the down projection writes there). */
 static int fwd_padded(const struct moe_problem *p)
@@ -103,12 +251,13 @@ static size_t plan_fwd(const struct moe_problem *p, char *base, struct fwd_bufs 
     struct moe__arena a = {base, 0};
     const size_t es = moe_dtype_size(p->dtype);
     const int64_t R = n_rows(p), T = p->T, H = p->H, I = p->experts.I, Is = p->shared.I;
-    const int pd = fwd_padded(p);
+    const int eng = fwd_engine(p), pd = !eng && fwd_padded(p);
     const int64_t Rp = pd ? padded_rows_max(p) : R, E = p->route.E;
     b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
     b->poffsets = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1)) : NULL;
     b->shift = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E) : NULL;
     b->perm_scratch = moe__take(&a, moe__permute_scratch_bytes(T, p->route.K, p->route.E));
+    /* the engine reads x's rows in place: xg is only the down-proj output there */
     b->xg = moe__take(&a, es * (size_t)(Rp * H));
     b->a = moe__take(&a, es * (size_t)(Rp * I));
     /* the gathered x is dead once gate|up ran: the down-proj output reuses it */
@@ -126,11 +275,12 @@ static size_t plan_bwd(const struct moe_problem *p, char *base, struct bwd_bufs 
     struct moe__arena a = {base, 0};
     const size_t es = moe_dtype_size(p->dtype);
     const int64_t R = n_rows(p), T = p->T, H = p->H, I = p->experts.I, Is = p->shared.I;
-    const int64_t Rp = padded_rows_max(p), E = p->route.E;
+    const int eng = bwd_engine_for(p, &p->d_experts);
+    const int64_t Rp = eng ? R : padded_rows_max(p), E = p->route.E;
     const int sh = p->shared.n != 0, gated = sh && p->shared_gate;
     b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
-    b->poffsets = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1));
-    b->shift = (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E);
+    b->poffsets = eng ? NULL : (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1));
+    b->shift = eng ? NULL : (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E);
     b->rows = moe__take(&a, es * (size_t)(Rp * H));
     b->dau = moe__take(&a, es * (size_t)(Rp * I));
     b->dh = moe__take(&a, es * (size_t)(Rp * 2 * I));
@@ -388,13 +538,21 @@ static int forward(struct moe_problem *p, cudaStream_t st)
         memset(p->counts_host, 0, sizeof(int64_t) * (size_t)E);
         return MOE_OK;
     }
-    MOE_CHECK(cudaMemcpyAsync(p->counts_host, s.counts, sizeof(int64_t) * (size_t)E,
-                              cudaMemcpyDeviceToHost, st));
-    MOE_CHECK(cudaStreamSynchronize(st));
+    if (fwd_needs_host_counts(p)) {
+        MOE_CHECK(cudaMemcpyAsync(p->counts_host, s.counts, sizeof(int64_t) * (size_t)E,
+                                  cudaMemcpyDeviceToHost, st));
+        MOE_CHECK(cudaStreamSynchronize(st));
+    }
 
     struct mlp_ctx ex =
         ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, f.ptrs, h, st);
-    if (fwd_padded(p)) {
+    if (fwd_engine(p)) {
+        struct moe_gemm gu, dn;
+        engine_gemms(p, &s, &f, &gu, &dn);
+        MOE_TRY(moe_grouped_gemm_cuda(&gu));
+        MOE_TRY(moe__swiglu_cuda(R, p->experts.I, s.h, f.a, NULL, NULL, p->dtype, st));
+        MOE_TRY(moe_grouped_gemm_cuda(&dn));
+    } else if (fwd_padded(p)) {
         const int pad = pad_of(p);
         const int64_t Rp = moe__padded_rows(E, p->counts_host, pad);
         MOE_REQUIRE(Rp <= padded_rows_max(p) && Rp <= INT32_MAX, MOE_EINVAL);
@@ -428,6 +586,57 @@ extern "C" MOE_API int moe_forward_cuda(struct moe_problem *p)
     return forward(p, (cudaStream_t)p->stream);
 }
 
+/* The routed experts' backward on the Hopper engine: packed rows, dy and x read through perm, no
+   host counts (the weight-grad GEMM writes zeros for experts without rows). dxr -> b->rows. */
+static int routed_backward_engine(struct moe_problem *p, const struct saved_bufs *s,
+                                  const struct bwd_bufs *b, cudaStream_t st)
+{
+    struct moe_gemm g[4];
+    engine_bwd_gemms(p, &p->d_experts, s, b, g);
+    MOE_TRY(moe_grouped_gemm_cuda(&g[0]));
+    MOE_TRY(moe__swiglu_backward_cuda(n_rows(p), p->experts.I, s->h, b->dau, s->perm, NULL, p->w,
+                                      b->dw, b->dh, b->aw, p->dtype, st));
+    for (int i = 1; i < 4; i++)
+        MOE_TRY(moe_grouped_gemm_cuda(&g[i]));
+    return MOE_OK;
+}
+
+/* The routed experts' backward on cuBLAS: padded layout from the host counts (copied here when the
+   forward left them on the device). dxr -> b->rows in the padded layout. */
+static int routed_backward_cublas(struct moe_problem *p, const struct saved_bufs *s,
+                                  const struct bwd_bufs *b, cublasHandle_t h, cudaStream_t st)
+{
+    const int E = p->route.E, K = p->route.K;
+    const int64_t H = p->H;
+    if (!fwd_needs_host_counts(p)) {
+        MOE_CHECK(cudaMemcpyAsync(p->counts_host, s->counts, sizeof(int64_t) * (size_t)E,
+                                  cudaMemcpyDeviceToHost, st));
+        MOE_CHECK(cudaStreamSynchronize(st));
+    }
+    int n_empty = E;
+    for (int e = 0; e < E; e++)
+        n_empty -= p->counts_host[e] != 0;
+    MOE_TRY(zero_empty(&p->d_experts, E, s->counts, n_empty, p->dtype, st));
+
+    /* the routed rows in the padded layout (zero rows past each expert's rows) */
+    const int pad = pad_of(p);
+    const int64_t Rp = moe__padded_rows(E, p->counts_host, pad);
+    MOE_REQUIRE(Rp <= padded_rows_max(p) && Rp <= INT32_MAX, MOE_EINVAL);
+    MOE_TRY(moe__pad_offsets_cuda(E, s->counts, s->offsets, pad, b->poffsets, b->shift, st));
+    const struct moe__pad_map pm = {E, s->offsets, b->poffsets};
+    struct mlp_ctx ex =
+        ctx_of(&p->experts, p->counts_host, s->counts, s->offsets, p->dtype, b->ptrs, h, st);
+    ctx_pad(&ex, E, b->poffsets, pad);
+    /* b->rows holds the gathered dy, then the gathered x, then the input-grad rows: their lives do
+       not overlap, and each is [T·K (padded), H], the largest buffers of the backward */
+    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->dy, H, s->perm, K, &pm, b->rows, p->dtype, st));
+    MOE_TRY(mlp_backward_dy(&ex, &p->d_experts, b->rows, s->h, Rp, s->perm, p->w, b->dw, b->dau,
+                            b->dh, b->aw));
+    MOE_TRY(
+        moe__gather_rows_cuda(Rp, H, p->x, x_stride(p), s->perm, K, &pm, b->rows, p->dtype, st));
+    return mlp_backward_x(&ex, &p->d_experts, b->rows, H, b->dh, b->rows);
+}
+
 static int backward(struct moe_problem *p, cudaStream_t st)
 {
     struct saved_bufs s;
@@ -436,39 +645,23 @@ static int backward(struct moe_problem *p, cudaStream_t st)
     MOE_TRY(workspace_ok(p, plan_bwd(p, NULL, &b)));
     plan_bwd(p, (char *)p->workspace, &b);
     const int E = p->route.E, K = p->route.K;
-    const int64_t T = p->T, R = n_rows(p), H = p->H;
+    const int64_t T = p->T, H = p->H;
     cublasHandle_t h;
     MOE_TRY(moe__cublas_handle(&h));
 
-    int n_empty = E;
-    if (T)
-        for (int e = 0; e < E; e++)
-            n_empty -= p->counts_host[e] != 0;
-    MOE_TRY(zero_empty(&p->d_experts, E, T ? s.counts : NULL, n_empty, p->dtype, st));
-    if (p->shared.n && T == 0)
-        MOE_TRY(zero_empty(&p->d_shared, 1, NULL, 1, p->dtype, st));
-    if (p->shared_gate && T == 0)
-        MOE_TRY(moe__shared_gate_backward_cuda(0, H, p->x, H, NULL, NULL, p->d_shared_gate, NULL,
-                                               p->dtype, st));
-    if (T == 0)
+    if (T == 0) {
+        MOE_TRY(zero_empty(&p->d_experts, E, NULL, E, p->dtype, st));
+        if (p->shared.n)
+            MOE_TRY(zero_empty(&p->d_shared, 1, NULL, 1, p->dtype, st));
+        if (p->shared_gate)
+            MOE_TRY(moe__shared_gate_backward_cuda(0, H, p->x, H, NULL, NULL, p->d_shared_gate,
+                                                   NULL, p->dtype, st));
         return MOE_OK;
-
-    /* the routed rows in the padded layout (zero rows past each expert's rows) */
-    const int pad = pad_of(p);
-    const int64_t Rp = moe__padded_rows(E, p->counts_host, pad);
-    MOE_REQUIRE(Rp <= padded_rows_max(p) && Rp <= INT32_MAX, MOE_EINVAL);
-    MOE_TRY(moe__pad_offsets_cuda(E, s.counts, s.offsets, pad, b.poffsets, b.shift, st));
-    const struct moe__pad_map pm = {E, s.offsets, b.poffsets};
-    struct mlp_ctx ex =
-        ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, b.ptrs, h, st);
-    ctx_pad(&ex, E, b.poffsets, pad);
-    /* b.rows holds the gathered dy, then the gathered x, then the input-grad rows: their lives do
-       not overlap, and each is [T·K (padded), H], the largest buffers of the backward */
-    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->dy, H, s.perm, K, &pm, b.rows, p->dtype, st));
-    MOE_TRY(mlp_backward_dy(&ex, &p->d_experts, b.rows, s.h, Rp, s.perm, p->w, b.dw, b.dau, b.dh,
-                            b.aw));
-    MOE_TRY(moe__gather_rows_cuda(Rp, H, p->x, x_stride(p), s.perm, K, &pm, b.rows, p->dtype, st));
-    MOE_TRY(mlp_backward_x(&ex, &p->d_experts, b.rows, H, b.dh, b.rows));
+    }
+    if (bwd_engine_for(p, &p->d_experts))
+        MOE_TRY(routed_backward_engine(p, &s, &b, st));
+    else
+        MOE_TRY(routed_backward_cublas(p, &s, &b, h, st));
     MOE_TRY(moe__route_backward_cuda(&p->route, T, p->logits, p->idx, b.dw, p->dlogits, st));
 
     if (p->shared.n) {

@@ -1,18 +1,22 @@
 /*
- * kernels/cuda/gemm_sm90.cu — the Hopper grouped GEMM (moe_grouped_gemm_cuda): varlen-M over
- * experts, row ranges read from device offsets, rows of A gathered while loading, wgmma (sm_90a) on
- * 128-byte-swizzled shared-memory tiles. No host round trip: the launch needs only a host bound on
- * the row count.
+ * kernels/cuda/gemm_sm90.cu — the Hopper grouped GEMM engine (moe_grouped_gemm_cuda): experts' row
+ * ranges read from device offsets, as the M dimension (varlen-M: forward and input grads) or as the
+ * reduction (varlen-K: weight grads); rows of activations gathered while loading; wgmma (sm_90a) on
+ * 128-byte-swizzled shared-memory tiles, K-major or MN-major per operand. No host round trip: a
+ * launch needs only a host bound on the row count.
  *
  * Design choices a reader must know:
- * - Persistent grid. Each CTA reads offsets[0..E], builds the tile list (ceil(rows_e / BM) × N / BN
- *   tiles per expert, expert-major, N fastest so that CTAs side by side share the gathered A rows)
- *   as a prefix in shared memory, and walks it with a grid stride.
+ * - Persistent grid. varlen-M: each CTA reads offsets[0..E] and builds the tile list
+ *   (ceil(rows_e / BM) × N / BN tiles per expert, N fastest so that CTAs side by side share the
+ *   gathered rows) as a prefix in shared memory; varlen-K: every expert has (M / BM) × (N / BN)
+ *   tiles, an expert without rows writes zeros. CTAs walk the list with a grid stride.
  * - Loads are 16-byte cp.async chunks issued by all 256 threads into an S-stage ring; a gathered
  *   row costs the same as a packed one, and rows past an expert's end are zero-filled by the copy.
- *   Both warpgroups compute (64 × 256 each); the ring runs S - 2 tiles ahead of the tensor cores,
- *   because a stage is refilled only after every warpgroup's wgmma on it has retired.
- * - Tile 128 × 256 × 64, 4 stages: 192 KB of shared memory, one CTA per SM.
+ *   Both warpgroups compute (64 × 256 each, BK = 64); the ring runs S - 2 tiles ahead, because a
+ *   stage is refilled only after every warpgroup's wgmma on it has retired.
+ * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
+ *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
+ *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per SM.
  */
 #include <stdint.h>
 #include <string.h>
@@ -30,19 +34,29 @@
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
 #define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + 1024)
 
-struct sm90_args {
-    const char *a;
-    int64_t a_rs; /* bytes */
+/* One operand in bytes (struct moe_gemm_op). mn: x is the contiguous coordinate in global memory. */
+struct sm90_op {
+    int rows, mn;
+    const char *base;
+    int64_t rs;
     const int32_t *gather;
     int gather_div;
+    void *const *ptr[2];
+    const char *mbase[2];
+    int64_t es[2], xs[2], ks[2];
+    int split, split_k;
+};
+
+struct sm90_args {
+    struct sm90_op a, b;
     const int64_t *offsets;
-    int E, N, D;
-    int n_split;
-    void *const *b_ptr[2];
-    const char *b_base[2];
-    int64_t b_es[2], b_rs[2]; /* bytes */
+    int E, varlen_k, M, N, D;
     char *c;
-    int64_t c_rs; /* bytes */
+    int64_t c_rs;
+    void *const *cptr[2];
+    char *cbase[2];
+    int64_t ces[2], crs[2];
+    int c_split;
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -62,11 +76,14 @@ static __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src,
                  "r"(bytes));
 }
 
-/* K-major operand, 128-byte swizzle: 8-row groups 1024 bytes apart (the leading offset is unused
-   by this layout and encoded as 1). */
-static __device__ __forceinline__ uint64_t smem_desc(uint32_t addr)
+/* A shared-memory operand with the 128-byte swizzle. K-major: 8-row groups 1024 bytes apart (the
+   leading offset is unused and encoded as 1). MN-major: the leading offset is the distance between
+   64-element atoms along M/N (SM90_ATOM_STRIDE), the stride offset between 8-deep k groups (1024). */
+#define SM90_ATOM_STRIDE 8192
+static __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, int mn)
 {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+    const uint64_t lbo = mn ? SM90_ATOM_STRIDE >> 4 : 1;
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | (lbo << 16) | ((uint64_t)(1024 >> 4) << 32) |
            ((uint64_t)1 << 62);
 }
 
@@ -101,25 +118,26 @@ static __device__ __forceinline__ void fence_d(float *d)
 }
 
 /* d[64 x 256 per warpgroup] (+)= A[64 x 16] · B[256 x 16]ᵀ, both from shared memory. */
-template <typename T> struct wgmma_op;
-template <> struct wgmma_op<__nv_bfloat16> {
+/* TA / TB: 1 reads that operand MN-major (the transpose bits of wgmma). */
+template <typename T, int TA, int TB> struct wgmma_op;
+template <int TA, int TB> struct wgmma_op<__nv_bfloat16, TA, TB> {
     static __device__ __forceinline__ void mma(float *d, uint64_t da, uint64_t db, int accumulate)
     {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " D128_REGS
-                     ", %128, %129, p, 1, 1, 0, 0;\n}\n"
+                     ", %128, %129, p, 1, 1, %131, %132;\n}\n"
                      : D_OPERANDS
-                     : "l"(da), "l"(db), "r"(accumulate));
+                     : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
     }
 };
-template <> struct wgmma_op<__half> {
+template <int TA, int TB> struct wgmma_op<__half, TA, TB> {
     static __device__ __forceinline__ void mma(float *d, uint64_t da, uint64_t db, int accumulate)
     {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " D128_REGS
-                     ", %128, %129, p, 1, 1, 0, 0;\n}\n"
+                     ", %128, %129, p, 1, 1, %131, %132;\n}\n"
                      : D_OPERANDS
-                     : "l"(da), "l"(db), "r"(accumulate));
+                     : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
     }
 };
 
@@ -178,117 +196,259 @@ static __device__ __forceinline__ int tile_expert(const int *tiles, int E, int q
     return lo;
 }
 
-/* What one thread copies of each stage: chunk (tid % 8) of tile rows tid / 8 + 32 i, i.e. 4 rows
-   of A and 8 rows of B. The shared-memory offset of a chunk is row * 128 + ((chunk ^ row % 8) * 16)
-   (the 128-byte swizzle wgmma reads), and row % 8 is the same for all of a thread's rows. */
-struct sm90_loads {
-    const char *a[4];
-    int a_bytes[4];
-    const char *b[8];
-    uint32_t dst; /* offset of the thread's first chunk in a tile */
+/* One output tile: expert e, rows r0..r_end of it (varlen-M: the tile's M rows start at r0;
+   varlen-K: the reduction), first m (varlen-K) and n, k-tiles. */
+struct sm90_tile {
+    int e, KT, m0, n0;
+    int64_t r0, r_end;
 };
 
-static __device__ __forceinline__ void plan_loads(const struct sm90_args &g, int e, int64_t r0, int64_t r_end,
-                                  int n0, struct sm90_loads *L)
+static __device__ __forceinline__ const char *weight_base(const struct sm90_op &o, int p, int e)
 {
-    const int tid = threadIdx.x, chunk = tid & 7, row = tid >> 3;
-    L->dst = (uint32_t)(row * 128 + ((chunk ^ (row & 7)) << 4));
-    for (int i = 0; i < 4; i++) {
-        const int64_t r = r0 + row + 32 * i;
-        const int ok = r < r_end;
-        const int64_t src = !ok ? 0 : g.gather ? g.gather[r] / g.gather_div : r;
-        L->a[i] = g.a + src * g.a_rs + chunk * 16;
-        L->a_bytes[i] = ok ? 16 : 0;
-    }
-    for (int j = 0; j < 8; j++) {
-        int n = n0 + row + 32 * j, part = n >= g.n_split;
-        n -= part ? g.n_split : 0;
-        const char *base = g.b_ptr[part] ? (const char *)g.b_ptr[part][e]
-                                         : g.b_base[part] + (int64_t)e * g.b_es[part];
-        L->b[j] = base + (int64_t)n * g.b_rs[part] + chunk * 16;
-    }
+    return o.ptr[p] ? (const char *)o.ptr[p][e] : o.mbase[p] + (int64_t)e * o.es[p];
 }
 
-static __device__ __forceinline__ void load_stage(const struct sm90_loads &L, uint32_t stage, int kt)
+static __device__ __forceinline__ int64_t source_row(const struct sm90_op &o, int64_t r)
 {
-    const int64_t k = (int64_t)kt * SM90_BK * 2;
-    for (int i = 0; i < 4; i++)
-        cp_async16(stage + L.dst + i * 32 * 128, L.a[i] + k, L.a_bytes[i]);
-    for (int j = 0; j < 8; j++)
-        cp_async16(stage + SM90_A_BYTES + L.dst + j * 32 * 128, L.b[j] + k, 16);
+    return o.gather ? o.gather[r] / o.gather_div : r;
 }
+
+/* What one thread copies of an X-wide operand tile per stage. */
+template <int X, int MN> struct sm90_loader;
+
+/* K-major: chunk (tid % 8) of tile rows tid / 8 + 32 i; its shared-memory offset in the tile is
+   row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
+   are x (varlen-M: global rows from x0 = r0, gathered; weights: part by x). */
+template <int X> struct sm90_loader<X, 0> {
+    static constexpr int NR = X / 32;
+    const char *p[NR];
+    int bytes[NR];
+    uint32_t dst;
+
+    __device__ __forceinline__ void plan(const struct sm90_op &o, const struct sm90_tile &t,
+                                         int64_t x0)
+    {
+        const int tid = threadIdx.x, chunk = tid & 7, row = tid >> 3;
+        dst = (uint32_t)(row * 128 + ((chunk ^ (row & 7)) << 4));
+#pragma unroll
+        for (int i = 0; i < NR; i++) {
+            const int64_t x = x0 + row + 32 * i;
+            if (o.rows) {
+                const int ok = x < t.r_end;
+                p[i] = o.base + (ok ? source_row(o, x) : 0) * o.rs + chunk * 16;
+                bytes[i] = ok ? 16 : 0;
+            } else {
+                const int part = x >= o.split;
+                p[i] = weight_base(o, part, t.e) + (x - (part ? o.split : 0)) * o.xs[part] +
+                       chunk * 16;
+                bytes[i] = 16;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void load(uint32_t tile, int kt) const
+    {
+        const int64_t k = (int64_t)kt * SM90_BK * 2;
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+            cp_async16(tile + dst + i * 32 * 128, p[i] + k, bytes[i]);
+    }
+};
+
+/* MN-major: x-chunk (tid % XC) of the k rows tid / XC + KSTEP j. k rows are global rows of the
+   expert (activations, varlen-K: gathered, zero past r_end) or weight rows (part by k). */
+template <int X> struct sm90_loader<X, 1> {
+    static constexpr int XC = X / 8, KSTEP = SM90_THREADS / XC, NJ = SM90_BK / KSTEP;
+    const char *xb0, *xb1; /* weights: part 0 / 1 (activations: both the rows' base) */
+    int64_t ks0, ks1;
+    const int32_t *gather;
+    int64_t r0, r_end;
+    int rows, gather_div, k_first, split;
+    uint32_t dst;
+
+    __device__ __forceinline__ void plan(const struct sm90_op &op, const struct sm90_tile &t,
+                                         int64_t x0)
+    {
+        const int tid = threadIdx.x, xc = tid % XC;
+        k_first = tid / XC;
+        const int kr = k_first & 7, kg = k_first >> 3;
+        dst = (uint32_t)((xc >> 3) * SM90_ATOM_STRIDE + kg * 1024 + kr * 128 +
+                         (((xc & 7) ^ kr) << 4));
+        rows = op.rows;
+        gather = op.gather;
+        gather_div = op.gather_div;
+        r0 = t.r0;
+        r_end = t.r_end;
+        split = op.split;
+        const int64_t xoff = (x0 + 8 * xc) * 2;
+        if (op.rows) {
+            xb0 = xb1 = op.base + xoff;
+            ks0 = ks1 = op.rs;
+        } else {
+            ks0 = op.ks[0];
+            ks1 = op.ks[1];
+            xb0 = weight_base(op, 0, t.e) + xoff;
+            xb1 = weight_base(op, 1, t.e) + xoff - (int64_t)op.split * op.ks[1];
+        }
+    }
+
+    __device__ __forceinline__ void load(uint32_t tile, int kt) const
+    {
+        const int64_t k0 = (int64_t)kt * SM90_BK;
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+            const int64_t k = k0 + k_first + KSTEP * j;
+            const char *src;
+            int bytes = 16;
+            if (rows) {
+                const int64_t r = r0 + k, ok = r < r_end;
+                src = xb0 + (ok ? (gather ? gather[r] / gather_div : r) : 0) * ks0;
+                bytes = ok ? 16 : 0;
+            } else {
+                src = k0 >= split ? xb1 + k * ks1 : xb0 + k * ks0;
+            }
+            cp_async16(tile + dst + j * (KSTEP / 8) * 1024, src, bytes);
+        }
+    }
+};
 
 template <typename T>
-static __device__ __forceinline__ void store_tile(const struct sm90_args &g, const float *d, int64_t r0,
-                                  int64_t r_end, int n0)
+static __device__ __forceinline__ void store_rows(const struct sm90_args &g, const float *d,
+                                                  const struct sm90_tile &t)
 {
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int64_t ra = r0 + wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
-    const int col = n0 + 2 * (lane & 3);
+    const int64_t ra = t.r0 + wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
+    const int col = t.n0 + 2 * (lane & 3);
     T *pa = (T *)(g.c + ra * g.c_rs) + col, *pb = (T *)(g.c + rb * g.c_rs) + col;
 #pragma unroll
     for (int j = 0; j < 32; j++) {
-        if (ra < r_end)
+        if (ra < t.r_end)
             pack2(pa + 8 * j, d[4 * j], d[4 * j + 1]);
-        if (rb < r_end)
+        if (rb < t.r_end)
             pack2(pb + 8 * j, d[4 * j + 2], d[4 * j + 3]);
     }
 }
 
 template <typename T>
+static __device__ __forceinline__ void store_mats(const struct sm90_args &g, const float *d,
+                                                  const struct sm90_tile &t)
+{
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int part = t.m0 >= g.c_split;
+    const char *base = g.cptr[part] ? (const char *)g.cptr[part][t.e]
+                                    : g.cbase[part] + (int64_t)t.e * g.ces[part];
+    const int64_t ma = t.m0 - (part ? g.c_split : 0) + wg * 64 + warp * 16 + (lane >> 2);
+    const int col = t.n0 + 2 * (lane & 3);
+    T *pa = (T *)(base + ma * g.crs[part]) + col, *pb = (T *)(base + (ma + 8) * g.crs[part]) + col;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        pack2(pa + 8 * j, d[4 * j], d[4 * j + 1]);
+        pack2(pb + 8 * j, d[4 * j + 2], d[4 * j + 3]);
+    }
+}
+
+static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_args &g,
+                                                           const int *tiles, int nt, int q)
+{
+    struct sm90_tile t;
+    if (g.varlen_k) {
+        const int per = (g.M / SM90_BM) * nt, local = q % per;
+        t.e = q / per;
+        t.m0 = (local / nt) * SM90_BM;
+        t.n0 = (local % nt) * SM90_BN;
+        t.r0 = g.offsets[t.e];
+        t.r_end = g.offsets[t.e + 1];
+        t.KT = (int)((t.r_end - t.r0 + SM90_BK - 1) / SM90_BK);
+    } else {
+        t.e = tile_expert(tiles, g.E, q);
+        const int local = q - tiles[t.e];
+        t.m0 = 0;
+        t.n0 = (local % nt) * SM90_BN;
+        t.r0 = g.offsets[t.e] + (int64_t)(local / nt) * SM90_BM;
+        t.r_end = g.offsets[t.e + 1];
+        t.KT = g.D / SM90_BK;
+    }
+    return t;
+}
+
+template <typename T, int AMN, int BMN>
 static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const struct sm90_args g)
 {
     extern __shared__ char smem_raw[];
     __shared__ int tiles[SM90_MAX_E + 1];
     __shared__ int part[SM90_THREADS];
     const uint32_t ring = (smem_u32(smem_raw) + 1023) & ~1023u;
-    const int nt = g.N / SM90_BN, KT = g.D / SM90_BK, wg = threadIdx.x >> 7;
+    const int nt = g.N / SM90_BN, wg = threadIdx.x >> 7;
     float d[128];
 
-    tile_prefix(g.offsets, g.E, nt, tiles, part);
-    const int total = tiles[g.E];
+    int total;
+    if (g.varlen_k) {
+        total = g.E * (g.M / SM90_BM) * nt;
+    } else {
+        tile_prefix(g.offsets, g.E, nt, tiles, part);
+        total = tiles[g.E];
+    }
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
-        const int e = tile_expert(tiles, g.E, q), local = q - tiles[e];
-        const int64_t r0 = g.offsets[e] + (int64_t)(local / nt) * SM90_BM, r_end = g.offsets[e + 1];
-        const int n0 = (local % nt) * SM90_BN;
-        struct sm90_loads L;
-        plan_loads(g, e, r0, r_end, n0, &L);
+        const struct sm90_tile t = tile_of(g, tiles, nt, q);
+        sm90_loader<SM90_BM, AMN> la;
+        sm90_loader<SM90_BN, BMN> lb;
+        la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
+        lb.plan(g.b, t, t.n0);
 
         __syncthreads(); /* the previous tile's wgmma reads of the ring are over in every warpgroup */
 #pragma unroll
         for (int s = 0; s < SM90_STAGES - 2; s++) {
-            if (s < KT)
-                load_stage(L, ring + s * SM90_STAGE_BYTES, s);
+            if (s < t.KT) {
+                la.load(ring + s * SM90_STAGE_BYTES, s);
+                lb.load(ring + s * SM90_STAGE_BYTES + SM90_A_BYTES, s);
+            }
             asm volatile("cp.async.commit_group;\n" ::);
         }
-        for (int kt = 0; kt < KT; kt++) {
+        if (t.KT == 0) {
+#pragma unroll
+            for (int i = 0; i < 128; i++)
+                d[i] = 0.0f;
+        }
+        for (int kt = 0; kt < t.KT; kt++) {
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads();
-            const int next = kt + SM90_STAGES - 2;
-            if (next < KT)
-                load_stage(L, ring + (next % SM90_STAGES) * SM90_STAGE_BYTES, next);
-            asm volatile("cp.async.commit_group;\n" ::);
-
-            const uint32_t sa = ring + (kt % SM90_STAGES) * SM90_STAGE_BYTES;
+            const uint32_t sa = ring + (kt % SM90_STAGES) * SM90_STAGE_BYTES,
+                           sb = sa + SM90_A_BYTES;
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-            for (int ks = 0; ks < SM90_BK / 16; ks++)
-                wgmma_op<T>::mma(d, smem_desc(sa + wg * 64 * 128 + ks * 32),
-                                 smem_desc(sa + SM90_A_BYTES + ks * 32), kt > 0 || ks > 0);
+            for (int ks = 0; ks < SM90_BK / 16; ks++) {
+                const uint32_t a_at = AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048
+                                          : sa + wg * 64 * 128 + ks * 32;
+                const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
+                wgmma_op<T, AMN, BMN>::mma(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
+                                           kt > 0 || ks > 0);
+            }
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            /* the refill goes out while the tensor cores work */
+            const int next = kt + SM90_STAGES - 2;
+            if (next < t.KT) {
+                const uint32_t st = ring + (next % SM90_STAGES) * SM90_STAGE_BYTES;
+                la.load(st, next);
+                lb.load(st + SM90_A_BYTES, next);
+            }
+            asm volatile("cp.async.commit_group;\n" ::);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        store_tile<T>(g, d, r0, r_end, n0);
+        if (g.varlen_k)
+            store_mats<T>(g, d, t);
+        else
+            store_rows<T>(g, d, t);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
 
-template <typename T> static __global__ void sm90_gemm_kernel(const struct sm90_args g)
+template <typename T, int AMN, int BMN>
+static __global__ void sm90_gemm_kernel(const struct sm90_args g)
 {
     (void)g;
 }
@@ -312,7 +472,7 @@ static int sm90_ready(int *sms)
                 major == 9 && minor == 0 &&
                 cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) ==
                     cudaSuccess &&
-                cudaFuncGetAttributes(&fa, sm90_gemm_kernel<__nv_bfloat16>) == cudaSuccess &&
+                cudaFuncGetAttributes(&fa, sm90_gemm_kernel<__nv_bfloat16, 0, 0>) == cudaSuccess &&
                 fa.binaryVersion == 90;
         cudaGetLastError();
     }
@@ -320,79 +480,151 @@ static int sm90_ready(int *sms)
     return known;
 }
 
-static int aligned16(const void *p, int64_t stride_bytes)
+static int aligned16(const void *p, int64_t bytes)
 {
-    return ((uintptr_t)p & 15) == 0 && stride_bytes % 16 == 0;
+    return ((uintptr_t)p & 15) == 0 && bytes % 16 == 0;
 }
 
-/* The shapes this kernel tiles; anything else is MOE_EUNSUPPORTED and the caller falls back. */
-static int sm90_supported(const struct moe_gemm *g)
+/* An activation operand: rows 16-byte aligned, the other coordinate contiguous. */
+static int rows_ok(const struct moe_gemm_op *o)
 {
-    const int64_t es = 2;
-    if (g->dtype != MOE_BF16 && g->dtype != MOE_F16)
+    return o->rows && (!o->gather || o->gather_div >= 1) && aligned16(o->base, o->rs * 2);
+}
+
+/* A weight operand: one unit stride (mn: along x), split on a tile edge of its own axis (K-major
+   weights split along x, MN-major ones along k), 16-byte aligned rows of the contiguous axis. */
+static int weights_ok(const struct moe_gemm_op *o, int mn, int64_t x_len, int64_t k_len,
+                      int x_tile)
+{
+    const int64_t len = o->split_k ? k_len : x_len;
+    if (o->rows || o->split_k != mn || o->split < 1)
         return 0;
-    if (g->E < 1 || g->E > SM90_MAX_E || g->N % SM90_BN || g->D % SM90_BK || g->N > INT32_MAX ||
-        g->D > INT32_MAX || g->n_split % SM90_BN || g->n_split < SM90_BN || g->n_split > g->N)
+    if (o->split < len && o->split % (o->split_k ? SM90_BK : x_tile))
         return 0;
-    if (g->gather && g->gather_div < 1)
-        return 0;
-    if (!aligned16(g->a, g->a_rs * es) || !aligned16(g->c, g->c_rs * es))
-        return 0;
-    for (int p = 0; p < (g->n_split < g->N ? 2 : 1); p++) {
-        const struct moe_mats *b = &g->b[p];
-        if (b->cs != 1 || !aligned16(b->ptr ? NULL : b->base, b->rs * es) ||
-            (b->es * es) % 16 != 0)
+    for (int p = 0; p < (o->split < len ? 2 : 1); p++) {
+        const struct moe_mats *m = &o->m[p];
+        const int64_t unit = mn ? m->rs : m->cs, other = mn ? m->cs : m->rs;
+        if (unit != 1 || !aligned16(m->ptr ? NULL : m->base, other * 2) || (m->es * 2) % 16)
             return 0;
     }
     return 1;
 }
 
-extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
+/* Which kernel runs g: 0 none (unsupported), 1 K/K, 2 K/MN, 3 MN/MN (A/B majorness). */
+static int sm90_kind(const struct moe_gemm *g)
+{
+    if (g->dtype != MOE_BF16 && g->dtype != MOE_F16)
+        return 0;
+    if (g->E < 1 || g->E > SM90_MAX_E || g->N % SM90_BN || g->N > INT32_MAX || g->rows_max < 0 ||
+        g->rows_max > INT32_MAX)
+        return 0;
+    if (g->varlen_k) {
+        if (g->M % SM90_BM || g->M > INT32_MAX || !g->b.rows || !rows_ok(&g->a) || !rows_ok(&g->b))
+            return 0;
+        if (g->c_split < 1 || (g->c_split < g->M && g->c_split % SM90_BM))
+            return 0;
+        for (int p = 0; p < (g->c_split < g->M ? 2 : 1); p++)
+            if (g->cm[p].cs != 1 || !aligned16(g->cm[p].ptr ? NULL : g->cm[p].base,
+                                               g->cm[p].rs * 2) ||
+                (g->cm[p].es * 2) % 16)
+                return 0;
+        return (int64_t)g->E * (g->M / SM90_BM) * (g->N / SM90_BN) <= INT32_MAX ? 3 : 0;
+    }
+    if (g->D % SM90_BK || g->D > INT32_MAX || !rows_ok(&g->a) || !aligned16(g->c, g->c_rs * 2))
+        return 0;
+    if (weights_ok(&g->b, 0, g->N, g->D, SM90_BN))
+        return 1;
+    return weights_ok(&g->b, 1, g->N, g->D, SM90_BN) ? 2 : 0;
+}
+
+int moe__gemm_sm90_ok(const struct moe_gemm *g)
 {
     int sms = 0;
-    MOE_REQUIRE(g && g->offsets && g->rows_max >= 0, MOE_EINVAL);
-    if (!sm90_ready(&sms))
-        return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "moe_grouped_gemm_cuda",
-                         "needs an sm_90 GPU and an sm_90a build");
-    if (!sm90_supported(g))
-        return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "moe_grouped_gemm_cuda",
-                         "dtype, shape or alignment not tiled by the sm_90 kernel");
-    const int64_t nt = g->N / SM90_BN, bound = (g->rows_max / SM90_BM + g->E) * nt;
-    if (bound == 0 || g->rows_max == 0)
-        return MOE_OK;
-    struct sm90_args a;
-    memset(&a, 0, sizeof a);
-    a.a = (const char *)g->a;
-    a.a_rs = g->a_rs * 2;
-    a.gather = g->gather;
-    a.gather_div = g->gather ? g->gather_div : 1;
-    a.offsets = g->offsets;
-    a.E = g->E;
-    a.N = (int)g->N;
-    a.D = (int)g->D;
-    a.n_split = (int)g->n_split;
+    return sm90_ready(&sms) && sm90_kind(g) != 0;
+}
+
+static struct sm90_op op_of(const struct moe_gemm_op *o, int mn)
+{
+    struct sm90_op s;
+    memset(&s, 0, sizeof s);
+    s.rows = o->rows;
+    s.mn = mn;
+    s.base = (const char *)o->base;
+    s.rs = o->rs * 2;
+    s.gather = o->gather;
+    s.gather_div = o->gather ? o->gather_div : 1;
     for (int p = 0; p < 2; p++) {
-        const struct moe_mats *b = &g->b[p < 1 || g->n_split < g->N ? p : 0];
-        a.b_ptr[p] = b->ptr;
-        a.b_base[p] = (const char *)b->base;
-        a.b_es[p] = b->es * 2;
-        a.b_rs[p] = b->rs * 2;
+        const struct moe_mats *m = &o->m[p];
+        s.ptr[p] = m->ptr;
+        s.mbase[p] = (const char *)m->base;
+        s.es[p] = m->es * 2;
+        s.xs[p] = m->rs * 2;
+        s.ks[p] = m->cs * 2;
     }
-    a.c = (char *)g->c;
-    a.c_rs = g->c_rs * 2;
-    const unsigned grid = (unsigned)(bound < sms ? bound : sms);
-    cudaStream_t st = (cudaStream_t)g->stream;
-    if (g->dtype == MOE_BF16) {
-        MOE_CHECK(cudaFuncSetAttribute(sm90_gemm_kernel<__nv_bfloat16>,
+    s.split = (int)(o->split < INT32_MAX ? o->split : INT32_MAX);
+    s.split_k = o->split_k;
+    return s;
+}
+
+template <int AMN, int BMN>
+static int sm90_launch(const struct sm90_args &a, moe_dtype dt, unsigned grid, cudaStream_t st)
+{
+    if (dt == MOE_BF16) {
+        MOE_CHECK(cudaFuncSetAttribute(sm90_gemm_kernel<__nv_bfloat16, AMN, BMN>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        SM90_SMEM_BYTES));
-        sm90_gemm_kernel<__nv_bfloat16><<<grid, SM90_THREADS, SM90_SMEM_BYTES, st>>>(a);
+        sm90_gemm_kernel<__nv_bfloat16, AMN, BMN><<<grid, SM90_THREADS, SM90_SMEM_BYTES, st>>>(a);
     } else {
-        MOE_CHECK(cudaFuncSetAttribute(sm90_gemm_kernel<__half>,
+        MOE_CHECK(cudaFuncSetAttribute(sm90_gemm_kernel<__half, AMN, BMN>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        SM90_SMEM_BYTES));
-        sm90_gemm_kernel<__half><<<grid, SM90_THREADS, SM90_SMEM_BYTES, st>>>(a);
+        sm90_gemm_kernel<__half, AMN, BMN><<<grid, SM90_THREADS, SM90_SMEM_BYTES, st>>>(a);
     }
     MOE_CHECK_LAUNCH();
     return MOE_OK;
+}
+
+extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
+{
+    int sms = 0;
+    MOE_REQUIRE(g && g->offsets, MOE_EINVAL);
+    if (!sm90_ready(&sms))
+        return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "moe_grouped_gemm_cuda",
+                         "needs an sm_90 GPU and an sm_90a build");
+    const int kind = sm90_kind(g);
+    if (!kind)
+        return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "moe_grouped_gemm_cuda",
+                         "dtype, shape, layout or alignment not tiled by the sm_90 kernel");
+    const int64_t nt = g->N / SM90_BN;
+    const int64_t bound = g->varlen_k ? g->E * (g->M / SM90_BM) * nt
+                                      : (g->rows_max / SM90_BM + g->E) * nt;
+    if (bound == 0 || (!g->varlen_k && g->rows_max == 0))
+        return MOE_OK;
+    struct sm90_args a;
+    memset(&a, 0, sizeof a);
+    a.a = op_of(&g->a, kind == 3);
+    a.b = op_of(&g->b, kind >= 2);
+    a.offsets = g->offsets;
+    a.E = g->E;
+    a.varlen_k = g->varlen_k;
+    a.M = (int)g->M;
+    a.N = (int)g->N;
+    a.D = (int)g->D;
+    a.c = (char *)g->c;
+    a.c_rs = g->c_rs * 2;
+    for (int p = 0; p < 2; p++) {
+        const struct moe_mats *m = &g->cm[p < 1 || g->c_split < g->M ? p : 0];
+        a.cptr[p] = m->ptr;
+        a.cbase[p] = (char *)m->base;
+        a.ces[p] = m->es * 2;
+        a.crs[p] = m->rs * 2;
+    }
+    a.c_split = (int)(g->c_split < INT32_MAX ? g->c_split : INT32_MAX);
+    const unsigned grid = (unsigned)(bound < sms ? bound : sms);
+    cudaStream_t st = (cudaStream_t)g->stream;
+    if (kind == 1)
+        return sm90_launch<0, 0>(a, g->dtype, grid, st);
+    if (kind == 2)
+        return sm90_launch<0, 1>(a, g->dtype, grid, st);
+    return sm90_launch<1, 1>(a, g->dtype, grid, st);
 }

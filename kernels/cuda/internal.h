@@ -147,6 +147,11 @@ int64_t moe__padded_rows(int n, const int64_t *counts_host, int pad);
 int moe__zero_empty_cuda(const struct moe_mats *m, int n, int64_t R, int64_t C,
                          const int64_t *counts_dev, int n_empty, moe_dtype dt, cudaStream_t st);
 
+/* ---- Hopper grouped GEMM (gemm_sm90.cu, moe_grouped_gemm_cuda) ---- */
+/* 1 when moe_grouped_gemm_cuda runs g: an sm_90 device, an sm_90a build, a shape it tiles. NULL
+   pointers pass the alignment checks, so a problem can be judged before its buffers exist. */
+int moe__gemm_sm90_ok(const struct moe_gemm *g);
+
 /* ---- routing (route.cu) ---- */
 int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
                     const float *bias, int32_t *idx, float *w, cudaStream_t st);

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """The grouped GEMM engine alone (moe_grouped_gemm_cuda, kernels/cuda/gemm_sm90.cu) against torch's
-`_grouped_mm` on the identical grouped problem and against cuBLAS strided-batched (`torch.bmm`) on a
-uniform one, at the MoE forward GEMMs of Ring-mini-2.0 and Qwen3-30B-A3B, bf16, in one run.
+`_grouped_mm` on the identical grouped problem, for the six expert GEMMs of one MoE layer's forward and
+backward, at Ring-mini-2.0 and Qwen3-30B-A3B shapes, bf16, in one run.
 
     python3 tests/bench/bench_gemm.py [--lib build/libmoepatch_cuda.so] [--tokens 16384] [--out f.json]
 
-Rows per expert come from a random top-K routing of T tokens (about T*K/E each, uneven). gate_up reads
-its rows gathered from x (token = slot / K) inside our kernel; `_grouped_mm` needs them gathered first,
-so it is timed both alone (on pre-gathered rows) and with the `index_select`. Every implementation's
-output is checked first (normwise rel err vs `_grouped_mm` and vs float64 on three experts; the output
-is NaN-poisoned before the call, so an unwritten element fails); a CUDA graph capture of our call
-proves it needs no host synchronisation. TFLOP/s = 2 * rows * N * D / time.
+Rows per expert come from a random top-K routing of T tokens (about T*K/E each, uneven). Where a GEMM
+reads token rows (x or dy: slot -> token = slot / K) our kernel gathers them while loading; `_grouped_mm`
+needs them gathered first, so it is timed both alone (on pre-gathered rows) and with the `index_select`.
+Every output is checked first (normwise rel err vs `_grouped_mm` and vs float64 on three experts; it is
+NaN-poisoned before the call, so an unwritten element fails), and a CUDA graph capture of our call
+proves that it needs no host synchronisation. TFLOP/s = 2 * rows * N * D / time. Exits non-zero when a
+check fails.
 """
 
 import argparse
@@ -28,6 +29,7 @@ SHAPES = {  # name: E, K, H, I
     "qwen3-30b-a3b": (128, 8, 2048, 768),
 }
 MOE_BF16 = 1
+ONE_PART = 1 << 40  # a split past every dimension: one operand part
 
 
 class Mats(ctypes.Structure):
@@ -35,12 +37,18 @@ class Mats(ctypes.Structure):
                 ("rs", ctypes.c_int64), ("cs", ctypes.c_int64)]
 
 
+class Op(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_int), ("base", ctypes.c_void_p), ("rs", ctypes.c_int64),
+                ("gather", ctypes.c_void_p), ("gather_div", ctypes.c_int), ("m", Mats * 2),
+                ("split", ctypes.c_int64), ("split_k", ctypes.c_int)]
+
+
 class Gemm(ctypes.Structure):
-    _fields_ = [("dtype", ctypes.c_int), ("E", ctypes.c_int), ("N", ctypes.c_int64), ("D", ctypes.c_int64),
-                ("rows_max", ctypes.c_int64), ("a", ctypes.c_void_p), ("a_rs", ctypes.c_int64),
-                ("gather", ctypes.c_void_p), ("gather_div", ctypes.c_int), ("offsets", ctypes.c_void_p),
-                ("b", Mats * 2), ("n_split", ctypes.c_int64), ("c", ctypes.c_void_p), ("c_rs", ctypes.c_int64),
-                ("stream", ctypes.c_void_p)]
+    _fields_ = [("dtype", ctypes.c_int), ("E", ctypes.c_int), ("varlen_k", ctypes.c_int),
+                ("M", ctypes.c_int64), ("N", ctypes.c_int64), ("D", ctypes.c_int64),
+                ("rows_max", ctypes.c_int64), ("offsets", ctypes.c_void_p), ("a", Op), ("b", Op),
+                ("c", ctypes.c_void_p), ("c_rs", ctypes.c_int64), ("cm", Mats * 2),
+                ("c_split", ctypes.c_int64), ("stream", ctypes.c_void_p)]
 
 
 def load_lib(path):
@@ -61,18 +69,41 @@ def routing(torch, T, E, K, gen):
     return perm, counts, offsets
 
 
-def ours_call(torch, lib, x, w, out, offsets, gather, K):
-    """A callable running moe_grouped_gemm_cuda: out[r] = x[src(r)] @ w[e].T on torch's current stream."""
-    E, N, D = w.shape
-    g = Gemm()
-    g.dtype, g.E, g.N, g.D, g.rows_max = MOE_BF16, E, N, D, out.shape[0]
-    g.a, g.a_rs = x.data_ptr(), x.stride(0)
-    g.gather, g.gather_div = (gather.data_ptr() if gather is not None else None), K
-    g.offsets = offsets.data_ptr()
-    g.b[0] = Mats(None, w.data_ptr(), N * D, D, 1)
-    g.b[1] = g.b[0]
-    g.n_split, g.c, g.c_rs = N, out.data_ptr(), out.stride(0)
+def rows_op(t, gather=None, div=1):
+    """Activations [rows, width] (row stride t.stride(0)), optionally read through gather[r] // div."""
+    return Op(1, t.data_ptr(), t.stride(0), gather.data_ptr() if gather is not None else None, div)
 
+
+def weights_op(w, mn):
+    """3-D weights read as (x, k): w [E, X, K] K-major (mn=0), or w [E, K, X] MN-major (mn=1)."""
+    _, A, B = w.shape
+    m = Mats(None, w.data_ptr(), A * B, 1, B) if mn else Mats(None, w.data_ptr(), A * B, B, 1)
+    o = Op(0, None, 0, None, 1)
+    o.m[0] = o.m[1] = m
+    o.split, o.split_k = ONE_PART, mn
+    return o
+
+
+def varlen_m(E, N, D, rows, offsets, a, b, out):
+    """out [rows, N]: out[r] = Σ_k A[r, k] B_e[n, k]."""
+    g = Gemm()
+    g.dtype, g.E, g.varlen_k, g.N, g.D, g.rows_max = MOE_BF16, E, 0, N, D, rows
+    g.offsets, g.a, g.b, g.c, g.c_rs = offsets.data_ptr(), a, b, out.data_ptr(), out.stride(0)
+    return g
+
+
+def varlen_k(E, M, N, rows, offsets, a, b, out):
+    """out [E, M, N]: C_e = Σ_r A[m, r] B[n, r] over expert e's rows."""
+    g = Gemm()
+    g.dtype, g.E, g.varlen_k, g.M, g.N, g.rows_max = MOE_BF16, E, 1, M, N, rows
+    g.offsets, g.a, g.b = offsets.data_ptr(), a, b
+    g.cm[0] = g.cm[1] = Mats(None, out.data_ptr(), M * N, N, 1)
+    g.c_split = ONE_PART
+    return g
+
+
+def ours_call(torch, lib, g):
+    """A callable running moe_grouped_gemm_cuda(g) on torch's current stream."""
     def run():
         g.stream = torch.cuda.current_stream().cuda_stream
         rc = lib.moe_grouped_gemm_cuda(ctypes.byref(g))
@@ -100,72 +131,105 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def fp64_err(out, xs, w, offsets, experts):
-    worst = 0.0
-    for e in experts:
-        r0, r1 = int(offsets[e]), int(offsets[e + 1])
-        if r1 > r0:
-            want = xs[r0:r1].double() @ w[e].double().T
-            worst = max(worst, rel(out[r0:r1], want))
-    return worst
-
-
-def bench_problem(torch, lib, name, proj, T, E, K, H, I, reps, gen):
+def problems(torch, T, E, K, H, I, gen):
+    """The six routed-expert GEMMs of one MoE layer (forward gate_up and down; backward input grads
+    and weight grads of both), each: name, FLOPs, our Gemm, its output tensor, the `_grouped_mm` anchor
+    on pre-gathered rows, the anchor with its gather (or None), an fp64 check per expert."""
     perm, counts, offsets = routing(torch, T, E, K, gen)
-    rows = T * K
-    if proj == "gate_up":
-        N, D, src = 2 * I, H, torch.randn(T, H, device="cuda", generator=gen).bfloat16()
-        gather = perm
-        xs = src.index_select(0, (perm // K).long())  # what _grouped_mm must read
-    else:
-        N, D = H, I
-        src = torch.randn(rows, I, device="cuda", generator=gen).bfloat16()
-        gather, xs = None, src
-    w = (torch.randn(E, N, D, device="cuda", generator=gen) / D ** 0.5).bfloat16()
-    flops = 2.0 * rows * N * D
-    offs32 = offsets[1:].to(torch.int32)
-    out = torch.empty(rows, N, device="cuda", dtype=torch.bfloat16)
-    ours = ours_call(torch, lib, src, w, out, offsets, gather, K)
-    res = {"shape": name, "proj": proj, "T": T, "rows": rows, "N": N, "D": D, "E": E,
-           "min_rows": int(counts.min()), "max_rows": int(counts.max()), "impls": {}}
+    rows, tok, offs32 = T * K, (perm // K).long(), offsets[1:].to(torch.int32)
 
-    out.fill_(float("nan"))
-    ours()
-    ref = torch._grouped_mm(xs, w.transpose(1, 2), offs=offs32)
-    res["err_vs_grouped_mm"] = rel(out, ref)
-    res["err_vs_fp64"] = fp64_err(out, xs, w, offsets, [0, E // 2, E - 1])
-    res["err_grouped_mm_vs_fp64"] = fp64_err(ref, xs, w, offsets, [0, E // 2, E - 1])
-    res["all_written"] = bool(torch.isfinite(out).all())
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).bfloat16()
 
-    # no host synchronisation: the call captures into a CUDA graph, and replays give the same bits
-    graph, first = torch.cuda.CUDAGraph(), out.clone()
-    with torch.cuda.graph(graph):
+    x, dy, a, dh = rnd(T, H), rnd(T, H), rnd(rows, I), rnd(rows, 2 * I)
+    w_gu, w_dn = rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5)
+    xg, dyg = x.index_select(0, tok), dy.index_select(0, tok)
+    lo = offsets.tolist()
+
+    def span(e):
+        return slice(lo[e], lo[e + 1])
+
+    def check_m(A, W):  # out[r] = A[r] @ W[e]ᵀ with W [E, N, D]
+        return lambda e, o: (o[span(e)], A[span(e)].double() @ W[e].double().T)
+
+    def check_k(A, B):  # out[e] = A[rows]ᵀ @ B[rows]
+        return lambda e, o: (o[e], A[span(e)].double().T @ B[span(e)].double())
+
+    def empty(*shape):
+        return torch.empty(*shape, device="cuda", dtype=torch.bfloat16)
+
+    gm = torch._grouped_mm
+    p = []
+    o = empty(rows, 2 * I)
+    p.append(("fwd gate_up (x gathered)", varlen_m(E, 2 * I, H, rows, offsets, rows_op(x, perm, K),
+                                                   weights_op(w_gu, 0), o), o,
+              lambda: gm(xg, w_gu.transpose(1, 2), offs=offs32),
+              lambda: gm(x.index_select(0, tok), w_gu.transpose(1, 2), offs=offs32), check_m(xg, w_gu)))
+    o = empty(rows, H)
+    p.append(("fwd down", varlen_m(E, H, I, rows, offsets, rows_op(a), weights_op(w_dn, 0), o), o,
+              lambda: gm(a, w_dn.transpose(1, 2), offs=offs32), None, check_m(a, w_dn)))
+    o = empty(rows, I)
+    p.append(("bwd dgrad down (dy gathered)", varlen_m(E, I, H, rows, offsets, rows_op(dy, perm, K),
+                                                       weights_op(w_dn, 1), o), o,
+              lambda: gm(dyg, w_dn, offs=offs32), lambda: gm(dy.index_select(0, tok), w_dn, offs=offs32),
+              check_m(dyg, w_dn.transpose(1, 2))))
+    o = empty(rows, H)
+    p.append(("bwd dgrad gate_up", varlen_m(E, H, 2 * I, rows, offsets, rows_op(dh), weights_op(w_gu, 1), o), o,
+              lambda: gm(dh, w_gu, offs=offs32), None, check_m(dh, w_gu.transpose(1, 2))))
+    o = empty(E, H, I)
+    p.append(("bwd wgrad down (dy gathered)", varlen_k(E, H, I, rows, offsets, rows_op(dy, perm, K),
+                                                       rows_op(a), o), o,
+              lambda: gm(dyg.T, a, offs=offs32), lambda: gm(dy.index_select(0, tok).T, a, offs=offs32),
+              check_k(dyg, a)))
+    o = empty(E, 2 * I, H)
+    p.append(("bwd wgrad gate_up (x gathered)", varlen_k(E, 2 * I, H, rows, offsets, rows_op(dh),
+                                                         rows_op(x, perm, K), o), o,
+              lambda: gm(dh.T, xg, offs=offs32), lambda: gm(dh.T, x.index_select(0, tok), offs=offs32),
+              check_k(dh, xg)))
+    flops = 2.0 * rows * H * I
+    mult = {"fwd gate_up (x gathered)": 2, "bwd dgrad gate_up": 2, "bwd wgrad gate_up (x gathered)": 2}
+    keep = (x, dy, a, dh, w_gu, w_dn, perm, offsets, offs32, xg, dyg)
+    return [(n, flops * mult.get(n, 1), g, o, an, ag, ck) for n, g, o, an, ag, ck in p], keep, counts
+
+
+def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen):
+    plist, keep, counts = problems(torch, T, E, K, H, I, gen)
+    results = []
+    for pname, flops, g, out, anchor, anchor_gather, check in plist:
+        ours = ours_call(torch, lib, g)
+        res = {"shape": name, "gemm": pname, "T": T, "E": E, "min_rows": int(counts.min()),
+               "max_rows": int(counts.max()), "impls": {}}
+        out.fill_(float("nan"))
         ours()
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    res["graph_replay_equal"] = bool(torch.equal(out, first))
+        try:
+            ref = anchor()
+        except RuntimeError as exc:  # this torch's _grouped_mm does not take the form
+            ref, anchor, anchor_gather = None, None, None
+            res["anchor_error"] = str(exc).splitlines()[0]
+        res["all_written"] = bool(torch.isfinite(out).all())
+        experts = [0, E // 2, E - 1]
+        res["err_vs_fp64"] = max(rel(*check(e, out)) for e in experts)
+        res["err_vs_grouped_mm"] = rel(out, ref) if ref is not None else 0.0
+        res["err_grouped_mm_vs_fp64"] = max(rel(*check(e, ref)) for e in experts) if ref is not None else 0.0
+        graph, first = torch.cuda.CUDAGraph(), out.clone()
+        with torch.cuda.graph(graph):
+            ours()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        res["graph_replay_equal"] = bool(torch.equal(out, first))
 
-    def add(impl, ms):
-        res["impls"][impl] = {"ms": ms, "tflops": flops / ms / 1e9}
+        def add(impl, ms):
+            res["impls"][impl] = {"ms": ms, "tflops": flops / ms / 1e9}
 
-    add("moepatch sm90" + (" (gather fused)" if gather is not None else ""), median_ms(torch, ours, reps))
-    add("moepatch sm90 (graph replay)", median_ms(torch, graph.replay, reps))
-    add("torch _grouped_mm", median_ms(torch, lambda: torch._grouped_mm(xs, w.transpose(1, 2), offs=offs32), reps))
-    if gather is not None:
-        idx = (perm // K).long()
-        add("torch index_select + _grouped_mm",
-            median_ms(torch, lambda: torch._grouped_mm(src.index_select(0, idx), w.transpose(1, 2), offs=offs32),
-                      reps))
-    # uniform problem: rows/E each, cuBLAS strided-batched vs ours on the same uniform split
-    m = rows // E
-    xu = xs[: m * E].reshape(E, m, D)
-    add("uniform: cuBLAS strided-batched (bmm)", median_ms(torch, lambda: torch.bmm(xu, w.transpose(1, 2)), reps))
-    uoff = torch.arange(E + 1, device="cuda", dtype=torch.int64) * m
-    uout = torch.empty(m * E, N, device="cuda", dtype=torch.bfloat16)
-    add("uniform: moepatch sm90", median_ms(torch, ours_call(torch, lib, xs, w, uout, uoff, None, 1), reps))
-    res["err_uniform_vs_bmm"] = rel(uout.reshape(E, m, N), torch.bmm(xu, w.transpose(1, 2)))
-    return res
+        add("moepatch sm90", median_ms(torch, ours, reps))
+        if anchor is not None:
+            add("torch _grouped_mm", median_ms(torch, anchor, reps))
+        if anchor_gather is not None:
+            add("torch index_select + _grouped_mm", median_ms(torch, anchor_gather, reps))
+        results.append(res)
+    del keep
+    return results
 
 
 def main():
@@ -183,21 +247,20 @@ def main():
     results = []
     for T in [int(t) for t in args.tokens.split(",")]:
         for name, (E, K, H, I) in SHAPES.items():
-            for proj in ("gate_up", "down"):
-                results.append(bench_problem(torch, lib, name, proj, T, E, K, H, I, args.reps, gen))
+            results += bench_shape(torch, lib, name, T, E, K, H, I, args.reps, gen)
     print("| shape | GEMM | T | rows/expert | implementation | ms | TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         for impl, v in r["impls"].items():
-            print("| %s | %s [%d x %d x %d] | %d | %d..%d | %s | %.3f | %.0f |" % (
-                r["shape"], r["proj"], r["rows"], r["N"], r["D"], r["T"], r["min_rows"], r["max_rows"], impl,
-                v["ms"], v["tflops"]))
+            print("| %s | %s | %d | %d..%d | %s | %.3f | %.0f |" % (
+                r["shape"], r["gemm"], r["T"], r["min_rows"], r["max_rows"], impl, v["ms"], v["tflops"]))
     print()
     for r in results:
-        print("%s %s: err vs _grouped_mm %.2e, vs fp64 %.2e (_grouped_mm vs fp64 %.2e), uniform vs bmm %.2e, "
-              "all written %s, graph replay equal %s" % (
-                  r["shape"], r["proj"], r["err_vs_grouped_mm"], r["err_vs_fp64"], r["err_grouped_mm_vs_fp64"],
-                  r["err_uniform_vs_bmm"], r["all_written"], r["graph_replay_equal"]))
+        if "anchor_error" in r:
+            print("%s %s: _grouped_mm anchor unavailable: %s" % (r["shape"], r["gemm"], r["anchor_error"]))
+        print("%s %s: err vs _grouped_mm %.2e, vs fp64 %.2e (_grouped_mm vs fp64 %.2e), all written %s, "
+              "graph replay equal %s" % (r["shape"], r["gemm"], r["err_vs_grouped_mm"], r["err_vs_fp64"],
+                                          r["err_grouped_mm_vs_fp64"], r["all_written"], r["graph_replay_equal"]))
     bad = [r for r in results if not (r["all_written"] and r["graph_replay_equal"] and r["err_vs_fp64"] < 1e-2
                                       and r["err_vs_grouped_mm"] < 2e-2)]
     if args.out:

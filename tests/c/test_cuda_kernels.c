@@ -315,7 +315,8 @@ struct gpu_out { /* everything the GPU writes, downloaded */
     void *dexp[3], *dsh[3];
 };
 
-static void run_case(const struct tcase *c)
+/* engine: moe_problem.engine of the GPU side (the Hopper engine where it tiles the shapes). */
+static void run_case_on(const struct tcase *c, int engine)
 {
     need_gpu();
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(c->T * 1315423911u + c->E * 2654435761u +
@@ -411,6 +412,7 @@ static void run_case(const struct tcase *c)
 
     /* GPU */
     struct moe_problem pg = pc;
+    pg.engine = engine;
     struct pair y = pair_new((size_t)(T * H) * es), dx = pair_new((size_t)(T * H) * es);
     struct pair idx = pair_new(4 * (size_t)(T * K)), w = pair_new(4 * (size_t)(T * K));
     struct pair dl = pair_new(4 * (size_t)(T * E)), dsg = pair_new((size_t)H * es);
@@ -559,6 +561,11 @@ static void run_case(const struct tcase *c)
     }
 }
 
+static void run_case(const struct tcase *c)
+{
+    run_case_on(c, 0);
+}
+
 #define SOFTMAX MOE_ROUTE_SOFTMAX_TOPK
 #define SIGMOID MOE_ROUTE_SIGMOID_GROUP
 
@@ -698,58 +705,86 @@ Test(cuda_kernels, one_token_many_experts_match_cpu)
 struct gcase {
     const char *name;
     moe_dtype dt;
-    int E;
-    int64_t N, D, n_split; /* n_split < N: two operand parts (ModuleList gate | up) */
-    int list;              /* per-expert allocations (pointer arrays) instead of one 3-D tensor */
-    int topk;              /* gather_div; 0: no gather (packed rows) */
+    int varlen_k;
+    int64_t M, N, D;  /* varlen-M: M unused; varlen-K: D unused */
+    int b_mn;         /* varlen-M: weights MN-major (input grads) instead of K-major (forward) */
+    int64_t split;    /* varlen-M: weight split (along k if b_mn, else along n); varlen-K: C's */
+    int list;         /* per-expert allocations (pointer arrays) instead of one 3-D tensor */
+    int topk;         /* gather_div of the gathered operand; 0: nothing gathered */
+    int gather_b;     /* varlen-K: the gather is on B instead of A */
     const int64_t *counts; /* rows per expert */
+    int E;
 };
 
-/* One operand part of E experts, [R, D] each: host copy (contiguous) and device copy (3-D or one
-   allocation per expert), described for both sides. */
-struct gpart {
+/* E experts' [rows, cols] matrices (row-major), host copy contiguous, device copy 3-D or one
+   allocation per expert; mats for both sides with strides (xs, ks) = (cols, 1) or, transposed,
+   (1, cols). */
+struct etwin {
     struct pair all;
     void **dev, **hp, **dp;
+    int E;
     struct moe_mats cpu, gpu;
 };
 
-static void gpart_new(struct gpart *p, const struct gcase *c, int64_t R)
+static void etwin_new(struct etwin *t, moe_dtype dt, int E, int64_t rows, int64_t cols, int list,
+                      int transposed, int fill_it)
 {
-    const size_t es = moe_dtype_size(c->dt), one = (size_t)(R * c->D) * es;
-    memset(p, 0, sizeof *p);
-    p->all = pair_new(one * (size_t)c->E);
-    fill(c->dt, p->all.h, (size_t)(R * c->D) * (size_t)c->E, 1.0f / sqrtf((float)c->D));
-    struct moe_mats m = {NULL, NULL, R * c->D, c->D, 1};
-    p->cpu = p->gpu = m;
-    p->cpu.base = p->all.h;
-    p->gpu.base = p->all.d;
-    pair_up(&p->all);
-    if (!c->list)
-        return;
-    p->dev = calloc((size_t)c->E, sizeof(void *));
-    p->hp = calloc((size_t)c->E, sizeof(void *));
-    for (int e = 0; e < c->E; e++) {
-        CK(cudaMalloc(&p->dev[e], one));
-        p->hp[e] = (char *)p->all.h + one * (size_t)e;
-        CK(cudaMemcpy(p->dev[e], p->hp[e], one, cudaMemcpyHostToDevice));
+    const size_t es = moe_dtype_size(dt), one = (size_t)(rows * cols) * es;
+    memset(t, 0, sizeof *t);
+    t->E = E;
+    t->all = pair_new(one * (size_t)E);
+    if (fill_it) {
+        fill(dt, t->all.h, (size_t)(rows * cols) * (size_t)E, 1.0f / sqrtf((float)cols));
+        pair_up(&t->all);
     }
-    p->dp = dev_ptr_array(p->dev, c->E);
-    p->cpu.ptr = (void *const *)p->hp;
-    p->gpu.ptr = (void *const *)p->dp;
-    p->cpu.base = p->gpu.base = NULL;
-    p->cpu.es = p->gpu.es = 0;
+    const int64_t xs = transposed ? 1 : cols, ks = transposed ? cols : 1;
+    t->cpu = (struct moe_mats){NULL, t->all.h, rows * cols, xs, ks};
+    t->gpu = (struct moe_mats){NULL, t->all.d, rows * cols, xs, ks};
+    if (!list)
+        return;
+    t->dev = calloc((size_t)E, sizeof(void *));
+    t->hp = calloc((size_t)E, sizeof(void *));
+    for (int e = 0; e < E; e++) {
+        CK(cudaMalloc(&t->dev[e], one));
+        t->hp[e] = (char *)t->all.h + one * (size_t)e;
+        CK(cudaMemcpy(t->dev[e], t->hp[e], one, cudaMemcpyHostToDevice));
+    }
+    t->dp = dev_ptr_array(t->dev, E);
+    t->cpu = (struct moe_mats){(void *const *)t->hp, NULL, 0, xs, ks};
+    t->gpu = (struct moe_mats){(void *const *)t->dp, NULL, 0, xs, ks};
 }
 
-static void gpart_free(struct gpart *p, int E)
+static void etwin_poison(struct etwin *t)
 {
-    if (p->dev) {
-        for (int e = 0; e < E; e++)
-            cudaFree(p->dev[e]);
-        cudaFree(p->dp);
-        free(p->dev);
-        free(p->hp);
+    if (!t->dev) {
+        CK(cudaMemset(t->all.d, 0xff, t->all.bytes));
+        return;
     }
-    pair_free(&p->all);
+    for (int e = 0; e < t->E; e++)
+        CK(cudaMemset(t->dev[e], 0xff, t->all.bytes / (size_t)t->E));
+}
+
+static void etwin_download(struct etwin *t, void *dst)
+{
+    if (!t->dev) {
+        CK(cudaMemcpy(dst, t->all.d, t->all.bytes, cudaMemcpyDeviceToHost));
+        return;
+    }
+    const size_t one = t->all.bytes / (size_t)t->E;
+    for (int e = 0; e < t->E; e++)
+        CK(cudaMemcpy((char *)dst + one * (size_t)e, t->dev[e], one, cudaMemcpyDeviceToHost));
+}
+
+static void etwin_free(struct etwin *t)
+{
+    if (t->dev) {
+        for (int e = 0; e < t->E; e++)
+            cudaFree(t->dev[e]);
+        cudaFree(t->dp);
+        free(t->dev);
+        free(t->hp);
+    }
+    pair_free(&t->all);
 }
 
 static int need_sm90(void)
@@ -765,67 +800,153 @@ static int need_sm90(void)
     return 1;
 }
 
+/* An activation operand: src_rows rows of w elements, row stride w + 8 (16-byte rows). */
+struct atwin {
+    struct pair v;
+    int64_t rs;
+};
+
+static void atwin_new(struct atwin *t, moe_dtype dt, int64_t src_rows, int64_t w)
+{
+    t->rs = w + 8;
+    t->v = pair_new((size_t)(src_rows * t->rs) * moe_dtype_size(dt));
+    fill(dt, t->v.h, (size_t)(src_rows * t->rs), 1.0f);
+    pair_up(&t->v);
+}
+
 static void run_gemm_case(const struct gcase *c)
 {
     need_sm90();
-    rng_state = 0x2545f4914f6cdd1dull ^ (uint64_t)(c->E * 7919 + c->N * 31 + c->D);
+    rng_state = 0x2545f4914f6cdd1dull ^ (uint64_t)(c->E * 7919 + c->N * 31 + c->D + c->M * 13 +
+                                                   c->varlen_k * 5 + c->b_mn);
     const size_t es = moe_dtype_size(c->dt);
-    int64_t *off = calloc((size_t)c->E + 1, sizeof(int64_t));
-    for (int e = 0; e < c->E; e++)
+    const int E = c->E;
+    int64_t *off = calloc((size_t)E + 1, sizeof(int64_t));
+    for (int e = 0; e < E; e++)
         off[e + 1] = off[e] + c->counts[e];
-    const int64_t R = off[c->E], src_rows = c->topk ? R / c->topk + 1 : R;
-    struct pair a = pair_new((size_t)(src_rows * c->D) * es), cc = pair_new((size_t)(R * c->N) * es);
+    const int64_t R = off[E], src_rows = c->topk ? R / c->topk + 1 : R;
     struct pair gat = pair_new(sizeof(int32_t) * (size_t)(R ? R : 1));
-    struct pair offs = pair_new(sizeof(int64_t) * (size_t)(c->E + 1));
-    fill(c->dt, a.h, (size_t)(src_rows * c->D), 1.0f);
+    struct pair offs = pair_new(sizeof(int64_t) * (size_t)(E + 1));
     int32_t *gh = gat.h;
     for (int64_t r = 0; r < R; r++) /* every source row at most topk times, scattered */
         gh[r] = (int32_t)((r * 7919) % (src_rows * (c->topk ? c->topk : 1)));
-    memcpy(offs.h, off, sizeof(int64_t) * (size_t)(c->E + 1));
-    pair_up(&a);
+    memcpy(offs.h, off, sizeof(int64_t) * (size_t)(E + 1));
     pair_up(&gat);
     pair_up(&offs);
-    struct gpart b0, b1;
-    gpart_new(&b0, c, c->n_split);
-    if (c->n_split < c->N)
-        gpart_new(&b1, c, c->N - c->n_split);
 
-    struct moe_gemm gc = {c->dt, c->E, c->N, c->D, R, a.h, c->D, c->topk ? gat.h : NULL,
-                          c->topk, offs.h, {b0.cpu, c->n_split < c->N ? b1.cpu : b0.cpu},
-                          c->n_split, NULL, c->N, NULL};
-    void *want = calloc((size_t)(R * c->N) * es + 1, 1), *got = calloc((size_t)(R * c->N) * es + 1, 1);
-    gc.c = want;
-    cr_assert_eq(moe_grouped_gemm_cpu(&gc), MOE_OK, "%s: cpu", c->name);
-
-    struct moe_gemm gg = gc;
-    gg.a = a.d;
-    gg.gather = c->topk ? gat.d : NULL;
+    struct moe_gemm gc, gg;
+    memset(&gc, 0, sizeof gc);
+    gc.dtype = c->dt;
+    gc.E = E;
+    gc.varlen_k = c->varlen_k;
+    gc.M = c->M;
+    gc.N = c->N;
+    gc.D = c->D;
+    gc.rows_max = R;
+    gc.offsets = offs.h;
+    gg = gc;
     gg.offsets = offs.d;
-    gg.b[0] = b0.gpu;
-    gg.b[1] = c->n_split < c->N ? b1.gpu : b0.gpu;
-    gg.c = cc.d;
+
+    struct atwin a, b;
+    struct etwin w0, w1, c0, c1;
+    struct pair cv = {0};
+    size_t out_bytes;
+    const int gather_a = c->topk && !(c->varlen_k && c->gather_b);
+    atwin_new(&a, c->dt, gather_a ? src_rows : R, c->varlen_k ? c->M : c->D);
+    gc.a = (struct moe_gemm_op){1, a.v.h, a.rs, gather_a ? gat.h : NULL, c->topk, {{0}, {0}}, 0, 0};
+    gg.a = gc.a;
+    gg.a.base = a.v.d;
+    gg.a.gather = gather_a ? gat.d : NULL;
+    if (c->varlen_k) {
+        const int gather_b = c->topk && c->gather_b;
+        atwin_new(&b, c->dt, gather_b ? src_rows : R, c->N);
+        gc.b = (struct moe_gemm_op){1, b.v.h, b.rs, gather_b ? gat.h : NULL, c->topk, {{0}, {0}},
+                                    0, 0};
+        gg.b = gc.b;
+        gg.b.base = b.v.d;
+        gg.b.gather = gather_b ? gat.d : NULL;
+        const int two = c->split < c->M;
+        etwin_new(&c0, c->dt, E, c->split, c->N, c->list, 0, 0);
+        if (two)
+            etwin_new(&c1, c->dt, E, c->M - c->split, c->N, c->list, 0, 0);
+        gc.cm[0] = c0.cpu;
+        gg.cm[0] = c0.gpu;
+        gc.cm[1] = two ? c1.cpu : c0.cpu;
+        gg.cm[1] = two ? c1.gpu : c0.gpu;
+        gc.c_split = c->split;
+        gg.c_split = c->split;
+        out_bytes = (size_t)(E * c->M * c->N) * es;
+    } else {
+        /* weights (x = n, k): K-major parts [n', D] split along n, or MN-major parts [k', N] */
+        const int64_t len = c->b_mn ? c->D : c->N, two = c->split < len;
+        const int64_t r0 = c->split, r1 = len - c->split;
+        etwin_new(&w0, c->dt, E, r0, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1);
+        if (two)
+            etwin_new(&w1, c->dt, E, r1, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1);
+        gc.b = (struct moe_gemm_op){0, NULL, 0, NULL, 1, {w0.cpu, two ? w1.cpu : w0.cpu},
+                                    c->split, c->b_mn};
+        gg.b = (struct moe_gemm_op){0, NULL, 0, NULL, 1, {w0.gpu, two ? w1.gpu : w0.gpu},
+                                    c->split, c->b_mn};
+        cv = pair_new((size_t)(R * c->N) * es);
+        gc.c = cv.h;
+        gg.c = cv.d;
+        gc.c_rs = gg.c_rs = c->N;
+        out_bytes = (size_t)(R * c->N) * es;
+    }
+    void *want = calloc(out_bytes + 1, 1), *got = calloc(out_bytes + 1, 1),
+         *again = calloc(out_bytes + 1, 1);
+    cr_assert_eq(moe_grouped_gemm_cpu(&gc), MOE_OK, "%s: cpu", c->name);
+    if (c->varlen_k) {
+        const size_t b0 = c0.all.bytes;
+        memcpy(want, c0.all.h, b0);
+        if (c->split < c->M)
+            memcpy((char *)want + b0, c1.all.h, c1.all.bytes);
+    } else {
+        memcpy(want, cv.h, out_bytes);
+    }
     for (int rep = 0; rep < 2; rep++) {
-        CK(cudaMemset(cc.d, 0xff, cc.bytes)); /* NaN: an unwritten element fails */
+        void *dst = rep ? again : got;
+        if (c->varlen_k) {
+            etwin_poison(&c0);
+            if (c->split < c->M)
+                etwin_poison(&c1);
+        } else {
+            CK(cudaMemset(cv.d, 0xff, cv.bytes)); /* NaN: an unwritten element fails */
+        }
         int rc = moe_grouped_gemm_cuda(&gg);
         cr_assert_eq(rc, MOE_OK, "%s: %s", c->name, moe_last_error_cuda());
         CK(cudaDeviceSynchronize());
-        CK(cudaMemcpy(rep ? cc.h : got, cc.d, cc.bytes, cudaMemcpyDeviceToHost));
+        if (c->varlen_k) {
+            etwin_download(&c0, dst);
+            if (c->split < c->M)
+                etwin_download(&c1, (char *)dst + c0.all.bytes);
+        } else {
+            CK(cudaMemcpy(dst, cv.d, out_bytes, cudaMemcpyDeviceToHost));
+        }
     }
-    cr_expect(memcmp(cc.h, got, cc.bytes) == 0, "%s: two runs differ", c->name);
-    const double e = rel_err(c->dt, got, want, (size_t)(R * c->N));
+    cr_expect(memcmp(got, again, out_bytes) == 0, "%s: two runs differ", c->name);
+    const double e = rel_err(c->dt, got, want, out_bytes / es);
     fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, "c", e);
     cr_expect(e <= moe_tol(c->dt), "%s: rel err %g", c->name, e);
 
-    gpart_free(&b0, c->E);
-    if (c->n_split < c->N)
-        gpart_free(&b1, c->E);
-    pair_free(&a);
-    pair_free(&cc);
+    if (c->varlen_k) {
+        pair_free(&b.v);
+        etwin_free(&c0);
+        if (c->split < c->M)
+            etwin_free(&c1);
+    } else {
+        etwin_free(&w0);
+        if (c->split < (c->b_mn ? c->D : c->N))
+            etwin_free(&w1);
+        pair_free(&cv);
+    }
+    pair_free(&a.v);
     pair_free(&gat);
     pair_free(&offs);
     free(off);
     free(want);
     free(got);
+    free(again);
 }
 
 /* Row counts that hit every tile edge: empty, 1, a full tile, one past it, several tiles. */
@@ -833,31 +954,76 @@ static const int64_t gemm_counts[] = {0, 1, 128, 129, 300, 0, 64, 513, 255, 7};
 
 Test(cuda_kernels, grouped_gemm_gathered_3d_bf16_matches_cpu, .timeout = 120)
 {
-    run_gemm_case(&(struct gcase){"gemm gather 3-D bf16", MOE_BF16, 10, 512, 256, 512, 0, 4,
-                                  gemm_counts});
+    run_gemm_case(&(struct gcase){"gemm gather 3-D bf16", MOE_BF16, 0, 0, 512, 256, 0, 256, 0, 4, 0,
+                                  gemm_counts, 10});
 }
 
 Test(cuda_kernels, grouped_gemm_pointer_arrays_two_parts_match_cpu, .timeout = 120)
 {
-    run_gemm_case(&(struct gcase){"gemm list gate|up bf16", MOE_BF16, 10, 768, 192, 256, 1, 8,
-                                  gemm_counts});
+    run_gemm_case(&(struct gcase){"gemm list gate|up bf16", MOE_BF16, 0, 0, 768, 192, 0, 256, 1, 8,
+                                  0, gemm_counts, 10});
 }
 
 Test(cuda_kernels, grouped_gemm_packed_fp16_matches_cpu, .timeout = 120)
 {
-    run_gemm_case(&(struct gcase){"gemm packed fp16", MOE_F16, 10, 256, 512, 256, 0, 0,
-                                  gemm_counts});
+    run_gemm_case(&(struct gcase){"gemm packed fp16", MOE_F16, 0, 0, 256, 512, 0, 256, 0, 0, 0,
+                                  gemm_counts, 10});
+}
+
+/* The input-grad form: weights read MN-major (W, not Wᵀ), split along the reduction. */
+Test(cuda_kernels, grouped_gemm_mn_major_weights_match_cpu, .timeout = 120)
+{
+    run_gemm_case(&(struct gcase){"gemm MN weights split-k", MOE_BF16, 0, 0, 256, 384, 1, 128, 1, 4,
+                                  0, gemm_counts, 10});
+    run_gemm_case(&(struct gcase){"gemm MN weights 3-D", MOE_BF16, 0, 0, 512, 256, 1, 256, 0, 2, 0,
+                                  gemm_counts, 10});
+}
+
+/* The weight-grad form: the experts' rows are the reduction; experts without rows get zeros. */
+Test(cuda_kernels, grouped_gemm_varlen_k_matches_cpu, .timeout = 180)
+{
+    run_gemm_case(&(struct gcase){"gemm varlen-K gather A", MOE_BF16, 1, 256, 256, 0, 0, 128, 0, 4,
+                                  0, gemm_counts, 10});
+    run_gemm_case(&(struct gcase){"gemm varlen-K gather B list", MOE_F16, 1, 384, 512, 0, 0, 256, 1,
+                                  8, 1, gemm_counts, 10});
 }
 
 Test(cuda_kernels, grouped_gemm_refuses_what_it_does_not_tile)
 {
     need_sm90();
     int64_t off[2] = {0, 0};
-    struct moe_gemm g = {MOE_F32, 1, 256, 64, 0, (void *)16, 64, NULL, 1, off, {{0}, {0}}, 256,
-                         (void *)16, 256, NULL};
+    struct moe_gemm g;
+    memset(&g, 0, sizeof g);
+    g.dtype = MOE_F32;
+    g.E = 1;
+    g.N = 256;
+    g.D = 64;
+    g.offsets = off;
+    g.a = (struct moe_gemm_op){1, (void *)16, 64, NULL, 1, {{0}, {0}}, 0, 0};
+    g.b.m[0] = (struct moe_mats){NULL, (void *)16, 0, 64, 1};
+    g.b.split = 256;
+    g.c = (void *)16;
+    g.c_rs = 256;
     cr_expect_eq(moe_grouped_gemm_cuda(&g), MOE_EUNSUPPORTED, "fp32");
     g.dtype = MOE_BF16;
     g.N = 200;
-    g.n_split = 200;
+    g.b.split = 200;
     cr_expect_eq(moe_grouped_gemm_cuda(&g), MOE_EUNSUPPORTED, "N not a multiple of 256");
+}
+
+/* Shapes the Hopper engine tiles (2I, H multiples of 256): with moe_problem.engine on an sm_90 GPU
+   the routed experts run moe_grouped_gemm_cuda in both passes (x and dy gathered in the loads, no
+   host counts); the same cases on cuBLAS first. */
+Test(cuda_kernels, engine_shapes_match_cpu, .timeout = 300)
+{
+    const struct tcase cases[] = {
+        {"engine bf16 3-D", MOE_BF16, 300, 256, 256, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 1, 0, 8, 2.0f},
+        {"engine bf16 list shared", MOE_BF16, 257, 256, 256, 256, 8, 4, SIGMOID, 4, 2, 0, LLIST, 0,
+         0, 0, 0.0f},
+        {"engine fp16 3-D", MOE_F16, 129, 512, 256, 0, 6, 3, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+        {"engine bf16 T=1", MOE_BF16, 1, 256, 256, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int engine = 0; engine < 2; engine++)
+            run_case_on(&cases[i], engine);
 }

@@ -1,89 +1,211 @@
 /*
  * tests/c/test_kernels_grouped_gemm.c — the grouped GEMM reference (moe_grouped_gemm_cpu) against
- * a direct float64 computation: gathered and packed rows, one 3-D operand and two pointer-array
- * parts (gate | up), an expert without rows, every dtype.
+ * a direct float64 computation on dense logical matrices, in every form the fused path uses:
+ * varlen-M with gathered rows and K-major weights split along N (forward gate | up), varlen-M with
+ * MN-major weights split along K (input grads), varlen-K with a gathered operand and an output
+ * split along M (weight grads); an expert without rows (zeros for varlen-K); every dtype.
  */
 #include "kernels_ref.h"
 
-enum { E = 4, N = 6, D = 5, SPLIT = 2, SRC = 7, TOPK = 2 };
+enum { E = 4, N = 6, D = 5, SPLIT = 2, SRC = 7, TOPK = 2, RPAD = 3 };
 
 /* Rows per expert: expert 2 gets none. */
 static const int64_t offsets[E + 1] = {0, 3, 5, 5, 9};
+static const int32_t gather[9] = {13, 0, 6, 7, 2, 11, 5, 1, 12}; /* slots; row = slot / TOPK */
 
-static void check(moe_dtype dt, int gathered, int parts)
+/* Activations: SRC * TOPK rows of w doubles, stored with row stride w + RPAD. */
+static void *activations(moe_dtype dt, uint64_t *seed, int64_t w, double **vals)
 {
-    uint64_t seed = 0x51ed2701u + (uint64_t)dt * 3 + (uint64_t)gathered * 5 + (uint64_t)parts;
-    const size_t es = moe_dtype_size(dt);
-    const int64_t R = offsets[E], split = parts ? SPLIT : N;
-    double *a = ref_doubles(SRC * TOPK * D), *b = ref_doubles(E * N * D);
-    ref_fill(&seed, a, SRC * TOPK * D, -1.0, 1.0, dt);
-    ref_fill(&seed, b, E * N * D, -1.0, 1.0, dt);
-    void *ab = ref_alloc((size_t)(SRC * TOPK * D) * es), *c = ref_alloc((size_t)(R * N) * es);
-    for (int64_t i = 0; i < SRC * TOPK * D; i++)
-        ref_put(dt, ab, i, a[i]);
-    /* b as parts: part 0 rows [0, split), part 1 rows [split, N), one allocation per expert */
-    void *p0[E], *p1[E];
-    for (int e = 0; e < E; e++) {
-        p0[e] = ref_alloc((size_t)(split * D) * es);
-        p1[e] = ref_alloc((size_t)((N - split) * D + 1) * es);
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t j = 0; j < D; j++)
-                ref_put(dt, n < split ? p0[e] : p1[e], (n < split ? n : n - split) * D + j,
-                        b[(e * N + n) * D + j]);
-    }
-    int32_t gather[9] = {13, 0, 6, 7, 2, 11, 5, 1, 12}; /* slots; source row = slot / TOPK */
-    struct moe_gemm g = {dt,      E,        N,    D,  R, ab, D, gathered ? gather : NULL, TOPK,
-                         offsets, {{0}, {0}}, split, c, N, NULL};
-    g.b[0] = (struct moe_mats){(void *const *)p0, NULL, 0, D, 1};
-    g.b[1] = (struct moe_mats){(void *const *)p1, NULL, 0, D, 1};
-    cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
-    double worst = 0.0, scale = 0.0;
+    *vals = ref_doubles((size_t)(SRC * TOPK * w));
+    ref_fill(seed, *vals, SRC * TOPK * w, -1.0, 1.0, dt);
+    void *b = ref_alloc((size_t)(SRC * TOPK * (w + RPAD)) * moe_dtype_size(dt));
+    for (int64_t r = 0; r < SRC * TOPK; r++)
+        for (int64_t c = 0; c < w; c++)
+            ref_put(dt, b, r * (w + RPAD) + c, (*vals)[r * w + c]);
+    return b;
+}
+
+/* Weights: logical [E][X][K] doubles in two parts split at `split` along x (mn = 0: each part
+   K-major, [X', K] row-major) or along k (mn = 1: each part MN-major, [K', X] row-major), one
+   allocation per expert and part (pointer arrays). */
+struct wparts {
+    double *v;
+    void *p[2][E];
+};
+
+static void weights(struct wparts *w, moe_dtype dt, uint64_t *seed, int64_t X, int64_t K, int mn,
+                    int64_t split, struct moe_gemm_op *op)
+{
+    w->v = ref_doubles((size_t)(E * X * K));
+    ref_fill(seed, w->v, E * X * K, -1.0, 1.0, dt);
+    const int64_t len = mn ? K : X;
     for (int e = 0; e < E; e++)
-        for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
-            const int64_t src = gathered ? gather[r] / TOPK : r;
+        for (int part = 0; part < 2; part++) {
+            const int64_t n = part ? len - split : split;
+            w->p[part][e] = ref_alloc((size_t)((mn ? n * X : n * K) + 1) * moe_dtype_size(dt));
+        }
+    for (int e = 0; e < E; e++)
+        for (int64_t x = 0; x < X; x++)
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t at = mn ? k : x, part = at >= split, loc = at - (part ? split : 0);
+                const int64_t i = mn ? loc * X + x : loc * K + k;
+                ref_put(dt, w->p[part][e], i, w->v[(e * X + x) * K + k]);
+            }
+    memset(op, 0, sizeof *op);
+    for (int part = 0; part < 2; part++)
+        op->m[part] = mn ? (struct moe_mats){(void *const *)w->p[part], NULL, 0, 1, X}
+                         : (struct moe_mats){(void *const *)w->p[part], NULL, 0, K, 1};
+    op->split = split;
+    op->split_k = mn;
+}
+
+static void weights_free(struct wparts *w)
+{
+    for (int part = 0; part < 2; part++)
+        for (int e = 0; e < E; e++)
+            free(w->p[part][e]);
+    free(w->v);
+}
+
+static int64_t src_of(int gathered, int64_t r)
+{
+    return gathered ? gather[r] / TOPK : r;
+}
+
+struct err {
+    double worst, scale;
+};
+
+static void note(struct err *m, double got, double want)
+{
+    const double d = fabs(got - want);
+    m->worst = d > m->worst ? d : m->worst;
+    m->scale = fabs(want) > m->scale ? fabs(want) : m->scale;
+}
+
+/* varlen-M: c[r, n] = Σ_k S[src(r), k] W_e[n, k]. */
+static void check_varlen_m(moe_dtype dt, int gathered, int mn)
+{
+    uint64_t seed = 0x51ed2701u + (uint64_t)dt * 3 + (uint64_t)gathered * 5 + (uint64_t)mn * 7;
+    const int64_t R = offsets[E];
+    double *s;
+    void *sb = activations(dt, &seed, D, &s);
+    struct wparts w;
+    struct moe_gemm g;
+    memset(&g, 0, sizeof g);
+    weights(&w, dt, &seed, N, D, mn, mn ? 3 : SPLIT, &g.b);
+    void *c = ref_alloc((size_t)(R * N) * moe_dtype_size(dt));
+    g.dtype = dt;
+    g.E = E;
+    g.N = N;
+    g.D = D;
+    g.rows_max = R;
+    g.offsets = offsets;
+    g.a = (struct moe_gemm_op){1, sb, D + RPAD, gathered ? gather : NULL, TOPK, {{0}, {0}}, 0, 0};
+    g.c = c;
+    g.c_rs = N;
+    cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
+    struct err m = {0, 0};
+    for (int e = 0; e < E; e++)
+        for (int64_t r = offsets[e]; r < offsets[e + 1]; r++)
             for (int64_t n = 0; n < N; n++) {
                 double want = 0.0;
-                for (int64_t j = 0; j < D; j++)
-                    want += a[src * D + j] * b[(e * N + n) * D + j];
-                const double d = fabs(ref_get(dt, c, r * N + n) - want);
-                worst = d > worst ? d : worst;
-                scale = fabs(want) > scale ? fabs(want) : scale;
+                for (int64_t k = 0; k < D; k++)
+                    want += s[src_of(gathered, r) * D + k] * w.v[(e * N + n) * D + k];
+                note(&m, ref_get(dt, c, r * N + n), want);
             }
-        }
-    cr_expect(worst / scale <= moe_tol(dt), "%s gathered=%d parts=%d: rel err %g",
-              ref_dtype_name(dt), gathered, parts, worst / scale);
-    for (int e = 0; e < E; e++) {
-        free(p0[e]);
-        free(p1[e]);
-    }
-    free(a);
-    free(b);
-    free(ab);
+    cr_expect(m.worst / m.scale <= moe_tol(dt), "%s gathered=%d mn=%d: rel err %g",
+              ref_dtype_name(dt), gathered, mn, m.worst / m.scale);
+    weights_free(&w);
+    free(s);
+    free(sb);
     free(c);
 }
 
-Test(kernels_grouped_gemm, gathered_rows_match_fp64)
+/* varlen-K: C_e[m, n] = Σ_r S1[src(r), m] S2[r, n] (gathered: the first operand, else the second),
+   the output split along m into two pointer arrays. */
+static void check_varlen_k(moe_dtype dt, int gather_first)
 {
-    for (int dt = MOE_F32; dt <= MOE_F16; dt++)
-        check((moe_dtype)dt, 1, 0);
+    uint64_t seed = 0x7a11u + (uint64_t)dt * 3 + (uint64_t)gather_first;
+    enum { M = 5, CSPLIT = 2 };
+    double *s1, *s2;
+    void *b1 = activations(dt, &seed, M, &s1), *b2 = activations(dt, &seed, N, &s2);
+    void *cp[2][E];
+    for (int e = 0; e < E; e++) {
+        cp[0][e] = ref_alloc((size_t)(CSPLIT * N) * moe_dtype_size(dt));
+        cp[1][e] = ref_alloc((size_t)((M - CSPLIT) * N) * moe_dtype_size(dt));
+    }
+    struct moe_gemm g;
+    memset(&g, 0, sizeof g);
+    g.dtype = dt;
+    g.E = E;
+    g.varlen_k = 1;
+    g.M = M;
+    g.N = N;
+    g.rows_max = offsets[E];
+    g.offsets = offsets;
+    g.a = (struct moe_gemm_op){1, b1, M + RPAD, gather_first ? gather : NULL, TOPK, {{0}, {0}},
+                               0, 0};
+    g.b = (struct moe_gemm_op){1, b2, N + RPAD, gather_first ? NULL : gather, TOPK, {{0}, {0}},
+                               0, 0};
+    g.cm[0] = (struct moe_mats){(void *const *)cp[0], NULL, 0, N, 1};
+    g.cm[1] = (struct moe_mats){(void *const *)cp[1], NULL, 0, N, 1};
+    g.c_split = CSPLIT;
+    cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
+    struct err m = {0, 0};
+    for (int e = 0; e < E; e++)
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t n = 0; n < N; n++) {
+                double want = 0.0;
+                for (int64_t r = offsets[e]; r < offsets[e + 1]; r++)
+                    want += s1[src_of(gather_first, r) * M + i] * s2[src_of(!gather_first, r) * N + n];
+                const int part = i >= CSPLIT;
+                const double got = ref_get(dt, cp[part][e], (i - (part ? CSPLIT : 0)) * N + n);
+                note(&m, got, want);
+                if (offsets[e] == offsets[e + 1])
+                    cr_expect(got == 0.0, "expert %d without rows: C[%ld, %ld] = %g", e, (long)i,
+                              (long)n, got);
+            }
+    cr_expect(m.worst / m.scale <= moe_tol(dt), "%s varlen-K gather_first=%d: rel err %g",
+              ref_dtype_name(dt), gather_first, m.worst / m.scale);
+    for (int e = 0; e < E; e++) {
+        free(cp[0][e]);
+        free(cp[1][e]);
+    }
+    free(s1);
+    free(s2);
+    free(b1);
+    free(b2);
 }
 
-Test(kernels_grouped_gemm, packed_rows_match_fp64)
+Test(kernels_grouped_gemm, gathered_rows_and_kmajor_weights_split_along_n_match_fp64)
 {
     for (int dt = MOE_F32; dt <= MOE_F16; dt++)
-        check((moe_dtype)dt, 0, 0);
+        check_varlen_m((moe_dtype)dt, 1, 0);
 }
 
-Test(kernels_grouped_gemm, two_operand_parts_match_fp64)
+Test(kernels_grouped_gemm, packed_rows_and_mnmajor_weights_split_along_k_match_fp64)
 {
     for (int dt = MOE_F32; dt <= MOE_F16; dt++)
-        check((moe_dtype)dt, 1, 1);
+        check_varlen_m((moe_dtype)dt, 0, 1);
+}
+
+Test(kernels_grouped_gemm, varlen_k_weight_grads_match_fp64_and_zero_empty_experts)
+{
+    for (int dt = MOE_F32; dt <= MOE_F16; dt++) {
+        check_varlen_k((moe_dtype)dt, 1);
+        check_varlen_k((moe_dtype)dt, 0);
+    }
 }
 
 Test(kernels_grouped_gemm, bad_arguments_are_refused)
 {
-    struct moe_gemm g = {MOE_F32, E, N, D, 0, NULL, D, NULL, 1, offsets, {{0}, {0}}, N, NULL, N,
-                         NULL};
-    cr_expect_eq(moe_grouped_gemm_cpu(&g), MOE_EINVAL);
+    struct moe_gemm g;
+    memset(&g, 0, sizeof g);
+    g.E = E;
+    g.N = N;
+    g.D = D;
+    g.offsets = offsets;
+    cr_expect_eq(moe_grouped_gemm_cpu(&g), MOE_EINVAL, "no operands");
     cr_expect_eq(moe_grouped_gemm_cpu(NULL), MOE_EINVAL);
 }
