@@ -187,7 +187,8 @@ MOE_API int moe_combine_cpu(int64_t T, int K, int64_t H, const float *out, const
      (the other coordinate is contiguous);
    - weights (rows = 0): element (x, k) of expert e in m[part] (struct moe_mats, rs the x stride, cs
      the k stride), part 1 where the split coordinate (k if split_k, else x) is >= split, which is
-     then counted from split: the gate and up projections of a ModuleList expert form one operand. */
+     then counted from split: the gate and up projections of a ModuleList expert form one operand.
+ */
 struct moe_gemm_op {
     int rows;
     const void *base;

@@ -86,13 +86,14 @@ __attribute__((constructor)) static void mp_stage1_init(void)
     get_version_fn get_version = (get_version_fn)dlsym(RTLD_DEFAULT, "Py_GetVersion");
     const char *version = get_version ? get_version() : "";
     if (python_version(version) < 309) {
-        mp_log(MP_LOG_INFO, "Python %.*s is older than 3.9; library inert", (int)strcspn(version, " "),
-            version);
+        mp_log(MP_LOG_INFO, "Python %.*s is older than 3.9; library inert",
+               (int)strcspn(version, " "), version);
         return;
     }
     if (strstr(version, "free-threading")) {
-        mp_log(MP_LOG_WARN, "free-threaded Python builds are not supported (the stable ABI does not "
-                         "load there); library inert");
+        mp_log(MP_LOG_WARN,
+               "free-threaded Python builds are not supported (the stable ABI does not "
+               "load there); library inert");
         return;
     }
 

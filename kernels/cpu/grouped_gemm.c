@@ -25,9 +25,9 @@ static float op_elem(const struct moe_gemm *g, const struct moe_gemm_op *o, int 
         else
             x -= o->split;
     }
-    const char *base = m->ptr ? (const char *)m->ptr[e]
-                              : (const char *)m->base +
-                                    m->es * (int64_t)e * (int64_t)moe_dtype_size(g->dtype);
+    const char *base =
+        m->ptr ? (const char *)m->ptr[e]
+               : (const char *)m->base + m->es * (int64_t)e * (int64_t)moe_dtype_size(g->dtype);
     return moe__load(g->dtype, base, x * m->rs + k * m->cs);
 }
 

@@ -3,11 +3,11 @@
  * the sizes of the caller-allocated workspace and saved state.
  *
  * Two engines for the routed experts' GEMMs:
- * - Hopper (p->engine set, sm_90, shapes it tiles; kernels/cuda/gemm_sm90.cu): route → counting sort (device) →
- *   grouped GEMM gate|up reading x's rows through perm → SwiGLU → grouped GEMM down → gather-sum
- *   combine; the backward mirrors it (input grads with the weights read MN-major, weight grads as
- *   varlen-K GEMMs that also write the zeros of experts without rows). Rows stay packed and no
- *   count ever goes to the host: the whole forward and backward can be captured in a CUDA graph.
+ * - Hopper (p->engine set, sm_90, shapes it tiles; kernels/cuda/gemm_sm90.cu): route → counting
+ * sort (device) → grouped GEMM gate|up reading x's rows through perm → SwiGLU → grouped GEMM down →
+ * gather-sum combine; the backward mirrors it (input grads with the weights read MN-major, weight
+ * grads as varlen-K GEMMs that also write the zeros of experts without rows). Rows stay packed and
+ * no count ever goes to the host: the whole forward and backward can be captured in a CUDA graph.
  * - cuBLAS (anything else): one device-to-host copy of the per-expert counts (p->counts_host; the
  *   batched GEMMs need host sizes) → gather → batched GEMMs over a padded layout (below).
  * The forward copies the counts only when the backward will need them (fwd_needs_host_counts); a

@@ -16,7 +16,8 @@
  *   stage is refilled only after every warpgroup's wgmma on it has retired.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
- *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per SM.
+ *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per
+ * SM.
  */
 #include <stdint.h>
 #include <string.h>
@@ -34,7 +35,8 @@
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
 #define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + 1024)
 
-/* One operand in bytes (struct moe_gemm_op). mn: x is the contiguous coordinate in global memory. */
+/* One operand in bytes (struct moe_gemm_op). mn: x is the contiguous coordinate in global memory.
+ */
 struct sm90_op {
     int rows, mn;
     const char *base;
@@ -78,7 +80,8 @@ static __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src,
 
 /* A shared-memory operand with the 128-byte swizzle. K-major: 8-row groups 1024 bytes apart (the
    leading offset is unused and encoded as 1). MN-major: the leading offset is the distance between
-   64-element atoms along M/N (SM90_ATOM_STRIDE), the stride offset between 8-deep k groups (1024). */
+   64-element atoms along M/N (SM90_ATOM_STRIDE), the stride offset between 8-deep k groups (1024).
+ */
 #define SM90_ATOM_STRIDE 8192
 static __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, int mn)
 {
@@ -335,8 +338,8 @@ static __device__ __forceinline__ void store_mats(const struct sm90_args &g, con
 {
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int part = t.m0 >= g.c_split;
-    const char *base = g.cptr[part] ? (const char *)g.cptr[part][t.e]
-                                    : g.cbase[part] + (int64_t)t.e * g.ces[part];
+    const char *base =
+        g.cptr[part] ? (const char *)g.cptr[part][t.e] : g.cbase[part] + (int64_t)t.e * g.ces[part];
     const int64_t ma = t.m0 - (part ? g.c_split : 0) + wg * 64 + warp * 16 + (lane >> 2);
     const int col = t.n0 + 2 * (lane & 3);
     T *pa = (T *)(base + ma * g.crs[part]) + col, *pb = (T *)(base + (ma + 8) * g.crs[part]) + col;
@@ -395,7 +398,8 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
         la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
         lb.plan(g.b, t, t.n0);
 
-        __syncthreads(); /* the previous tile's wgmma reads of the ring are over in every warpgroup */
+        __syncthreads(); /* the previous tile's wgmma reads of the ring are over in every warpgroup
+                          */
 #pragma unroll
         for (int s = 0; s < SM90_STAGES - 2; s++) {
             if (s < t.KT) {
@@ -418,8 +422,8 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
             for (int ks = 0; ks < SM90_BK / 16; ks++) {
-                const uint32_t a_at = AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048
-                                          : sa + wg * 64 * 128 + ks * 32;
+                const uint32_t a_at =
+                    AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
                 const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
                 wgmma_op<T, AMN, BMN>::mma(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
                                            kt > 0 || ks > 0);
@@ -464,16 +468,14 @@ static int sm90_ready(int *sms)
     if (known < 0) {
         int dev = 0, major = 0, minor = 0;
         cudaFuncAttributes fa;
-        known = cudaGetDevice(&dev) == cudaSuccess &&
-                cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
-                    cudaSuccess &&
-                cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) ==
-                    cudaSuccess &&
-                major == 9 && minor == 0 &&
-                cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) ==
-                    cudaSuccess &&
-                cudaFuncGetAttributes(&fa, sm90_gemm_kernel<__nv_bfloat16, 0, 0>) == cudaSuccess &&
-                fa.binaryVersion == 90;
+        known =
+            cudaGetDevice(&dev) == cudaSuccess &&
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+            major == 9 && minor == 0 &&
+            cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+            cudaFuncGetAttributes(&fa, sm90_gemm_kernel<__nv_bfloat16, 0, 0>) == cudaSuccess &&
+            fa.binaryVersion == 90;
         cudaGetLastError();
     }
     *sms = count;
@@ -493,8 +495,7 @@ static int rows_ok(const struct moe_gemm_op *o)
 
 /* A weight operand: one unit stride (mn: along x), split on a tile edge of its own axis (K-major
    weights split along x, MN-major ones along k), 16-byte aligned rows of the contiguous axis. */
-static int weights_ok(const struct moe_gemm_op *o, int mn, int64_t x_len, int64_t k_len,
-                      int x_tile)
+static int weights_ok(const struct moe_gemm_op *o, int mn, int64_t x_len, int64_t k_len, int x_tile)
 {
     const int64_t len = o->split_k ? k_len : x_len;
     if (o->rows || o->split_k != mn || o->split < 1)
@@ -524,8 +525,8 @@ static int sm90_kind(const struct moe_gemm *g)
         if (g->c_split < 1 || (g->c_split < g->M && g->c_split % SM90_BM))
             return 0;
         for (int p = 0; p < (g->c_split < g->M ? 2 : 1); p++)
-            if (g->cm[p].cs != 1 || !aligned16(g->cm[p].ptr ? NULL : g->cm[p].base,
-                                               g->cm[p].rs * 2) ||
+            if (g->cm[p].cs != 1 ||
+                !aligned16(g->cm[p].ptr ? NULL : g->cm[p].base, g->cm[p].rs * 2) ||
                 (g->cm[p].es * 2) % 16)
                 return 0;
         return (int64_t)g->E * (g->M / SM90_BM) * (g->N / SM90_BN) <= INT32_MAX ? 3 : 0;
@@ -596,8 +597,8 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
         return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "moe_grouped_gemm_cuda",
                          "dtype, shape, layout or alignment not tiled by the sm_90 kernel");
     const int64_t nt = g->N / SM90_BN;
-    const int64_t bound = g->varlen_k ? g->E * (g->M / SM90_BM) * nt
-                                      : (g->rows_max / SM90_BM + g->E) * nt;
+    const int64_t bound =
+        g->varlen_k ? g->E * (g->M / SM90_BM) * nt : (g->rows_max / SM90_BM + g->E) * nt;
     if (bound == 0 || (!g->varlen_k && g->rows_max == 0))
         return MOE_OK;
     struct sm90_args a;

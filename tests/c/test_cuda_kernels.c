@@ -706,12 +706,12 @@ struct gcase {
     const char *name;
     moe_dtype dt;
     int varlen_k;
-    int64_t M, N, D;  /* varlen-M: M unused; varlen-K: D unused */
-    int b_mn;         /* varlen-M: weights MN-major (input grads) instead of K-major (forward) */
-    int64_t split;    /* varlen-M: weight split (along k if b_mn, else along n); varlen-K: C's */
-    int list;         /* per-expert allocations (pointer arrays) instead of one 3-D tensor */
-    int topk;         /* gather_div of the gathered operand; 0: nothing gathered */
-    int gather_b;     /* varlen-K: the gather is on B instead of A */
+    int64_t M, N, D; /* varlen-M: M unused; varlen-K: D unused */
+    int b_mn;        /* varlen-M: weights MN-major (input grads) instead of K-major (forward) */
+    int64_t split;   /* varlen-M: weight split (along k if b_mn, else along n); varlen-K: C's */
+    int list;        /* per-expert allocations (pointer arrays) instead of one 3-D tensor */
+    int topk;        /* gather_div of the gathered operand; 0: nothing gathered */
+    int gather_b;    /* varlen-K: the gather is on B instead of A */
     const int64_t *counts; /* rows per expert */
     int E;
 };
@@ -817,8 +817,8 @@ static void atwin_new(struct atwin *t, moe_dtype dt, int64_t src_rows, int64_t w
 static void run_gemm_case(const struct gcase *c)
 {
     need_sm90();
-    rng_state = 0x2545f4914f6cdd1dull ^ (uint64_t)(c->E * 7919 + c->N * 31 + c->D + c->M * 13 +
-                                                   c->varlen_k * 5 + c->b_mn);
+    rng_state = 0x2545f4914f6cdd1dull ^
+                (uint64_t)(c->E * 7919 + c->N * 31 + c->D + c->M * 13 + c->varlen_k * 5 + c->b_mn);
     const size_t es = moe_dtype_size(c->dt);
     const int E = c->E;
     int64_t *off = calloc((size_t)E + 1, sizeof(int64_t));
@@ -860,8 +860,8 @@ static void run_gemm_case(const struct gcase *c)
     if (c->varlen_k) {
         const int gather_b = c->topk && c->gather_b;
         atwin_new(&b, c->dt, gather_b ? src_rows : R, c->N);
-        gc.b = (struct moe_gemm_op){1, b.v.h, b.rs, gather_b ? gat.h : NULL, c->topk, {{0}, {0}},
-                                    0, 0};
+        gc.b = (struct moe_gemm_op){1,       b.v.h,      b.rs, gather_b ? gat.h : NULL,
+                                    c->topk, {{0}, {0}}, 0,    0};
         gg.b = gc.b;
         gg.b.base = b.v.d;
         gg.b.gather = gather_b ? gat.d : NULL;
@@ -883,9 +883,9 @@ static void run_gemm_case(const struct gcase *c)
         etwin_new(&w0, c->dt, E, r0, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1);
         if (two)
             etwin_new(&w1, c->dt, E, r1, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1);
-        gc.b = (struct moe_gemm_op){0, NULL, 0, NULL, 1, {w0.cpu, two ? w1.cpu : w0.cpu},
+        gc.b = (struct moe_gemm_op){0,        NULL,   0, NULL, 1, {w0.cpu, two ? w1.cpu : w0.cpu},
                                     c->split, c->b_mn};
-        gg.b = (struct moe_gemm_op){0, NULL, 0, NULL, 1, {w0.gpu, two ? w1.gpu : w0.gpu},
+        gg.b = (struct moe_gemm_op){0,        NULL,   0, NULL, 1, {w0.gpu, two ? w1.gpu : w0.gpu},
                                     c->split, c->b_mn};
         cv = pair_new((size_t)(R * c->N) * es);
         gc.c = cv.h;

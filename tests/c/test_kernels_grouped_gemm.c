@@ -144,10 +144,10 @@ static void check_varlen_k(moe_dtype dt, int gather_first)
     g.N = N;
     g.rows_max = offsets[E];
     g.offsets = offsets;
-    g.a = (struct moe_gemm_op){1, b1, M + RPAD, gather_first ? gather : NULL, TOPK, {{0}, {0}},
-                               0, 0};
-    g.b = (struct moe_gemm_op){1, b2, N + RPAD, gather_first ? NULL : gather, TOPK, {{0}, {0}},
-                               0, 0};
+    g.a =
+        (struct moe_gemm_op){1, b1, M + RPAD, gather_first ? gather : NULL, TOPK, {{0}, {0}}, 0, 0};
+    g.b =
+        (struct moe_gemm_op){1, b2, N + RPAD, gather_first ? NULL : gather, TOPK, {{0}, {0}}, 0, 0};
     g.cm[0] = (struct moe_mats){(void *const *)cp[0], NULL, 0, N, 1};
     g.cm[1] = (struct moe_mats){(void *const *)cp[1], NULL, 0, N, 1};
     g.c_split = CSPLIT;
@@ -158,7 +158,8 @@ static void check_varlen_k(moe_dtype dt, int gather_first)
             for (int64_t n = 0; n < N; n++) {
                 double want = 0.0;
                 for (int64_t r = offsets[e]; r < offsets[e + 1]; r++)
-                    want += s1[src_of(gather_first, r) * M + i] * s2[src_of(!gather_first, r) * N + n];
+                    want +=
+                        s1[src_of(gather_first, r) * M + i] * s2[src_of(!gather_first, r) * N + n];
                 const int part = i >= CSPLIT;
                 const double got = ref_get(dt, cp[part][e], (i - (part ? CSPLIT : 0)) * N + n);
                 note(&m, got, want);
