@@ -67,6 +67,11 @@ def unpatch(block):
     _load_glue()["unpatch"](block)
 
 
+def set_engine(on):
+    """Developer hook: the routed experts run on the Hopper GEMM engine where it applies."""
+    _load_glue()["set_engine"](on)
+
+
 try:
     _install_loader_hook()
     for _module in list(sys.modules.values()):

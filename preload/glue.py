@@ -180,6 +180,16 @@ def unpatch(block):
     _unpatch(block, "unpatched by request")
 
 
+# The Hopper GEMM engine for the routed experts (moe_problem.engine): off until the fused path on it
+# has been verified on a GPU; benchmarks and GPU tests turn it on with set_engine(True).
+_engine = [0]
+
+
+def set_engine(on):
+    """Route the routed experts of later calls through the Hopper engine where it applies."""
+    _engine[0] = 1 if on else 0
+
+
 # ---------------------------------------------------------------- binding: tensors -> pointers
 
 class _Refuse(Exception):
@@ -369,6 +379,7 @@ def _make_function(torch):
             saved = counts = None
             if plan.cuda:
                 io["stream"] = _stream(torch, dev)
+                io["engine"] = ctx.engine = _engine[0]
                 counts = torch.empty(plan.E, dtype=torch.int64)
                 io["counts_host"] = counts.data_ptr()
                 saved = torch.empty(_run("saved", 1, plan.cfg, io), dtype=torch.uint8, device=dev)
@@ -411,6 +422,7 @@ def _make_function(torch):
                 io["shared_gate"], io["d_shared_gate"] = shared_gate.data_ptr(), d_sg.data_ptr()
             if plan.cuda:
                 io["stream"] = _stream(torch, dev)
+                io["engine"] = ctx.engine  # the forward's choice: the saved state depends on it
                 io["counts_host"] = ctx.counts.data_ptr()
                 io["saved"] = ctx.io_saved.data_ptr()
                 ws = torch.empty(_mp.run("workspace_backward", 1, plan.cfg, io), dtype=torch.uint8,

@@ -50,6 +50,8 @@ def parse_args(argv):
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated, from: " + ", ".join(SHAPES))
     p.add_argument("--reps", type=int, help="timed repetitions of the fast implementations")
     p.add_argument("--no-loop", action="store_true", help="skip the per-expert loop anchors")
+    p.add_argument("--engine", action="store_true",
+                   help="also time every patched row on the Hopper GEMM engine (_moepatch.set_engine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -404,8 +406,8 @@ def grouped_mm_seen(torch, block, x):
 # ------------------------------------------------------------------------------------------ driver
 
 def impls_for(torch, mp, shape_name, s, src, args, log):
-    """[(key, label, block, patched?, note)] for one shape; the same block instance may appear twice
-    (unpatched anchor, then patched)."""
+    """[(key, label, block, patched?, note, engine?)] for one shape; the same block instance may appear
+    several times (unpatched anchor, then patched, then patched on the Hopper engine)."""
     out = []
     if s["kind"] == "ring":
         ring = make_bailing(torch, s, args.seed + 1)
@@ -429,6 +431,10 @@ def impls_for(torch, mp, shape_name, s, src, args, log):
         out.append(("grouped_mm", "transformers Qwen3 block, experts=%s" % got, q, False, src[2]))
         if mp is not None:
             out.append(("moepatch", "libmoepatch, Qwen3 block", q, True, "same instance as grouped_mm, patched"))
+    out = [impl + (False,) for impl in out]
+    if args.engine and mp is not None:
+        out += [(key + "_engine", label + ", Hopper engine", block, True, note + "; moe_problem.engine = 1", True)
+                for key, label, block, patched, note, _ in out if patched]
     return out
 
 
@@ -489,13 +495,14 @@ def run(args):
                          "fwd": {"median_ms": floor["fwd"] / rate * 1e3},
                          "fwdbwd": {"median_ms": floor["fwdbwd"] / rate * 1e3},
                          "flops_fwd": floor["fwd"], "flops_fwdbwd": floor["fwdbwd"]})
-            for key, label, block, patched, note in impls:
+            for key, label, block, patched, note, engine in impls:
                 row = {"shape": shape_name, "T": T, "impl": key, "label": label, "note": note,
                        "flops_fwd": floor["fwd"], "flops_fwdbwd": floor["fwdbwd"]}
                 rows.append(row)
                 try:
                     if mp is not None:
                         set_patched(mp, block, patched)
+                        mp.set_engine(engine)
                     if patched and (key, id(block)) not in gates:
                         gates[(key, id(block))] = gate(torch, mp, block, pool[0][0], pool[0][1])
                         log("gate %s %-13s vs unpatched: y %.2e  dx %.2e  grads %.2e  %s" % (
