@@ -37,36 +37,36 @@ H, I = 128, 64  # small, but multiples of 16 like every real model
 DEVICE = os.environ.get("MOEPATCH_PROBE_DEVICE", "cuda")
 
 
-def _cfg_bailing(E, K, G, TG):
+def _cfg_bailing(E, K, G, TG, H=H, I=I):
     return dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, n_group=G,
                 topk_group=TG, num_shared_experts=1, routed_scaling_factor=2.5)
 
 
-def _cfg_qwen3(E, K, G, TG):
+def _cfg_qwen3(E, K, G, TG, H=H, I=I):
     return dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
                 norm_topk_prob=True)
 
 
-def _cfg_mixtral(E, K, G, TG):
+def _cfg_mixtral(E, K, G, TG, H=H, I=I):
     return dict(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
                 router_jitter_noise=0.0)
 
 
-def _cfg_olmoe(E, K, G, TG):
+def _cfg_olmoe(E, K, G, TG, H=H, I=I):
     return dict(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K, norm_topk_prob=False)
 
 
-def _cfg_qwen2(E, K, G, TG):
+def _cfg_qwen2(E, K, G, TG, H=H, I=I):
     return dict(hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=96, num_experts=E,
                 num_experts_per_tok=K, norm_topk_prob=True)
 
 
-def _cfg_deepseek(E, K, G, TG):
+def _cfg_deepseek(E, K, G, TG, H=H, I=I):
     return dict(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
                 n_shared_experts=1, n_group=G, topk_group=TG, norm_topk_prob=True, routed_scaling_factor=2.5)
 
 
-def _cfg_glm4(E, K, G, TG):
+def _cfg_glm4(E, K, G, TG, H=H, I=I):
     return dict(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
                 n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8)
 
@@ -98,9 +98,19 @@ SHAPES = [
 ]
 
 
-def case_name(family, shape):
+# The same checks with H = I = 256 and _moepatch.set_engine(True): on an sm_90 GPU the routed experts run
+# on the Hopper GEMM engine (kernels/cuda/gemm_sm90.cu) in both passes; elsewhere they run on cuBLAS.
+ENGINE_SHAPES = [
+    ("bf16", 4096, 16, 4, 4, 2, True, False),
+    ("bf16", 300, 8, 2, 4, 2, False, False),
+]
+ENGINE_H, ENGINE_I = 256, 256
+
+
+def case_name(family, shape, engine=False):
     dtype, T, E, K, _, _, zero, rnd = shape
-    return "%s-%s-T%d-E%d-K%d%s%s" % (family, dtype, T, E, K, "-zero" if zero else "", "-random" if rnd else "")
+    return "%s-%s-T%d-E%d-K%d%s%s%s" % (family, dtype, T, E, K, "-zero" if zero else "", "-random" if rnd else "",
+                                        "-engine" if engine else "")
 
 
 def _build_cases():
@@ -108,10 +118,11 @@ def _build_cases():
     for family, spec in FAMILIES.items():
         if not os.path.exists(os.path.join(FIXTURES, spec[0])):
             continue
-        for shape in SHAPES:
-            dtype, T, E, K, G, TG, zero, rnd = shape
-            cases.append({"name": case_name(family, shape), "family": family, "dtype": dtype, "T": T, "E": E,
-                          "K": K, "G": G, "TG": TG, "zero": zero, "random": rnd})
+        for engine, shapes in ((False, SHAPES), (True, ENGINE_SHAPES)):
+            for shape in shapes:
+                dtype, T, E, K, G, TG, zero, rnd = shape
+                cases.append({"name": case_name(family, shape, engine), "family": family, "dtype": dtype, "T": T,
+                              "E": E, "K": K, "G": G, "TG": TG, "zero": zero, "random": rnd, "engine": engine})
     return cases
 
 
@@ -336,7 +347,8 @@ def run_case(mp, torch, c, tol):
     rng = random.Random(seed)
     zero = (seed % E) if c["zero"] else None
 
-    cfg = module.tiny_config(**cfg_fn(E, K, G, TG))
+    dims = (ENGINE_H, ENGINE_I) if c["engine"] else (H, I)
+    cfg = module.tiny_config(**cfg_fn(E, K, G, TG, *dims))
     block = getattr(module, module.BLOCK_CLASS)(cfg)
     rec = {"layout": layout, "recipe": recipe, "zero_expert": zero}
     rec["patched_at_build"] = "_moepatch" in block.__dict__ and "forward" in block.__dict__
@@ -422,9 +434,12 @@ def main(argv):
         result["running"] = c["name"]
         dump()
         try:
+            mp.set_engine(c["engine"])
             result["cases"][c["name"]] = run_case(mp, torch, c, tol)
         except Exception:
             result["cases"][c["name"]] = {"error": traceback.format_exc()}
+        finally:
+            mp.set_engine(False)
         result["running"] = None
     dump()
     return 0

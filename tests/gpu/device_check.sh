@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU verification batch, in pieces that each fit one lent-GPU call (< 10 min), logs under $OUT
+# (default ./device_out). Build here (make), carry build/ and .devlibs/ (and .whl/ for axolotl).
+#
+#   tests/gpu/device_check.sh devlibs   (here, once) copy the C tests' non-system libraries (Criterion
+#                                       and its dependencies) into .devlibs/: the GPU image has no Criterion
+#   tests/gpu/device_check.sh kernels   C GPU tests (CUDA vs CPU reference, Hopper engine forms and engine-
+#                                       shaped blocks), memcheck of the engine cases, bench_gemm.py
+#   tests/gpu/device_check.sh python    the GPU pytest modules (fixture families incl. -engine cases,
+#                                       real transformers families, aux-free) and bench_moe.py --engine
+#   tests/gpu/device_check.sh axolotl   examples/ab.sh on both axolotl configs and the two LoRA configs
+set -u -o pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$PWD/.devlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+LIB=$PWD/build/libmoepatch.so
+
+case "${1:-}" in
+devlibs)
+    mkdir -p .devlibs
+    for l in $(ldd build/tests/test_cuda_kernels | awk '/=>/ {print $3}'); do
+        case $(basename "$l") in
+        libc.so* | libm.so* | libdl.so* | libpthread.so* | librt.so* | libresolv.so* | ld-linux* | libcud* | \
+            libcublas* | libmoepatch* | libstdc++* | libgcc_s*) ;;
+        *) cp -L "$l" .devlibs/ ;;
+        esac
+    done
+    ls .devlibs
+    ;;
+kernels)
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+    timeout 300 ./build/tests/test_cuda_kernels --jobs 8 --verbose >"$OUT/ctest.log" 2>&1
+    echo "test_cuda_kernels rc=$?"
+    grep -E "FAIL|Synthesis" "$OUT/ctest.log"
+    MOE_TEST_SMALL=1 timeout 150 compute-sanitizer --tool memcheck ./build/tests/test_cuda_kernels \
+        --filter='cuda_kernels/grouped*' --jobs 1 >"$OUT/memcheck.log" 2>&1
+    tail -3 "$OUT/memcheck.log"
+    timeout 200 python3 tests/bench/bench_gemm.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench_gemm.log" | tail -40
+    ;;
+python)
+    MOEPATCH_LIB=$LIB timeout 330 python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    LD_PRELOAD=$LIB timeout 240 python3 tests/bench/bench_moe.py --engine --no-loop --out "$OUT/bench_moe.json" \
+        2>&1 | tee "$OUT/bench_moe.log" | tail -30
+    ;;
+axolotl)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+        exit 1
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
+    M=/tmp/moe_models E=examples/axolotl C=$OUT/console.log
+    python3 $E/make_models.py --out $M 2>&1 | tee -a "$C" || exit 1
+    MODEL=$M/ring_mini_arch RUN_TIMEOUT=240 examples/ab.sh $E/ring_mini_arch.yml 2>&1 | tee -a "$C"
+    MODEL=$M/qwen3_moe_tiny RUN_TIMEOUT=120 examples/ab.sh $E/qwen3_moe_tiny.yml 2>&1 | tee -a "$C"
+    MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=100 examples/ab.sh $E/ring_lora_experts.yml 6 2>&1 | tee -a "$C"
+    MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=80 examples/ab.sh $E/ring_lora_attn.yml 10 2>&1 | tee -a "$C"
+    tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
+    ;;
+*)
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac
