@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "internal.h"
 
 #define SM90_BM 128
@@ -120,29 +122,23 @@ static __device__ __forceinline__ void fence_d(float *d)
     asm volatile("" : D_OPERANDS::"memory");
 }
 
-/* d[64 x 256 per warpgroup] (+)= A[64 x 16] · B[256 x 16]ᵀ, both from shared memory. */
-/* TA / TB: 1 reads that operand MN-major (the transpose bits of wgmma). */
-template <typename T, int TA, int TB> struct wgmma_op;
-template <int TA, int TB> struct wgmma_op<__nv_bfloat16, TA, TB> {
-    static __device__ __forceinline__ void mma(float *d, uint64_t da, uint64_t db, int accumulate)
-    {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " D128_REGS
-                     ", %128, %129, p, 1, 1, %131, %132;\n}\n"
-                     : D_OPERANDS
-                     : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
-    }
-};
-template <int TA, int TB> struct wgmma_op<__half, TA, TB> {
-    static __device__ __forceinline__ void mma(float *d, uint64_t da, uint64_t db, int accumulate)
-    {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " D128_REGS
-                     ", %128, %129, p, 1, 1, %131, %132;\n}\n"
-                     : D_OPERANDS
-                     : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
-    }
-};
+/* d[64 x 256 per warpgroup] (+)= A[64 x 16] · B[256 x 16]ᵀ, both from shared memory, elements of
+   PTX type TY ("bf16" or "f16"). TA / TB: 1 reads that operand MN-major (the transpose bits). */
+#define SM90_WGMMA(TY)                                                                             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                     \
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " " D128_REGS            \
+                 ", %128, %129, p, 1, 1, %131, %132;\n}\n"                                         \
+                 : D_OPERANDS                                                                      \
+                 : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB))
+
+template <typename T, int TA, int TB>
+static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db, int accumulate)
+{
+    if constexpr (std::is_same<T, __half>::value)
+        SM90_WGMMA("f16");
+    else
+        SM90_WGMMA("bf16");
+}
 
 static __device__ __forceinline__ void pack2(__nv_bfloat16 *dst, float x, float y)
 {
@@ -425,8 +421,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
                 const uint32_t a_at =
                     AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
                 const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
-                wgmma_op<T, AMN, BMN>::mma(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
-                                           kt > 0 || ks > 0);
+                wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), kt > 0 || ks > 0);
             }
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             /* the refill goes out while the tensor cores work */
