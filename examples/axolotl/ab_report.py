@@ -17,7 +17,7 @@ GIB = 1024.0 ** 3
 
 
 def load(path):
-    steps, logs, end = {}, {}, None
+    steps, logs, end, init = {}, {}, None, None
     with open(path) as f:
         for line in f:
             line = line.strip()
@@ -30,7 +30,9 @@ def load(path):
                 logs.setdefault(rec["step"], {}).update(rec["logs"])
             elif rec["kind"] == "end":
                 end = rec
-    return steps, logs, end
+            elif rec["kind"] == "init":
+                init = rec
+    return steps, logs, end, init
 
 
 def moepatch_lines(log_path):
@@ -48,10 +50,10 @@ def moepatch_lines(log_path):
 
 
 def summarize(path, log_path, warmup, wall):
-    steps, logs, _ = load(path)
+    steps, logs, _, init = load(path)
     order = sorted(steps)
     res = {"jsonl": path, "log": log_path, "steps_recorded": len(order), "moepatch": moepatch_lines(log_path),
-           "run_wall_s": wall}
+           "run_wall_s": wall, "init_sha256": init and init["sha256"]}
     if not order:
         return res, {}
     times, prev_end = {}, None
@@ -135,6 +137,13 @@ def main():
     if "A" in sides and "B" in sides and sides["A"][0].get("mean_step_s") and sides["B"][0].get("mean_step_s"):
         summary["speedup_step_time"] = sides["A"][0]["mean_step_s"] / sides["B"][0]["mean_step_s"]
         print(f"speed-up (mean step time A / B): {summary['speedup_step_time']:.2f}x")
+
+    if "A" in sides and "B" in sides:
+        ia, ib = sides["A"][0]["init_sha256"], sides["B"][0]["init_sha256"]
+        summary["same_init"] = None if None in (ia, ib) else ia == ib
+        if summary["same_init"] is False:
+            print("WARNING: A and B start from different trainable parameters (initial digest differs): "
+                  "the loss curves below compare two initialisations, not the library")
 
     all_steps = sorted(set().union(*(set(sides[k][1]) for k in keys)))
     table = []
