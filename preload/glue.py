@@ -145,11 +145,15 @@ def _module_kinds(block, spec):
     return kinds
 
 
+def _qualname(cls):
+    return "%s.%s" % (cls.__module__, cls.__qualname__)
+
+
 def _same_kind(name, module, expected):
     if type(module) is not expected:
         raise _Refuse("%s was replaced after patching (%s, was %s): LoRA or quantized layers are "
                       "not supported by the fused path yet"
-                      % (name, type(module).__name__, expected.__name__))
+                      % (name, _qualname(type(module)), _qualname(expected)))
 
 
 def _patch(block, spec):
