@@ -385,6 +385,22 @@ static int experts_fused(struct ctx *c)
     return 0;
 }
 
+/* A family row that lists its checked layouts refuses the others: the same family name in another
+   layout (another transformers version, remote code) may route or return differently. */
+static int check_layout(struct ctx *c)
+{
+    static const char *const names[] = {"nn.ModuleList experts", "3-D experts [E, 2I, H]",
+                                        "transposed 3-D experts [E, H, 2I]"};
+    mp_layout l = c->spec->layout;
+
+    if (!c->fam || !c->fam->layouts || (c->fam->layouts & MP_LAYOUT_BIT(l)))
+        return 0;
+    return fail(c, MOE_EUNSUPPORTED,
+                "%s with %s: that layout of the family was not checked against its source; not "
+                "supported",
+                c->spec->family, names[l]);
+}
+
 static int find_experts(struct ctx *c)
 {
     copy_name(c->spec->experts, "experts");
@@ -576,6 +592,8 @@ static void find_norm_scale(struct ctx *c)
             break;
     if (f->norm == MP_NORM_ALWAYS)
         norm = 1;
+    else if (f->norm == MP_NORM_NEVER)
+        norm = 0;
     else if (f->norm == MP_NORM_K_GT_1 || f->norm_needs_k_gt_1)
         norm = (f->norm == MP_NORM_K_GT_1 || norm) && r->K > 1;
     r->norm = norm;
@@ -642,7 +660,9 @@ static void finish(struct ctx *c)
     struct moe_spec *s = c->spec;
     int list = s->layout == MP_LAYOUT_MODULELIST;
     s->logits_fp32 = c->fam->logits_fp32;
-    s->ret = list ? c->fam->ret_list : c->fam->ret_3d;
+    s->ret = list                               ? c->fam->ret_list
+             : s->layout == MP_LAYOUT_FUSED3D_T ? c->fam->ret_3d_t
+                                                : c->fam->ret_3d;
     s->route.mask_value = list ? c->fam->mask_list : c->fam->mask_3d;
     if (s->route.recipe == MOE_ROUTE_SOFTMAX_TOPK)
         s->route.mask_value = -INFINITY; /* unused: no group limit */
@@ -659,9 +679,9 @@ static int detect(struct ctx *c)
         return rc;
     c->experts = mp__attr(c->block, "experts");
     find_config(c);
-    if ((rc = find_family(c)) < 0 || (rc = find_experts(c)) < 0 || (rc = check_activation(c)) < 0 ||
-        (rc = find_top_k(c)) < 0 || (rc = find_bias(c)) < 0 || (rc = find_recipe(c)) < 0 ||
-        (rc = find_groups(c)) < 0)
+    if ((rc = find_family(c)) < 0 || (rc = find_experts(c)) < 0 || (rc = check_layout(c)) < 0 ||
+        (rc = check_activation(c)) < 0 || (rc = find_top_k(c)) < 0 || (rc = find_bias(c)) < 0 ||
+        (rc = find_recipe(c)) < 0 || (rc = find_groups(c)) < 0)
         return rc;
     find_norm_scale(c);
     if ((rc = find_shared(c)) < 0)

@@ -338,6 +338,124 @@ Test(detect, deepseek_remote_code_skips_norm_for_top1)
     cr_assert_eq(s.route.norm, 1);
 }
 
+Test(detect, qwen3_vl_moe_tf5_always_normalises)
+{
+    /* the router has no norm_topk_prob; a stray config value must not turn the ÷ Σ off */
+    struct moe_spec s =
+        accepted("softmax_tf5('qwen3_vl_moe', norm=False, experts=experts3d(config=config("
+                 "'qwen3_vl_moe_text', norm_topk_prob=False)))");
+    cr_assert_str_eq(s.family, "qwen3_vl_moe_text");
+    cr_assert_eq(s.route.recipe, MOE_ROUTE_SOFTMAX_TOPK);
+    cr_assert_eq(s.route.norm, 1);
+    cr_assert_float_eq(s.route.norm_eps, 0.0f, 0.0f);
+    cr_assert_eq(s.layout, MP_LAYOUT_FUSED3D);
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+    cr_assert_eq(s.logits_fp32, 0);
+}
+
+Test(detect, qwen3_vl_moe_tf4_transposed_returns_logits)
+{
+    /* transformers 4.57: gate = nn.Linear, experts [E, H, 2I] / [E, I, H], no config anywhere */
+    struct moe_spec s = accepted("block(tf('qwen3_vl_moe'), hidden_size=H, num_experts=E, top_k=2,"
+                                 " gate=linear(E, H), experts=Obj(gate_up_proj=Tensor(E, H, 2 * I),"
+                                 " down_proj=Tensor(E, I, H), act_fn=SiLU()))");
+    cr_assert_str_eq(s.family, "qwen3_vl_moe");
+    cr_assert_eq(s.layout, MP_LAYOUT_FUSED3D_T);
+    cr_assert_eq(s.I, 8);
+    cr_assert_eq(s.ret, MP_RET_LOGITS);
+    cr_assert_eq(s.route.norm, 1);
+}
+
+Test(detect, qwen3_5_moe_gated_shared_expert_always_normalises)
+{
+    struct moe_spec s =
+        accepted("softmax_tf5('qwen3_5_moe', norm=False, shared_expert=mlp(H, 3 * I),"
+                 " shared_expert_gate=linear(1, H))");
+    cr_assert_eq(s.route.norm, 1);
+    cr_assert_eq(s.shared, MP_SHARED_GATED);
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+}
+
+Test(detect, deepseek_v3_copies_tf5)
+{
+    static const char *const fams[] = {"deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
+                                       "exaone_moe",   "kimi_linear",   "solar_open",
+                                       "mimo_v2_flash"};
+    char expr[256];
+    for (size_t i = 0; i < sizeof fams / sizeof fams[0]; i++) {
+        snprintf(expr, sizeof expr, "deepseek(module=tf('%s'), family='%s', fused=True)", fams[i],
+                 fams[i]);
+        struct moe_spec s = accepted(expr);
+        cr_assert_str_eq(s.family, fams[i]);
+        cr_assert_eq(s.route.recipe, MOE_ROUTE_SIGMOID_GROUP);
+        cr_assert_eq(s.route.n_group, 4);
+        cr_assert(isinf(s.route.mask_value) && s.route.mask_value < 0);
+        cr_assert_float_eq(s.route.scale, 2.5f, 1e-6f);
+        cr_assert_str_eq(s.bias, "e_score_correction_bias");
+        cr_assert_eq(s.ret, MP_RET_TENSOR);
+    }
+}
+
+Test(detect, layout_not_checked_for_the_family_is_refused)
+{
+    /* these families exist only with 3-D experts: an nn.ModuleList version was never read */
+    refused("deepseek(module=tf('deepseek_v32'), family='deepseek_v32')", MOE_EUNSUPPORTED,
+            "deepseek_v32 with nn.ModuleList experts: that layout of the family was not checked");
+    refused("softmax_tf4('qwen3_vl_moe')", MOE_EUNSUPPORTED, "not checked");
+    refused("softmax_tf5('qwen3_5_moe', experts=experts3d(transposed=True))", MOE_EUNSUPPORTED,
+            "transposed 3-D experts");
+}
+
+Test(detect, glm4_moe_copies_tf4_mask_with_zero)
+{
+    struct moe_spec s = accepted("deepseek(module=tf('dots1'), family='dots1')");
+    cr_assert_eq(s.layout, MP_LAYOUT_MODULELIST);
+    cr_assert_float_eq(s.route.mask_value, 0.0f, 0.0f);
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+    s = accepted("deepseek(module=tf('glm4v_moe'), family='glm4v_moe_text', fused=True)");
+    cr_assert_str_eq(s.family, "glm4v_moe_text");
+    cr_assert(isinf(s.route.mask_value));
+}
+
+Test(detect, axk2_masks_groups_with_zero_in_3d)
+{
+    struct moe_spec s = accepted("deepseek(module=tf('axk2'), family='axk2', fused=True)");
+    cr_assert_eq(s.route.n_group, 4);
+    cr_assert_float_eq(s.route.mask_value, 0.0f, 0.0f);
+}
+
+Test(detect, jamba_never_normalises)
+{
+    struct moe_spec s = accepted("softmax_tf4('jamba', norm=True, gate=None, router=linear(E, H))");
+    cr_assert_str_eq(s.router, "router");
+    cr_assert_eq(s.route.norm, 0);
+    cr_assert_eq(s.ret, MP_RET_LOGITS);
+    s = accepted("softmax_tf5('jamba', norm=True)");
+    cr_assert_eq(s.route.norm, 0);
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+}
+
+Test(detect, granitemoe_router_named_router)
+{
+    struct moe_spec s =
+        accepted("block(tf('granitemoe'), router=Obj(weight=Tensor(E, H), top_k=2,"
+                 " num_experts=E), experts=experts3d(config=config('granitemoe')))");
+    cr_assert_str_eq(s.router, "router");
+    cr_assert_eq(s.route.norm, 1);
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+}
+
+Test(detect, minimax_as_mixtral)
+{
+    struct moe_spec s = accepted("block(tf('minimax'), num_experts=E, top_k=2, gate=linear(E, H),"
+                                 " experts=[mlp(H, I, names=('w1', 'w3', 'w2')) for _ in range(E)],"
+                                 " jitter_noise=0.0)");
+    cr_assert_str_eq(s.gate, "w1");
+    cr_assert_eq(s.route.norm, 1);
+    cr_assert_eq(s.ret, MP_RET_LOGITS);
+    cr_assert_str_eq(s.jitter_attr, "jitter_noise");
+}
+
 Test(detect, unknown_family_is_refused)
 {
     refused("block('mymodels.custom', gate=Obj(weight=Tensor(E, H), top_k=2),"
