@@ -12,8 +12,10 @@
  *   tiles, an expert without rows writes zeros. CTAs walk the list with a grid stride.
  * - Loads are 16-byte cp.async chunks issued by all 256 threads into an S-stage ring; a gathered
  *   row costs the same as a packed one, and rows past an expert's end are zero-filled by the copy.
- *   Both warpgroups compute (64 × 256 each, BK = 64); the ring runs S - 2 tiles ahead, because a
- *   stage is refilled only after every warpgroup's wgmma on it has retired.
+ *   Both warpgroups compute (64 × 256 each, BK = 64); the ring runs S - 2 k-steps ahead, because a
+ *   stage is refilled only after every warpgroup's wgmma on it has retired. The ring does not drain
+ *   between tiles: it runs across this CTA's whole tile list (sm90_producer), so short reductions
+ *   (the down projection, the weight grads) do not pay a refill per tile.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
  *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per
@@ -370,6 +372,47 @@ static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_arg
     return t;
 }
 
+/* The copy side of the ring: walks this CTA's tiles (q = blockIdx.x, + gridDim.x, ...), skipping
+   tiles without k-steps, and fills one stage per call, so the next tile's first stages load while
+   the current tile's last ones compute. Every call commits one cp.async group (empty past the end),
+   which keeps the group count equal to the consumer's slot count. */
+template <int AMN, int BMN> struct sm90_producer {
+    sm90_loader<SM90_BM, AMN> la;
+    sm90_loader<SM90_BN, BMN> lb;
+    int q, kt, KT, slot;
+
+    __device__ __forceinline__ void seek(const struct sm90_args &g, const int *tiles, int nt,
+                                         int total)
+    {
+        for (; q < total; q += gridDim.x) {
+            const struct sm90_tile t = tile_of(g, tiles, nt, q);
+            if (t.KT > 0) {
+                la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
+                lb.plan(g.b, t, t.n0);
+                KT = t.KT;
+                kt = 0;
+                return;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void fill(const struct sm90_args &g, const int *tiles, int nt,
+                                         int total, uint32_t ring)
+    {
+        if (q < total) {
+            const uint32_t st = ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES;
+            la.load(st, kt);
+            lb.load(st + SM90_A_BYTES, kt);
+            if (++kt == KT) {
+                q += gridDim.x;
+                seek(g, tiles, nt, total);
+            }
+        }
+        slot++;
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+};
+
 template <typename T, int AMN, int BMN>
 static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const struct sm90_args g)
 {
@@ -387,33 +430,30 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
         tile_prefix(g.offsets, g.E, nt, tiles, part);
         total = tiles[g.E];
     }
+    struct sm90_producer<AMN, BMN> pr;
+    pr.q = blockIdx.x;
+    pr.slot = 0;
+    pr.seek(g, tiles, nt, total);
+#pragma unroll
+    for (int s = 0; s < SM90_STAGES - 2; s++)
+        pr.fill(g, tiles, nt, total, ring);
+
+    /* slot: the consumer's k-steps so far, over all tiles; its stage is slot % STAGES, filled by
+       the producer STAGES - 2 calls earlier. A stage is refilled only after every warpgroup's wgmma
+       on it has retired (wait_group 1 of the previous slot, then the barrier of this one). */
+    int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
-        sm90_loader<SM90_BM, AMN> la;
-        sm90_loader<SM90_BN, BMN> lb;
-        la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
-        lb.plan(g.b, t, t.n0);
-
-        __syncthreads(); /* the previous tile's wgmma reads of the ring are over in every warpgroup
-                          */
-#pragma unroll
-        for (int s = 0; s < SM90_STAGES - 2; s++) {
-            if (s < t.KT) {
-                la.load(ring + s * SM90_STAGE_BYTES, s);
-                lb.load(ring + s * SM90_STAGE_BYTES + SM90_A_BYTES, s);
-            }
-            asm volatile("cp.async.commit_group;\n" ::);
-        }
         if (t.KT == 0) {
 #pragma unroll
             for (int i = 0; i < 128; i++)
                 d[i] = 0.0f;
         }
-        for (int kt = 0; kt < t.KT; kt++) {
+        for (int kt = 0; kt < t.KT; kt++, slot++) {
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads();
-            const uint32_t sa = ring + (kt % SM90_STAGES) * SM90_STAGE_BYTES,
+            const uint32_t sa = ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES,
                            sb = sa + SM90_A_BYTES;
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
@@ -424,14 +464,8 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
                 wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), kt > 0 || ks > 0);
             }
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            /* the refill goes out while the tensor cores work */
-            const int next = kt + SM90_STAGES - 2;
-            if (next < t.KT) {
-                const uint32_t st = ring + (next % SM90_STAGES) * SM90_STAGE_BYTES;
-                la.load(st, next);
-                lb.load(st + SM90_A_BYTES, next);
-            }
-            asm volatile("cp.async.commit_group;\n" ::);
+            /* the refill (maybe of the next tile) goes out while the tensor cores work */
+            pr.fill(g, tiles, nt, total, ring);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
