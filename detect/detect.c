@@ -478,26 +478,45 @@ static int find_top_k(struct ctx *c)
     return 0;
 }
 
-/* Selection bias [E] on the router (Bailing expert_bias, DeepSeek/GLM e_score_correction_bias). */
+/* Selection bias [E]: on the router (Bailing expert_bias, DeepSeek/GLM e_score_correction_bias), or
+   on the block where the family row says the block holds it and passes it to the router (HY-V3,
+   MiniMax-M2: gate(x, self.e_score_correction_bias)). */
 static int find_bias(struct ctx *c)
 {
     static const char *const names[] = {"e_score_correction_bias", "expert_bias", NULL};
     const char *name = NULL;
     char what[WHAT_LEN], dtype[DTYPE_LEN];
     int64_t d[MP_MAX_DIMS] = {0};
+    int want_block = c->fam && c->fam->block_bias;
+    int on_block = 0;
 
     PyObject *b = first_attr(c->router, names, &name);
-    if (!b) {
-        PyObject *on_block = first_attr(c->block, names, &name);
-        Py_XDECREF(on_block);
-        if (on_block)
-            return fail(c, MOE_EUNSUPPORTED,
-                        "selection bias block.%s is not on the router; "
-                        "not supported",
-                        name);
-        return 0;
+    if (!b && (b = first_attr(c->block, names, &name)))
+        on_block = 1;
+    if (on_block && !want_block) {
+        Py_DECREF(b);
+        return fail(c, MOE_EUNSUPPORTED,
+                    "selection bias block.%s is not on the router; "
+                    "not supported",
+                    name);
     }
-    snprintf(what, sizeof what, "%s.%s", c->spec->router, name);
+    if (want_block && !on_block) {
+        Py_XDECREF(b);
+        if (b)
+            return fail(c, MOE_EUNSUPPORTED,
+                        "%s keeps its selection bias on the block, but it is %s.%s; not supported",
+                        c->fam->name, c->spec->router, name);
+        return fail(c, MOE_EUNSUPPORTED,
+                    "%s block has no selection bias (e_score_correction_bias), which its router "
+                    "takes; not supported",
+                    c->fam->name);
+    }
+    if (!b)
+        return 0;
+    if (on_block)
+        snprintf(what, sizeof what, "block.%s", name);
+    else
+        snprintf(what, sizeof what, "%s.%s", c->spec->router, name);
     int rc = check_tensor(c, b, what, 1, d, dtype);
     Py_DECREF(b);
     if (rc < 0)
@@ -506,6 +525,38 @@ static int find_bias(struct ctx *c)
         return fail(c, MOE_EINVAL, "%s has %lld entries, E=%d", what, (long long)d[0],
                     c->spec->route.E);
     copy_name(c->spec->bias, name);
+    c->spec->bias_on_block = on_block;
+    return 0;
+}
+
+/* topk_method, where router, block or config names one: a family row that implements one method
+   (DeepSeek-V2: greedy) accepts only that one and requires it to be named (its code has no
+   default); other rows accept noaux_tc and greedy. A config that switches the method (DeepSeek-V2's
+   group_limited_greedy: the best topk_group groups by their max score, the others masked 0) is
+   refused rather than routed the greedy way. */
+static int check_topk_method(struct ctx *c)
+{
+    PyObject *objs[4] = {c->router, c->block, c->config, NULL};
+    const char *want = c->fam ? c->fam->topk_method : NULL;
+    char v[32];
+
+    for (int o = 0; objs[o]; o++) {
+        if (!mp__attr_str(objs[o], "topk_method", v, sizeof v))
+            continue;
+        if (want && strcmp(v, want) != 0)
+            return fail(c, MOE_EUNSUPPORTED,
+                        "%s routes with topk_method=%s, which the fused path does not implement "
+                        "(only %s); not supported",
+                        c->fam->name, v, want);
+        if (!want && strcmp(v, "noaux_tc") != 0 && strcmp(v, "greedy") != 0)
+            return fail(c, MOE_EUNSUPPORTED, "top-k method %s is not supported", v);
+        return 0;
+    }
+    if (want)
+        return fail(c, MOE_EUNSUPPORTED,
+                    "%s: no topk_method on router, block or config (only %s is implemented); not "
+                    "supported",
+                    c->fam->name, want);
     return 0;
 }
 
@@ -531,13 +582,9 @@ static int find_recipe(struct ctx *c)
             break;
         }
     }
-    for (int o = 0; objs[o]; o++) {
-        if (mp__attr_str(objs[o], "topk_method", v, sizeof v)) {
-            if (strcmp(v, "noaux_tc") != 0 && strcmp(v, "greedy") != 0)
-                return fail(c, MOE_EUNSUPPORTED, "top-k method %s is not supported", v);
-            break;
-        }
-    }
+    int rc = check_topk_method(c);
+    if (rc < 0)
+        return rc;
     c->spec->route.recipe = r;
     /* Guessing the routing details or the return value of an unknown family could silently change
        what the model computes: only families in the table are patched. */
@@ -557,6 +604,10 @@ static int find_groups(struct ctx *c)
     struct moe_route_cfg *r = &c->spec->route;
     long G = 1, TG;
 
+    if (c->fam && c->fam->no_groups) { /* the family's code never reads them */
+        r->n_group = r->topk_group = 1;
+        return 0;
+    }
     find_long(objs, g_names, &G);
     TG = G;
     find_long(objs, tg_names, &TG);
@@ -584,6 +635,7 @@ static void find_norm_scale(struct ctx *c)
     PyObject *objs[4] = {c->block, c->router, c->config, NULL};
     struct moe_route_cfg *r = &c->spec->route;
     const struct mp_family *f = c->fam;
+    const char *scale_attr = f->scale_attr ? f->scale_attr : "routed_scaling_factor";
     int norm = f->norm_default;
     double scale = 1.0;
 
@@ -602,8 +654,8 @@ static void find_norm_scale(struct ctx *c)
     /* softmax families apply a scale only where their code holds one (router or block) */
     if (r->recipe == MOE_ROUTE_SOFTMAX_TOPK)
         objs[2] = NULL;
-    for (int o = 0; objs[o]; o++)
-        if (mp__attr_double(objs[o], "routed_scaling_factor", &scale))
+    for (int o = 0; *scale_attr && objs[o]; o++)
+        if (mp__attr_double(objs[o], scale_attr, &scale))
             break;
     r->scale = (float)scale;
 }

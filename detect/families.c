@@ -219,6 +219,59 @@ static const struct mp_family families[] = {
      .ret_list = MP_RET_LOGITS,
      .ret_3d = MP_RET_TENSOR,
      .layouts = MP_LAYOUT_BIT(MP_LAYOUT_MODULELIST) | MP_LAYOUT_BIT(MP_LAYOUT_FUSED3D)},
+    /* hy_v3, 5.17 only. HYV3MoE holds e_score_correction_bias (buffer, fp32: in
+       _keep_in_fp32_modules_strict) and calls gate(x, bias); HYV3TopKRouter: fp32 logits, sigmoid,
+       top-K of sigmoid + bias (sorted=False; no groups), weights = the unbiased sigmoid ÷ (Σ +
+       1e-20) always (no norm_topk_prob), × router.router_scaling_factor. Plain shared_experts
+       (summed in fp32 if enable_moe_fp32_combine, one rounding either way); returns y. Router
+       logits of the outputs recorder: router output 0 (the model adds no aux loss: aux_loss=None).
+     */
+    {.name = "hy_v3",
+     .hints = {"hy_v3"},
+     .recipe = MOE_ROUTE_SIGMOID_GROUP,
+     .norm = MP_NORM_ALWAYS,
+     .norm_eps = 1e-20f,
+     .logits_fp32 = 1,
+     .mask_list = -INFINITY,
+     .mask_3d = -INFINITY,
+     .ret_3d = MP_RET_TENSOR,
+     .layouts = MP_LAYOUT_BIT(MP_LAYOUT_FUSED3D),
+     .block_bias = 1,
+     .scale_attr = "router_scaling_factor",
+     .no_groups = 1},
+    /* minimax_m2, 5.17 only. The block holds e_score_correction_bias (buffer in the model dtype)
+       and calls gate(x, bias); MiniMaxM2TopKRouter: logits F.linear in the weight dtype, sigmoid of
+       logits.float(), top-K of sigmoid + bias (sorted=False; no groups), weights = the unbiased
+       sigmoid ÷ Σ (no eps) always, no scale. No shared expert; jitter_noise on the block (input
+       scaled in training); returns y. Aux loss (softmax, Switch) from router output 0. */
+    {.name = "minimax_m2",
+     .hints = {"minimax_m2"},
+     .recipe = MOE_ROUTE_SIGMOID_GROUP,
+     .norm = MP_NORM_ALWAYS,
+     .mask_list = -INFINITY,
+     .mask_3d = -INFINITY,
+     .ret_3d = MP_RET_TENSOR,
+     .layouts = MP_LAYOUT_BIT(MP_LAYOUT_FUSED3D),
+     .jitter_attr = "jitter_noise",
+     .block_bias = 1,
+     .scale_attr = "",
+     .no_groups = 1},
+    /* deepseek_v2, 5.17 only, topk_method "greedy" (the config default; DeepSeek-V2-Lite):
+       DeepseekV2TopkRouter: fp32 logits, softmax fp32, top-K (sorted=False), never ÷ Σ (the router
+       never reads norm_topk_prob), × router.routed_scaling_factor; n_group/topk_group are read only
+       by group_limited_greedy, which is refused (topk_method). Plain shared_experts; returns y. No
+       router logits are recorded and there is no aux loss. */
+    {.name = "deepseek_v2",
+     .hints = {"deepseek_v2"},
+     .recipe = MOE_ROUTE_SOFTMAX_TOPK,
+     .norm = MP_NORM_NEVER,
+     .logits_fp32 = 1,
+     .mask_list = -INFINITY,
+     .mask_3d = -INFINITY,
+     .ret_3d = MP_RET_TENSOR,
+     .layouts = MP_LAYOUT_BIT(MP_LAYOUT_FUSED3D),
+     .no_groups = 1,
+     .topk_method = "greedy"},
     {.name = "llama4",
      .hints = {"llama4", "llama4_text"},
      .prefer_transposed = 1,

@@ -3,8 +3,10 @@
  * name, else config.model_type) picks the row; the row only says what the attributes cannot: the
  * routing recipe when no selection bias is present, how the K weights are renormalised, the dtype
  * of the router logits, the selection score of masked groups, the return convention, the Mixtral
- * jitter and which expert layouts were checked against the family's source. Structure (router,
- * experts, shapes, K, groups, scale, shared experts) always comes from attributes.
+ * jitter, which expert layouts were checked against the family's source, whether the selection bias
+ * lives on the block, the name of the scale attribute, whether the code has a group step at all and
+ * which topk_method it implements. Structure (router, experts, shapes, K, groups, scale, shared
+ * experts) always comes from attributes.
  */
 #ifndef MP_FAMILIES_H
 #define MP_FAMILIES_H
@@ -38,6 +40,15 @@ struct mp_family {
     const char *jitter_attr; /* Mixtral input jitter attribute, NULL = none */
     int prefer_transposed;   /* 3-D shapes that fit both layouts: take the transposed one */
     const char *refuse;      /* non-NULL: the family is recognised but not supported (why) */
+    int block_bias; /* the block (not the router) holds the selection bias and passes it to the
+                       router as its second argument, gate(x, bias) (HY-V3, MiniMax-M2); a bias on
+                       the router, or none, is refused. 0: the bias, if any, is on the router */
+    const char *scale_attr;  /* attribute of the routed scale; NULL: routed_scaling_factor; "": the
+                                family has no scale (1, whatever the config carries) */
+    int no_groups;           /* the code has no group step: n_group/topk_group are ignored */
+    const char *topk_method; /* the one topk_method the code implements, read from router, block
+                                or config, any other value (or none) refused; NULL: where one is
+                                named, noaux_tc or greedy */
 };
 
 /* Row for a hint (module file name without "modeling_", or a model_type); NULL when unknown. */

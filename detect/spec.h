@@ -43,7 +43,9 @@ struct moe_spec {
     /* router: block.<router> is a module with .weight [E, H] */
     char router[MP_NAME]; /* "gate" or "router" */
     int logits_fp32; /* logits = x.float() @ W.float().T (else in the input dtype, then .float()) */
-    char bias[MP_NAME]; /* attribute of the router holding the selection bias [E], "" = none */
+    char bias[MP_NAME]; /* attribute holding the selection bias [E], "" = none */
+    int bias_on_block;  /* the bias is block.<bias> (passed to the router: router(x, bias)), else
+                           <router>.<bias> */
 
     /* experts: block.<experts>; ModuleList: experts[e].<gate>/<up>/<down>.weight;
        3-D: experts.<gate> is gate_up_proj, experts.<down> is down_proj, <up> is "" */

@@ -3,9 +3,10 @@ MOEPATCH_TELEMETRY): compiled by the glue only when one of them is set.
 
 Each patched block gets a per-expert selection bias: the fused routing picks the top-K of
 (scores + bias) while the mixture weights stay unbiased (kernels/moe.h, both recipes). A block
-with a native bias (Bailing `expert_bias`, DeepSeek-V3 `e_score_correction_bias`) has that tensor
-updated in place; any other block gets a buffer `moepatch_expert_bias` [E], so the bias lands in
-state_dict and checkpoints either way. The fused forward writes per-expert slot counts; they are
+with a native bias (Bailing `expert_bias`, DeepSeek-V3 `e_score_correction_bias` on the router;
+HY-V3, MiniMax-M2 `e_score_correction_bias` on the block) has that tensor updated in place; any
+other block gets a buffer `moepatch_expert_bias` [E], so the bias lands in state_dict and
+checkpoints either way. The fused forward writes per-expert slot counts; they are
 summed on the device over the micro-batches of one optimizer step, summed over the
 torch.distributed sync group, and after every optimizer step:
     ema  = m * ema + (1 - m) * load          (the first step: ema = load), load = counts / sum
@@ -40,7 +41,8 @@ class _Track:
         self.ref = weakref.ref(block)
         self.E = spec["E"]
         self.router = spec["router"]
-        self.native = spec["bias"]  # the router's bias attribute, "" when the family has none
+        self.native = spec["bias"]  # the native bias attribute, "" when the family has none
+        self.on_block = bool(spec.get("bias_on_block"))  # ... of the block, else of the router
         self.acc = None  # int64 [E]: slots per expert since the last optimizer step
         self.ema = None  # float32 [E]
         self.seen = None  # bool []: ema holds a measurement
@@ -48,7 +50,8 @@ class _Track:
     def bias(self, block):
         """The block's selection bias tensor (native or ours), or None."""
         if self.native:
-            return getattr(getattr(block, self.router), self.native, None)
+            owner = block if self.on_block else getattr(block, self.router)
+            return getattr(owner, self.native, None)
         return block._buffers.get(BUFFER)
 
 

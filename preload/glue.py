@@ -449,14 +449,15 @@ def _has_hooks(torch, module):
                 or getattr(g, "_global_forward_pre_hooks", None))
 
 
-def _router_logits(torch, plan, x):
+def _router_logits(torch, plan, x, block_bias):
     """The router logits [T, E]. When hooks watch the router (transformers 5 records router logits
     for the auxiliary loss with forward hooks on the gate), the router module itself is called so
     that they see what they expect; its logits are the first output (transformers 5) or the last
-    floating [T, E] one (Bailing's gate returns (idx, weights, logits))."""
+    floating [T, E] one (Bailing's gate returns (idx, weights, logits)). A router whose block holds
+    the selection bias takes it as its second argument (HY-V3, MiniMax-M2: gate(x, bias))."""
     router = plan.router
     if _has_hooks(torch, router):
-        out = router(x)
+        out = router(x) if block_bias is None else router(x, block_bias)
         outs = out if isinstance(out, tuple) else (out,)
         want = (x.shape[0], plan.E)
         for t in (outs[0],) + tuple(reversed(outs)):
@@ -477,10 +478,13 @@ def _fused(block, st, hidden_states):
         raise _Refuse("hidden size %d, expected %d" % (shape[-1], spec["H"]))
     x = hidden_states.reshape(-1, spec["H"]).contiguous()
     plan = _Plan(block, st, x)
-    logits = _router_logits(torch, plan, x)
-    bias = None
+    native = None  # the selection bias tensor, on the block or on the router (spec["bias_on_block"])
     if spec["bias"]:
-        bias = getattr(plan.router, spec["bias"]).detach().float().contiguous()
+        native = getattr(block if spec["bias_on_block"] else plan.router, spec["bias"])
+    logits = _router_logits(torch, plan, x, native if spec["bias_on_block"] else None)
+    bias = None
+    if native is not None:
+        bias = native.detach().float().contiguous()
     if _bal is not None:  # auxfree: the selection bias, and counts when this forward counts
         bias = _bal.selection_bias(block, x, bias)
         plan.counts = _bal.counts_for(block, x)

@@ -53,6 +53,7 @@ static PyObject *spec_to_dict(const struct moe_spec *s)
               dict_set(d, "router", PyUnicode_FromString(s->router)) ||
               dict_set(d, "logits_fp32", PyLong_FromLong(s->logits_fp32)) ||
               dict_set(d, "bias", PyUnicode_FromString(s->bias)) ||
+              dict_set(d, "bias_on_block", PyBool_FromLong(s->bias_on_block)) ||
               dict_set(d, "experts", PyUnicode_FromString(s->experts)) ||
               dict_set(d, "gate", PyUnicode_FromString(s->gate)) ||
               dict_set(d, "up", PyUnicode_FromString(s->up)) ||

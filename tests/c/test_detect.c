@@ -108,6 +108,29 @@ static const char fixtures[] =
     "    return block(tf('llama4'), top_k=1, hidden_dim=H, num_experts=E,\n"
     "                 experts=experts3d(transposed=True, config=cfg),\n"
     "                 router=linear(E, H, top_k=1, num_experts=E), shared_expert=mlp(H, 2 * I))\n"
+    "def block_bias(family, K=2, **over):\n"
+    "    cfg = config(family, num_experts_per_tok=K, num_local_experts=E)\n"
+    "    gate = Obj(weight=Tensor(E, H), top_k=K, num_experts=E, hidden_dim=H)\n"
+    "    attrs = dict(top_k=K, gate=gate, experts=experts3d(config=cfg),\n"
+    "                 e_score_correction_bias=Tensor(E, dtype=F32))\n"
+    "    attrs.update(over)\n"
+    "    return block(tf(family), **attrs)\n"
+    "def hy_v3(**over):\n"
+    "    b = block_bias('hy_v3', shared_experts=mlp(H, I), enable_moe_fp32_combine=True, **over)\n"
+    "    b.gate.router_scaling_factor = 2.826\n"
+    "    return b\n"
+    "def minimax_m2(**over):\n"
+    "    return block_bias('minimax_m2', jitter_noise=0.0, **over)\n"
+    "def deepseek_v2(method='greedy', **over):\n"
+    "    cfg = config('deepseek_v2', num_experts_per_tok=2, n_group=4, topk_group=2,\n"
+    "                 topk_method=method, norm_topk_prob=True, routed_scaling_factor=2.5,\n"
+    "                 n_routed_experts=E)\n"
+    "    gate = Obj(weight=Tensor(E, H), top_k=2, num_experts=E, hidden_dim=H,\n"
+    "               routed_scaling_factor=2.5, topk_method=method, num_group=4, topk_group=2)\n"
+    "    attrs = dict(config=cfg, gate=gate, experts=experts3d(config=cfg),\n"
+    "                 shared_experts=mlp(H, 2 * I))\n"
+    "    attrs.update(over)\n"
+    "    return block(tf('deepseek_v2'), **attrs)\n"
     "class Raising(Obj):\n"
     "    @property\n"
     "    def experts(self): raise RuntimeError('boom')\n";
@@ -394,6 +417,97 @@ Test(detect, deepseek_v3_copies_tf5)
         cr_assert_str_eq(s.bias, "e_score_correction_bias");
         cr_assert_eq(s.ret, MP_RET_TENSOR);
     }
+}
+
+Test(detect, hy_v3_bias_on_block_always_normalises_router_scaling_factor)
+{
+    struct moe_spec s = accepted("hy_v3()");
+    cr_assert_str_eq(s.family, "hy_v3");
+    cr_assert_eq(s.route.recipe, MOE_ROUTE_SIGMOID_GROUP);
+    cr_assert_str_eq(s.bias, "e_score_correction_bias");
+    cr_assert_eq(s.bias_on_block, 1);
+    cr_assert_eq(s.route.n_group, 1);
+    cr_assert_eq(s.route.topk_group, 1);
+    cr_assert_eq(s.route.norm, 1);
+    cr_assert_float_eq(s.route.norm_eps, 1e-20f, 1e-25f);
+    cr_assert_float_eq(s.route.scale, 2.826f, 1e-6f); /* router.router_scaling_factor */
+    cr_assert_eq(s.logits_fp32, 1);
+    cr_assert_eq(s.layout, MP_LAYOUT_FUSED3D);
+    cr_assert_eq(s.shared, MP_SHARED_PLAIN);
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+    /* K = 1 still divides (w / w): the router has no K > 1 condition */
+    s = accepted("hy_v3(K=1)");
+    cr_assert_eq(s.route.norm, 1);
+}
+
+Test(detect, minimax_m2_bias_on_block_logits_in_weight_dtype_no_scale)
+{
+    /* stray config keys the code never reads: groups, a scale, norm_topk_prob */
+    struct moe_spec s = accepted("edit(minimax_m2(), lambda b: b.experts.config.__dict__.update("
+                                 "n_group=4, topk_group=2, routed_scaling_factor=2.5, "
+                                 "norm_topk_prob=False))");
+    cr_assert_str_eq(s.family, "minimax_m2");
+    cr_assert_eq(s.route.recipe, MOE_ROUTE_SIGMOID_GROUP);
+    cr_assert_str_eq(s.bias, "e_score_correction_bias");
+    cr_assert_eq(s.bias_on_block, 1);
+    cr_assert_eq(s.route.n_group, 1);
+    cr_assert_eq(s.route.norm, 1);
+    cr_assert_float_eq(s.route.norm_eps, 0.0f, 0.0f);
+    cr_assert_float_eq(s.route.scale, 1.0f, 0.0f);
+    cr_assert_eq(s.logits_fp32, 0);
+    cr_assert_eq(s.shared, MP_SHARED_NONE);
+    cr_assert_str_eq(s.jitter_attr, "jitter_noise");
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+}
+
+Test(detect, router_held_bias_is_not_on_the_block)
+{
+    struct moe_spec s = accepted("deepseek(fused=True)");
+    cr_assert_eq(s.bias_on_block, 0);
+    s = accepted("bailing()");
+    cr_assert_eq(s.bias_on_block, 0);
+}
+
+Test(detect, block_bias_family_refuses_a_bias_elsewhere_or_none)
+{
+    refused("edit(minimax_m2(), lambda b: (setattr(b.gate, 'e_score_correction_bias',"
+            " b.e_score_correction_bias), delattr(b, 'e_score_correction_bias')))",
+            MOE_EUNSUPPORTED, "minimax_m2 keeps its selection bias on the block, but it is gate.");
+    refused("edit(hy_v3(), lambda b: delattr(b, 'e_score_correction_bias'))", MOE_EUNSUPPORTED,
+            "hy_v3 block has no selection bias");
+    refused("minimax_m2(e_score_correction_bias=Tensor(E + 1, dtype=F32))", MOE_EINVAL,
+            "block.e_score_correction_bias has 9 entries, E=8");
+}
+
+Test(detect, deepseek_v2_greedy_softmax_ignores_groups_and_norm)
+{
+    struct moe_spec s = accepted("deepseek_v2()");
+    cr_assert_str_eq(s.family, "deepseek_v2");
+    cr_assert_eq(s.route.recipe, MOE_ROUTE_SOFTMAX_TOPK);
+    cr_assert_eq(s.route.n_group, 1); /* num_group=4, topk_group=2: greedy never reads them */
+    cr_assert_eq(s.route.topk_group, 1);
+    cr_assert_eq(s.route.norm, 0); /* norm_topk_prob=True is never read by the router */
+    cr_assert_float_eq(s.route.scale, 2.5f, 1e-6f);
+    cr_assert_eq(s.logits_fp32, 1);
+    cr_assert_str_eq(s.bias, "");
+    cr_assert_eq(s.shared, MP_SHARED_PLAIN);
+    cr_assert_eq(s.ret, MP_RET_TENSOR);
+}
+
+Test(detect, deepseek_v2_other_topk_methods_are_refused)
+{
+    refused("deepseek_v2('group_limited_greedy')", MOE_EUNSUPPORTED,
+            "deepseek_v2 routes with topk_method=group_limited_greedy, which the fused path does "
+            "not implement (only greedy)");
+    refused("deepseek_v2('noaux_tc')", MOE_EUNSUPPORTED, "topk_method=noaux_tc");
+    /* the router's own attribute decides, whatever the config says */
+    refused("edit(deepseek_v2(), lambda b: setattr(b.gate, 'topk_method', "
+            "'group_limited_greedy'))",
+            MOE_EUNSUPPORTED, "topk_method=group_limited_greedy");
+    /* None (or no attribute anywhere): the code has no default branch */
+    refused("edit(deepseek_v2(None), lambda b: delattr(b.config, 'topk_method'))", MOE_EUNSUPPORTED,
+            "deepseek_v2: no topk_method on router, block or config");
+    refused("deepseek_v2(method=None)", MOE_EUNSUPPORTED, "no topk_method");
 }
 
 Test(detect, layout_not_checked_for_the_family_is_refused)

@@ -26,7 +26,9 @@ Per family ("families" mode), in one process (the library patches at constructio
      no LM loss: its loss is the mean square of the last hidden state projected on a fixed random
      direction (the plain mean square is nearly constant after the final RMSNorm, so its gradients
      are rounding noise), and an eval/no_grad forward stands in for generate;
-  4. the same in bf16 (from_config(dtype=torch.bfloat16)): loss and aux loss compared.
+  4. the same in bf16 (from_config(dtype=torch.bfloat16)): loss and aux loss compared;
+  5. VARIANTS: the family built again with a config change (e.g. DeepSeek-V2's
+     topk_method=group_limited_greedy), construction only: its summary and refusal lines.
 It writes the JSON after every family ("running" names the one in progress), so the test can tell
 a crash from a failure and resume after it.
 """
@@ -168,6 +170,14 @@ OVERRIDES = {
     "glm4v_moe_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                            "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}},
 }
+# DeepSeek-V2 greedy: a scale that shows, and a norm_topk_prob its router never reads (must stay unused)
+OVERRIDES["deepseek_v2"] = {"topk_method": "greedy", "routed_scaling_factor": 2.5, "norm_topk_prob": True}
+# Variants of a family built once more (fp32, construction only) with these config changes: the
+# library must give the stated outcome, and a refusal must contain the stated words.
+VARIANTS = {
+    "deepseek_v2": {"group_limited_greedy": ({"topk_method": "group_limited_greedy"}, "refused",
+                                             "topk_method=group_limited_greedy")},
+}
 # Granite MoE in transformers 5.17 records no router logits, so with output_router_logits=True its aux
 # loss is the int 0 and `aux_loss.to` raises, with or without the library: run those without it.
 for _mt in ("granitemoe", "granitemoe_swa", "granitemoeshared"):
@@ -206,10 +216,10 @@ def tiny_kwargs(model_type, cfg):
     return kw
 
 
-def tiny_config(model_type):
+def tiny_config(model_type, **extra):
     import transformers
     base = transformers.AutoConfig.for_model(model_type)
-    return transformers.AutoConfig.for_model(model_type, **tiny_kwargs(model_type, base))
+    return transformers.AutoConfig.for_model(model_type, **dict(tiny_kwargs(model_type, base), **extra))
 
 
 # ------------------------------------------------------------------------------------ one family
@@ -252,9 +262,9 @@ def _capture(fn, *a, **kw):
     return res, [ln[len("moepatch: "):] for ln in buf.getvalue().splitlines() if ln.startswith("moepatch: ")]
 
 
-def _build(model_type, head, dtype, torch):
+def _build(model_type, head, dtype, torch, **extra):
     import transformers
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, **extra)
     torch.manual_seed(1234)
     cls = transformers.AutoModelForCausalLM if head == "causal_lm" else transformers.AutoModel
     model, lines = _capture(cls.from_config, cfg, dtype=dtype)
@@ -363,9 +373,27 @@ def _compare_inference(model, blocks, ids, torch):
             "note": "no generate: eval forward compared"}
 
 
+def run_variants(mt, head, torch):
+    """{name: {"want", "needle", "summary", "refusals", "patched_blocks"}} of VARIANTS[mt]."""
+    out = {}
+    for name, (extra, want, needle) in sorted(VARIANTS.get(mt, {}).items()):
+        try:
+            model, lines = _build(mt, head, torch.float32, torch, **extra)
+        except Exception as e:
+            out[name] = {"want": want, "needle": needle, "error": "%s: %s" % (type(e).__name__, str(e)[:300])}
+            continue
+        summ, kept, _ = _summary(lines)
+        out[name] = {"want": want, "needle": needle, "summary": summ, "refusals": kept,
+                     "patched_blocks": len(_patched_blocks(model))}
+        del model
+    return out
+
+
 def run_family(fam, torch, device):
     mt, head = fam["model_type"], fam["head"]
     rec = {"model_type": mt, "head": head}
+    if mt in VARIANTS:
+        rec["variants"] = run_variants(mt, head, torch)
     t0 = time.time()
     (model, lines) = _build(mt, head, torch.float32, torch)
     summ, kept, other = _summary(lines)

@@ -63,7 +63,9 @@ EXPECTED = {"qwen3_moe": "patched", "qwen2_moe": "patched", "mixtral": "patched"
             "kimi_linear": "patched", "solar_open": "patched", "mimo_v2_flash": "patched",
             "dots1": "patched", "glm4v_moe_text": "patched", "axk2": "patched", "mellum": "patched",
             "flex_olmo": "patched", "minimax": "patched", "granitemoe": "patched",
-            "granitemoe_swa": "patched", "granitemoeshared": "patched", "jamba": "patched"}
+            "granitemoe_swa": "patched", "granitemoeshared": "patched", "jamba": "patched",
+            # selection bias held by the block (passed to the router), and DeepSeek-V2 greedy
+            "hy_v3": "patched", "minimax_m2": "patched", "deepseek_v2": "patched"}
 
 
 def _load_probe_module():
@@ -252,6 +254,22 @@ def test_family_is_patched_or_refused(families, model_type):
         summ = r["summary"]
         assert summ and ("[%s:" % model_type) in summ[0] or any(
             "[" in s for s in summ), "summary line does not name the family: %s" % summ
+
+
+def test_family_variants_get_the_stated_outcome(families):
+    """Config variants of a family (hf_probe.VARIANTS): a topk_method the fused path does not
+    implement must be refused with its reason, never patched and routed another way."""
+    checked = 0
+    for mt, r in sorted(families["families"].items()):
+        for name, v in sorted((r.get("variants") or {}).items()):
+            checked += 1
+            assert "error" not in v, "%s/%s did not build: %s" % (mt, name, v["error"])
+            if v["want"] == "refused":
+                assert v["patched_blocks"] == 0, "%s/%s: %d blocks patched" % (mt, name, v["patched_blocks"])
+                assert v["refusals"] and all(v["needle"] in ln for ln in v["refusals"]), (mt, name, v)
+            else:
+                assert v["patched_blocks"] > 0 and not v["refusals"], (mt, name, v)
+    assert checked >= 1, "no variant ran (is deepseek_v2 missing from the enumeration?)"
 
 
 # ------------------------------------------------------------------------------------ Ring, remote code

@@ -28,6 +28,8 @@ FAMILIES = {
                                         "module_name": "fixtures_tf5.modeling_deepseek_v3"}),
     "glm4_moe-tf5": ("glm4_moe", {"fixture": "tf5/modeling_glm4_moe.py",
                                   "module_name": "fixtures_tf5.modeling_glm4_moe"}),
+    "minimax_m2-tf5": ("minimax_m2", {"fixture": "tf5/modeling_minimax_m2.py",
+                                      "module_name": "fixtures_tf5.modeling_minimax_m2"}),
     "mixtral-tf4": ("mixtral", {"fixture": "tf4/modeling_mixtral.py", "module_name": "fixtures_tf4.modeling_mixtral"}),
     "qwen3_moe-tf4": ("qwen3_moe", {"fixture": "tf4/modeling_qwen3_moe.py",
                                     "module_name": "fixtures_tf4.modeling_qwen3_moe"}),

@@ -1,7 +1,8 @@
 """Aux-loss-free load balancing and expert-load telemetry (MOEPATCH_AUXFREE*, MOEPATCH_TELEMETRY*):
 the counts the fused forward reports, the update rule after each optimizer step, warmup and cap,
-gradient accumulation, the all-reduce over two gloo ranks, where the bias lives (native buffer or
-the library's), the selection bias of the softmax recipe, telemetry files, and bad values.
+gradient accumulation, the all-reduce over two gloo ranks, where the bias lives (native buffer, on
+the router or on the block, or the library's), the selection bias of the softmax recipe, telemetry
+files, and bad values.
 
 Each test runs auxfree_probe.py in a subprocess under LD_PRELOAD (the pytest process never loads the
 library) and asserts on the JSON it prints.
@@ -22,6 +23,7 @@ QWEN3 = {"fixture": "tf5/modeling_qwen3_moe.py", "module_name": "fixtures_tf5.mo
 QWEN3_TF4 = {"fixture": "tf4/modeling_qwen3_moe.py", "module_name": "fixtures_tf4.modeling_qwen3_moe"}
 BAILING = {"fixture": "bailing/modeling_bailing_moe_v2.py", "load": "remote"}
 DEEPSEEK = {"fixture": "tf5/modeling_deepseek_v3.py", "module_name": "fixtures_tf5.modeling_deepseek_v3"}
+MINIMAX_M2 = {"fixture": "tf5/modeling_minimax_m2.py", "module_name": "fixtures_tf5.modeling_minimax_m2"}
 ON = {"MOEPATCH_AUXFREE": "1"}
 
 
@@ -144,7 +146,8 @@ def test_training_run_follows_the_rule_on_its_measured_counts(tmp_path, preload_
     (BAILING, {}, "gate.expert_bias"),
     (BAILING, {"expert_bias_as_parameter": True}, "gate.expert_bias"),
     (DEEPSEEK, {}, "gate.e_score_correction_bias"),
-], ids=["bailing-buffer", "bailing-parameter", "deepseek_v3"])
+    (MINIMAX_M2, {}, "e_score_correction_bias"),  # held by the block, passed to the router
+], ids=["bailing-buffer", "bailing-parameter", "deepseek_v3", "minimax_m2-block"])
 def test_native_bias_is_updated_in_place_and_is_in_state_dict(tmp_path, preload_lib, fixture, config, name):
     res, _ = run(tmp_path, dict(fixture, steps=3, config=config), ON)
     assert res["bias_names"] == [name]

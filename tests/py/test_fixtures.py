@@ -35,6 +35,11 @@ def swiglu(x, g, u, d):
 def route(block, family, x, cfg):
     E = len(expert_weights(block))
     K = cfg.num_experts_per_tok
+    if family == "minimax_m2":  # logits in the weight dtype; bias on the block; no groups, eps, scale
+        s = torch.sigmoid((x @ block.gate.weight.t()).float())
+        idx = (s + block.e_score_correction_bias).sort(dim=-1, descending=True).indices[:, :K]
+        w = s.gather(1, idx)
+        return idx, w / w.sum(-1, keepdim=True)
     if family in SIGMOID:
         logits = x.float() @ block.gate.weight.float().t()  # these routers always work in fp32
         s = torch.sigmoid(logits)
