@@ -7,7 +7,7 @@
  * sort (device) → grouped GEMM gate|up reading x's rows through perm → SwiGLU → grouped GEMM down →
  * gather-sum combine; the backward mirrors it (input grads with the weights read MN-major, weight
  * grads as varlen-K GEMMs that also write the zeros of experts without rows). Rows stay packed and
- * no count ever goes to the host: the whole forward and backward can be captured in a CUDA graph.
+ * no count goes to the host, so neither pass waits for the GPU.
  * - cuBLAS (anything else): one device-to-host copy of the per-expert counts (p->counts_host; the
  *   batched GEMMs need host sizes) → gather → batched GEMMs over a padded layout (below).
  * The forward copies the counts only when the backward will need them (fwd_needs_host_counts); a
