@@ -573,12 +573,11 @@ int moe__gemm_sm90_ok(const struct moe_gemm *g)
     return sm90_ready(&sms) && sm90_kind(g) != 0;
 }
 
-static struct sm90_op op_of(const struct moe_gemm_op *o, int mn)
+static struct sm90_op op_of(const struct moe_gemm_op *o)
 {
     struct sm90_op s;
     memset(&s, 0, sizeof s);
     s.rows = o->rows;
-    s.mn = mn;
     s.base = (const char *)o->base;
     s.rs = o->rs * 2;
     s.gather = o->gather;
@@ -632,8 +631,8 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
         return MOE_OK;
     struct sm90_args a;
     memset(&a, 0, sizeof a);
-    a.a = op_of(&g->a, kind == 3);
-    a.b = op_of(&g->b, kind >= 2);
+    a.a = op_of(&g->a);
+    a.b = op_of(&g->b);
     a.offsets = g->offsets;
     a.E = g->E;
     a.varlen_k = g->varlen_k;
