@@ -39,10 +39,9 @@
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
 #define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + 1024)
 
-/* One operand in bytes (struct moe_gemm_op). mn: x is the contiguous coordinate in global memory.
- */
+/* One operand in bytes (struct moe_gemm_op); its majorness is a kernel template parameter. */
 struct sm90_op {
-    int rows, mn;
+    int rows;
     const char *base;
     int64_t rs;
     const int32_t *gather;
