@@ -18,13 +18,16 @@
 #   LAUNCHER=accelerate       axolotl's --launcher (accelerate|python); falls back to python when no
 #                             `accelerate` command is found
 #   RUN_TIMEOUT=seconds       kill a run after this long (counts as a failure)
+#   CAST_BACK=1               norms and embeddings back to the model dtype after loading, as axolotl
+#                             does for flash-attention configs (see ab_probe.py: with eager/sdpa the
+#                             fp32 residual stream breaks the per-expert loop of Ring remote code)
 #   KEEP_OUTPUT=1             keep axolotl's output_dir (the final model; by default it is deleted
 #                             after each run: axolotl always saves the trained model at the end)
 # Exit status: non-zero when a run fails (its log tail is printed) or records no step.
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 1 ] || usage
 CFG=$(cd "$(dirname "$1")" && pwd)/$(basename "$1"); shift
 [ -f "$CFG" ] || { echo "ab.sh: no config $CFG" >&2; exit 2; }
@@ -72,7 +75,7 @@ run_side() {  # $1 = A|B
     [ -n "${RUN_TIMEOUT:-}" ] && cmd=(timeout --signal=TERM --kill-after=20 "$RUN_TIMEOUT" "${cmd[@]}")
     echo "[$side] MOEPATCH=$moepatch LD_PRELOAD=$LIB ${cmd[*]}" | tee "$log"
     t0=$(date +%s.%N)
-    (cd "$REPO" && env MOEPATCH=$moepatch LD_PRELOAD="$LIB" MOEPATCH_AB_JSONL="$jsonl" \
+    (cd "$REPO" && env MOEPATCH=$moepatch LD_PRELOAD="$LIB" MOEPATCH_AB_JSONL="$jsonl" MOEPATCH_AB_CAST_BACK="${CAST_BACK:-0}" \
         PYTHONPATH="$REPO/examples/axolotl${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
         HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 \
         WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false "${cmd[@]}") >> "$log" 2>&1

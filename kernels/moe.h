@@ -129,8 +129,9 @@ struct moe_problem {
     /* state kept from forward to backward by backends that want it (CUDA: the pre-activation);
        caller-allocated, moe_saved_bytes_cuda bytes; NULL for the CPU backend, which recomputes */
     void *saved;
-    /* [E] host buffer, caller-owned and kept from forward to backward: the CUDA forward writes the
-       per-expert counts (its one device-to-host copy), the backward reads them. NULL on the CPU. */
+    /* [E] host buffer, caller-owned and kept from forward to backward: the cuBLAS path writes the
+       per-expert counts (its one device-to-host copy), the backward reads them. The engine path
+       neither writes nor reads it. NULL on the CPU. */
     int64_t *counts_host;
 
     /* CUDA: 1 lets an sm_90 GPU run the routed experts' GEMMs on the Hopper engine

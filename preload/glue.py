@@ -224,7 +224,7 @@ class _Plan:
 
     cache = {}
 
-    def __init__(self, block, st, x):
+    def __init__(self, block, st, x, amp=None):
         torch = sys.modules["torch"]
         self.torch = torch
         spec, kinds = st.spec, st.kinds
@@ -251,8 +251,12 @@ class _Plan:
                 self.shared_gate = sg.weight
         params = self.weights + self.shared + ([self.shared_gate] if self.shared_gate is not None else [])
         dtype = x.dtype
+        # the router's logits come from torch (_router_logits), so under autocast, or when the
+        # family computes them in fp32, the router weight may keep its own dtype (axolotl keeps
+        # `.gate` modules in fp32)
+        router_free = amp is not None or spec["logits_fp32"]
         for p in params + [self.router.weight]:
-            if p.dtype != dtype:
+            if p.dtype != dtype and not (router_free and p is self.router.weight):
                 raise _Refuse("input dtype %s differs from weight dtype %s" % (dtype, p.dtype))
             if p.device != x.device:
                 raise _Refuse("weights on %s, input on %s" % (p.device, x.device))
@@ -466,8 +470,40 @@ def _router_logits(torch, plan, x, block_bias):
         raise _Refuse("cannot find the router logits among the router's outputs")
     w = router.weight
     if plan.spec["logits_fp32"]:
-        return torch.nn.functional.linear(x.float(), w.float())
+        # the family asks for fp32 logits (x.float() @ W.float()); autocast would quietly run that
+        # matmul in bf16 and round the logits the routing and the gate's gradient are made from
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.float(), w.float())
     return torch.nn.functional.linear(x, w)
+
+
+def _autocast_dtype(torch, device_type):
+    """The dtype autocast gives matmuls on this device type, None when autocast is off there."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return None
+
+
+def _compute_input(torch, block, spec, x):
+    """The expert GEMMs' input and autocast's dtype (None: autocast is off). Under autocast the
+    original block's linears and grouped GEMMs run in autocast's dtype whatever the input's (axolotl
+    keeps the residual stream in fp32 next to bf16 weights), so the fused block takes x in that
+    dtype; an input that already has it, or no autocast, is used as it is. Weights in another dtype
+    than autocast's would need a cast copy of every expert per call: refused."""
+    amp = _autocast_dtype(torch, x.device.type)
+    if amp is None:
+        return x, None
+    w = getattr(block, spec["experts"])
+    w = next(iter(w.parameters()), None)
+    if w is not None and w.dtype != amp:
+        raise _Refuse("autocast to %s over %s expert weights is not fused" % (amp, w.dtype))
+    return (x if x.dtype == amp else x.to(amp)), amp
 
 
 def _fused(block, st, hidden_states):
@@ -476,12 +512,16 @@ def _fused(block, st, hidden_states):
     shape = hidden_states.shape
     if shape[-1] != spec["H"]:
         raise _Refuse("hidden size %d, expected %d" % (shape[-1], spec["H"]))
-    x = hidden_states.reshape(-1, spec["H"]).contiguous()
-    plan = _Plan(block, st, x)
+    x_in = hidden_states.reshape(-1, spec["H"])
+    x, amp = _compute_input(torch, block, spec, x_in)
+    x = x.contiguous()
+    plan = _Plan(block, st, x, amp)
     native = None  # the selection bias tensor, on the block or on the router (spec["bias_on_block"])
     if spec["bias"]:
         native = getattr(block if spec["bias_on_block"] else plan.router, spec["bias"])
-    logits = _router_logits(torch, plan, x, native if spec["bias_on_block"] else None)
+    # the router sees the block's own input: under autocast its linear casts it as the original's does
+    logits = _router_logits(torch, plan, x_in if amp is not None else x,
+                            native if spec["bias_on_block"] else None)
     bias = None
     if native is not None:
         bias = native.detach().float().contiguous()
@@ -496,6 +536,8 @@ def _fused(block, st, hidden_states):
     if plan.counts is not None:  # auxfree
         _bal.observe(block, plan.counts)
     y = y.view(shape)
+    if y.dtype != hidden_states.dtype:  # autocast: the original's output keeps the input's dtype
+        y = y.to(hidden_states.dtype)
     ret = spec["ret"]
     if ret == 0:
         return y

@@ -22,6 +22,15 @@ LoRA A matrices (kaiming-uniform) differ from run to run and an A/B of a LoRA co
 different initialisations (measured on CPU: up to 2e-4 relative loss difference between two
 MOEPATCH=0 runs after 4 steps). Both sides are seeded identically, so the comparison stays fair.
 
+With MOEPATCH_AB_CAST_BACK=1 (ab.sh: CAST_BACK=1) it also does, after the model is loaded
+(post_model_load), what axolotl itself does for flash-attention configs: modules with "norm" in their
+name and the embedding / lm_head modules go back to the model's dtype. With eager or sdpa attention
+axolotl leaves them in fp32 for full fine-tuning, so the residual stream, and every MoE block's input,
+is fp32 next to bf16 weights under bf16 autocast, and the per-expert loop of Ring / DeepSeek remote code
+then fails ("Index put requires the source and destination dtypes match": it writes bf16 expert outputs
+into an empty_like(fp32 input) buffer). Both sides get the same cast, so it is an A/B of the
+flash-attention dtype layout, the one most Ring users train with.
+
 ab.sh adds this plugin to a copy of the config it runs; the example configs themselves do not need it.
 """
 
@@ -94,6 +103,19 @@ class ABProbePlugin(BasePlugin):
         if cfg.seed is not None:
             from transformers import set_seed
             set_seed(int(cfg.seed))
+
+    def post_model_load(self, cfg, model):
+        if os.environ.get("MOEPATCH_AB_CAST_BACK") != "1":
+            return
+        dtype = cfg.torch_dtype
+        embeddings = ("embed_tokens", "word_embeddings", "lm_head")
+        n = 0
+        for name, module in model.named_modules():
+            if "norm" in name or (any(e in name for e in embeddings) and hasattr(module, "weight")):
+                module.to(dtype)
+                n += 1
+        print("ab_probe: MOEPATCH_AB_CAST_BACK=1: %d norm / embedding modules cast to %s" % (n, dtype),
+              flush=True)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         path = os.environ.get("MOEPATCH_AB_JSONL")

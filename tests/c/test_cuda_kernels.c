@@ -483,12 +483,13 @@ static void run_case_on(const struct tcase *c, int engine)
         }
     }
 
-    /* the per-expert counts the forward left on the host */
+    /* the per-expert counts the cuBLAS path leaves on the host; the engine path never waits on the
+       host, so its buffer stays as it was (zeros) */
     int64_t total = 0;
     for (int e = 0; e < E; e++)
         total += counts[e];
-    cr_expect_eq(total, T * K, "%s: host counts sum %lld", c->name, (long long)total);
-    if (c->empty && T > 0)
+    cr_expect_eq(total, engine ? 0 : T * K, "%s: host counts sum %lld", c->name, (long long)total);
+    if (c->empty && T > 0 && !engine)
         cr_expect_eq(counts[1], 0, "%s: expert 1 should get no token", c->name);
 
     /* against the CPU */

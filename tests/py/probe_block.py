@@ -119,6 +119,8 @@ def run_block(block, case, dtype, call, seed):
     The input is drawn in the case's working dtype, then cast to `dtype` (the float64 reference sees the
     same bf16-rounded values)."""
     work = DTYPES[case.get("dtype", "float32")]
+    if "input_dtype" in case and dtype != torch.float64:  # autocast cases: fp32 input, bf16 weights
+        dtype = DTYPES[case["input_dtype"]]
     g = torch.Generator().manual_seed(seed + 1)
     H = block_hidden(block)
     shape = list(case.get("shape", [2, 6]))
@@ -215,9 +217,14 @@ def main():
         res = run_block(model, case, dtype, model, seed)
         if case.get("reference64"):
             # the block's own forward in the working dtype, and in float64 on the same (rounded) weights
-            res["orig"] = run_block(model, case, dtype, lambda x: type(model).forward(model, x), seed)
+            try:
+                res["orig"] = run_block(model, case, dtype, lambda x: type(model).forward(model, x), seed)
+            except RuntimeError as e:  # autocast cases: some upstream loops cannot run them
+                res["orig_error"] = str(e)
             ref = copy.deepcopy(model).double()
-            res["ref64"] = run_block(ref, case, torch.float64, lambda x: type(ref).forward(ref, x), seed)
+            # outside autocast: CPU autocast of older torch also casts float64 matmuls to bf16
+            with torch.autocast("cpu", enabled=False):
+                res["ref64"] = run_block(ref, case, torch.float64, lambda x: type(ref).forward(ref, x), seed)
         return res
 
     if dtype != torch.float32:
@@ -245,7 +252,12 @@ def main():
         info["after"] = res.pop("child_after")
         info["forked"] = True
     else:
-        res = go()
+        if case.get("autocast"):
+            # what the HF Trainer / accelerate do with bf16=True: the step runs under autocast
+            with torch.autocast("cpu", dtype=DTYPES[case["autocast"]]):
+                res = go()
+        else:
+            res = go()
         res["hooked"] = hooked
         info["after"] = [patch_state(b) for b in blocks]
     torch.save(res, case["out"])
