@@ -390,6 +390,35 @@ def gemm_tflops(torch, reps=10):
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
+def hbm_gbps(torch, reps=10):
+    """Median device-memory bandwidth of a 2 GiB copy (read + write bytes), in GB/s."""
+    n = (1 << 30) if DEV == "cuda" else (1 << 22)
+    src = torch.empty(n, dtype=torch.uint8, device=DEV).fill_(1)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    sync(torch)
+    spans = []
+    for _ in range(reps):
+        span = Span(torch)
+        span.start()
+        dst.copy_(src)
+        span.stop()
+        spans.append(span)
+    sync(torch)
+    ms = statistics.median(span.ms() for span in spans)
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def weight_read_bytes(s, T):
+    """Bytes of bf16 weights a forward of T tokens must read at least: the router, the shared expert,
+    and the routed experts that get a token, E·(1 − (1 − K/E)^T) of them for uniformly spread routing
+    (the decode-size bound of issue 4)."""
+    E, K, H, I = s["E"], s["K"], s["H"], s["I"]
+    touched = E * (1.0 - (1.0 - K / E) ** T)
+    return 2 * (E * H + (touched + s.get("shared", 0)) * 3 * H * I)
+
+
 def grouped_mm_seen(torch, block, x):
     """Whether a forward of the block reaches a real grouped GEMM op (aten::_grouped_mm, under
     F.grouped_mm), not transformers' per-expert fallback op transformers::grouped_mm_fallback."""
@@ -472,6 +501,7 @@ def run(args):
     if mp is None:
         log("WARNING: module _moepatch is not loaded (no LD_PRELOAD, or MOEPATCH=0): anchors only")
     meta["gemm_tflops_start"] = gemm_tflops(torch)
+    meta["hbm_gbps"] = hbm_gbps(torch)
     log("GPU %s | torch %s | transformers %s | commit %s | bf16 GEMM 8192^3: %.0f TFLOP/s"
         % (meta["gpu"], meta["torch"], tf_version, meta["commit"], meta["gemm_tflops_start"]))
     src = qwen3_source()
@@ -494,6 +524,7 @@ def run(args):
             rows.append({"shape": shape_name, "T": T, "impl": "floor", "label": "FLOP floor at measured GEMM rate",
                          "fwd": {"median_ms": floor["fwd"] / rate * 1e3},
                          "fwdbwd": {"median_ms": floor["fwdbwd"] / rate * 1e3},
+                         "weight_read_ms": weight_read_bytes(s, T) / (meta["hbm_gbps"] * 1e9) * 1e3,
                          "flops_fwd": floor["fwd"], "flops_fwdbwd": floor["fwdbwd"]})
             for key, label, block, patched, note, engine in impls:
                 row = {"shape": shape_name, "T": T, "impl": key, "label": label, "note": note,
@@ -558,19 +589,22 @@ def table(result):
                 "active" if meta["moepatch_active"] else "NOT LOADED"),
              "",
              "| shape | T | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | x floor "
-             "| speed-up vs grouped_mm | peak MiB | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fwd x weight read | speed-up vs grouped_mm | peak MiB | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     floors = {(r["shape"], r["T"]): r for r in rows if r["impl"] == "floor"}
     anchors = {(r["shape"], r["T"]): r for r in rows if r["impl"] == "grouped_mm" and "fwdbwd" in r}
     for r in rows:
         fl = floors[(r["shape"], r["T"])]
         if r["impl"] == "floor":
-            lines.append("| %s | %d | FLOP floor (18·T·K·H·I at the GEMM rate) | %s | | %s | | 1.00 | | | |"
-                         % (r["shape"], r["T"], fmt_ms(r["fwd"]), fmt_ms(r["fwdbwd"])))
+            lines.append("| %s | %d | FLOP floor (18·T·K·H·I at the GEMM rate); weight read %.3f ms | %s | | %s "
+                         "| | 1.00 | | | | |" % (r["shape"], r["T"], r.get("weight_read_ms", float("nan")),
+                                                  fmt_ms(r["fwd"]), fmt_ms(r["fwdbwd"])))
             continue
         if "error" in r:
-            lines.append("| %s | %d | %s | | | | | | | | ERROR %s |" % (r["shape"], r["T"], r["impl"], r["error"][:80]))
+            lines.append("| %s | %d | %s | | | | | | | | | ERROR %s |" % (r["shape"], r["T"], r["impl"],
+                                                                      r["error"][:80]))
             continue
+        wread = r["fwd"]["median_ms"] / fl["weight_read_ms"] if fl.get("weight_read_ms") else float("nan")
         fb = r["fwdbwd"]["median_ms"]
         anchor = anchors.get((r["shape"], r["T"]))
         speed = "%.2fx" % (anchor["fwdbwd"]["median_ms"] / fb) if anchor else ""
@@ -582,14 +616,17 @@ def table(result):
         if r["impl"] == "grouped_mm" and r.get("grouped_mm_seen") is not True:
             check += " grouped_mm not seen in profile: %s" % r.get("grouped_mm_seen")
         reps = "" if r["fwdbwd"]["reps"] > 1 else " (1 rep)"
-        lines.append("| %s | %d | %s%s | %s | %.0f | %s | %.0f | %.2f | %s | %.0f | %s |" % (
+        lines.append("| %s | %d | %s%s | %s | %.0f | %s | %.0f | %.2f | %.2f | %s | %.0f | %s |" % (
             r["shape"], r["T"], r["impl"], reps, fmt_ms(r["fwd"]), r["fwd"]["tflops"], fmt_ms(r["fwdbwd"]),
-            r["fwdbwd"]["tflops"], fb / fl["fwdbwd"]["median_ms"], speed, r["peak_mib"], check))
+            r["fwdbwd"]["tflops"], fb / fl["fwdbwd"]["median_ms"], wread, speed, r["peak_mib"], check))
     lines += ["",
               "TFLOP/s = routed-expert FLOPs (6·T·K·H·I fwd, 18·T·K·H·I fwd+bwd) / median time; router and "
               "shared-expert work are not counted. x floor = fwd+bwd time / floor time. peak MiB = extra memory "
-              "of one fwd+bwd, parameter gradients included. check = patched vs unpatched rel err (y, dx) on "
-              "one input, ok below %.0e." % GATE_TOL,
+              "of one fwd+bwd, parameter gradients included. fwd x weight read = fwd time / the time to read the "
+              "weights a forward must touch (router, shared expert, the routed experts that get a token for "
+              "uniform routing) at the measured copy bandwidth (%.0f GB/s): the decode bound, "
+              "meaningful for T <= 64. check = patched vs unpatched rel err (y, dx) on "
+              "one input, ok below %.0e." % (meta.get("hbm_gbps", float("nan")), GATE_TOL),
               "ring-mini-2.0 grouped_mm/moepatch_tf5 rows use the Qwen3 class at E=256, I=512: same routed GEMM "
               "work, different routing (softmax top-8, no groups, no shared expert)."]
     return "\n".join(lines)
