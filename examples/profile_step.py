@@ -26,6 +26,9 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="write a chrome trace of the profiled step here")
     p.add_argument("--no-profile", action="store_true", help="only the step times")
+    p.add_argument("--cprofile", action="store_true",
+                   help="also the host side of one step by Python function (cProfile): the glue, the C "
+                        "calls (_moepatch.run), autograd and the optimizer, each with its own time")
     p.add_argument("--engine", action="store_true",
                    help="routed experts on the Hopper GEMM engine (developer switch, not yet the default)")
     a = p.parse_args()
@@ -69,6 +72,16 @@ def main():
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
     if a.trace:
         prof.export_chrome_trace(a.trace)
+    if a.cprofile:
+        import cProfile
+        import pstats
+        torch.cuda.synchronize()
+        cp = cProfile.Profile()
+        cp.enable()
+        step()
+        torch.cuda.synchronize()
+        cp.disable()
+        pstats.Stats(cp).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

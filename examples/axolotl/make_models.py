@@ -4,6 +4,9 @@
                        test fixture's configuration_/modeling_bailing_moe_v2.py (tests/fixtures/ring_remote)
                        with config.json `auto_map`, Ring-mini-2.0 sizes but --layers layers (default 6)
   OUT/qwen3_moe_tiny   a small transformers-native Qwen3-MoE (`qwen3_moe`)
+  OUT/qwen3_30b_arch   Qwen3-30B-A3B sizes (hidden 2048, 128 experts of 768, top-8, 32 heads of 128 with 4
+                       KV heads) with --qwen30-layers layers (default 6; the real model has 48), the shape
+                       of bench_moe.py's qwen3-30b-a3b rows
   OUT/tokenizer        a byte-level BPE tokenizer trained on examples/data/train.jsonl (also copied into
                        both model folders)
 
@@ -55,7 +58,11 @@ def ring_config(layers, tiny):
                 initializer_range=0.02, use_cache=False)
 
 
-def qwen_config(layers, tiny, vocab):
+def qwen_config(layers, tiny, vocab, size="tiny"):
+    if size == "30b" and not tiny:
+        return dict(vocab_size=vocab, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                    num_experts=128, num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32,
+                    num_key_value_heads=4, head_dim=128, max_position_embeddings=4096)
     if tiny:
         return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                     num_experts=16, num_experts_per_tok=4, num_hidden_layers=layers, num_attention_heads=4,
@@ -133,10 +140,10 @@ def make_ring(out_dir, layers, tiny, tok, device, torch):
     return save(model, cfg, out_dir, tok)
 
 
-def make_qwen(out_dir, layers, tiny, tok, device, torch):
+def make_qwen(out_dir, layers, tiny, tok, device, torch, size="tiny"):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
     vocab = -(-len(tok) // 64) * 64
-    cfg = Qwen3MoeConfig(**qwen_config(layers, tiny, vocab), norm_topk_prob=True, output_router_logits=False,
+    cfg = Qwen3MoeConfig(**qwen_config(layers, tiny, vocab, size), norm_topk_prob=True, output_router_logits=False,
                          router_aux_loss_coef=0.0, decoder_sparse_step=1, mlp_only_layers=[],
                          tie_word_embeddings=False, use_cache=False, rms_norm_eps=1e-6,
                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
@@ -167,7 +174,9 @@ def main():
     ap.add_argument("--out", required=True, help="folder that receives ring_mini_arch/, qwen3_moe_tiny/, tokenizer/")
     ap.add_argument("--layers", type=int, default=6, help="Ring layers (default 6; the real Ring-mini-2.0 has 20)")
     ap.add_argument("--qwen-layers", type=int, default=8)
-    ap.add_argument("--only", choices=("ring", "qwen"), default=None)
+    ap.add_argument("--qwen30-layers", type=int, default=6)
+    ap.add_argument("--only", choices=("ring", "qwen", "qwen30"), default=None,
+                    help="make one model (default: ring and qwen; qwen30 only when asked for)")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes for CPU smoke tests")
     ap.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size of the tokenizer")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -180,9 +189,14 @@ def main():
     tok = train_tokenizer(tok_dir, args.vocab)
     print(f"tokenizer: {len(tok)} tokens, eos={tok.eos_token_id} pad={tok.pad_token_id} -> {tok_dir} "
           f"({time.time() - t0:.1f}s)", flush=True)
-    jobs = [("ring", "ring_mini_arch", make_ring, args.layers), ("qwen", "qwen3_moe_tiny", make_qwen, args.qwen_layers)]
+    def make_qwen30(out_dir, layers, tiny, tok, device, torch):
+        return make_qwen(out_dir, layers, tiny, tok, device, torch, size="30b")
+
+    jobs = [("ring", "ring_mini_arch", make_ring, args.layers), ("qwen", "qwen3_moe_tiny", make_qwen, args.qwen_layers),
+            ("qwen30", "qwen3_30b_arch", make_qwen30, args.qwen30_layers)]
+    wanted = (args.only,) if args.only else ("ring", "qwen")
     for key, name, fn, layers in jobs:
-        if args.only and args.only != key:
+        if key not in wanted:
             continue
         t0 = time.time()
         n, t_save = fn(os.path.join(args.out, name), layers, args.tiny, tok, device, torch)

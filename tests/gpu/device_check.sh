@@ -8,7 +8,9 @@
 #                                       shaped blocks), memcheck of the engine cases, bench_gemm.py
 #   tests/gpu/device_check.sh python    the GPU pytest modules (fixture families incl. -engine cases,
 #                                       real transformers families, aux-free) and bench_moe.py --engine
-#   tests/gpu/device_check.sh axolotl   examples/ab.sh on both axolotl configs and the two LoRA configs
+#   tests/gpu/device_check.sh axolotl   examples/ab.sh: Ring-arch and tiny Qwen3 A/B
+#   tests/gpu/device_check.sh axolotl2  examples/ab.sh: Qwen3-30B-A3B-arch A/B, the two LoRA configs
+#   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model, cuBLAS and engine
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/device_out}
@@ -48,12 +50,33 @@ axolotl)
         exit 1
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
     M=/tmp/moe_models E=examples/axolotl C=$OUT/console.log
+    # one call each (< 10 min): `axolotl` = Ring A/B (CAST_BACK=1: see ab_probe.py) + the tiny Qwen3;
+    # `axolotl2` = the Qwen3-30B-A3B-architecture A/B and the two LoRA configs
     python3 $E/make_models.py --out $M 2>&1 | tee -a "$C" || exit 1
-    MODEL=$M/ring_mini_arch RUN_TIMEOUT=240 examples/ab.sh $E/ring_mini_arch.yml 2>&1 | tee -a "$C"
-    MODEL=$M/qwen3_moe_tiny RUN_TIMEOUT=120 examples/ab.sh $E/qwen3_moe_tiny.yml 2>&1 | tee -a "$C"
-    MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=100 examples/ab.sh $E/ring_lora_experts.yml 6 2>&1 | tee -a "$C"
-    MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=80 examples/ab.sh $E/ring_lora_attn.yml 10 2>&1 | tee -a "$C"
+    CAST_BACK=1 MODEL=$M/ring_mini_arch RUN_TIMEOUT=230 examples/ab.sh $E/ring_mini_arch.yml 2>&1 | tee -a "$C"
+    MODEL=$M/qwen3_moe_tiny RUN_TIMEOUT=90 examples/ab.sh $E/qwen3_moe_tiny.yml 2>&1 | tee -a "$C"
+    tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab # one file: the device returns only a few files
+    ;;
+axolotl2)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+        exit 1
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
+    M=/tmp/moe_models E=examples/axolotl C=$OUT/console.log
+    python3 $E/make_models.py --out $M --only qwen30 2>&1 | tee -a "$C" || exit 1
+    python3 $E/make_models.py --out $M --only ring 2>&1 | tee -a "$C" || exit 1
+    MODEL=$M/qwen3_30b_arch RUN_TIMEOUT=150 examples/ab.sh $E/qwen3_30b_arch.yml 2>&1 | tee -a "$C"
+    CAST_BACK=1 MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=120 examples/ab.sh $E/ring_lora_attn.yml 10 2>&1 | tee -a "$C"
+    CAST_BACK=1 MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=150 examples/ab.sh $E/ring_lora_experts.yml 4 2>&1 | tee -a "$C"
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
+    ;;
+profile)
+    # where a Ring training step's host and GPU time go (the 10x target of issue 5 is host-bound)
+    python3 examples/axolotl/make_models.py --out /tmp/moe_models --only ring >/dev/null 2>&1 || exit 1
+    for side in "" "--engine"; do
+        LD_PRELOAD=$LIB timeout 150 python3 examples/profile_step.py /tmp/moe_models/ring_mini_arch --steps 5 \
+            --cprofile $side >"$OUT/profile${side/--/_}.txt" 2>&1
+        grep -E "step time|peak" "$OUT/profile${side/--/_}.txt"
+    done
     ;;
 *)
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
