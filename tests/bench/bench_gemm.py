@@ -192,10 +192,13 @@ def problems(torch, T, E, K, H, I, gen):
     return [(n, flops * mult.get(n, 1), g, o, an, ag, ck) for n, g, o, an, ag, ck in p], keep, counts
 
 
-def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen):
+def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
     plist, keep, counts = problems(torch, T, E, K, H, I, gen)
     results = []
+    words = [w.strip() for w in only.split(",")] if only else None
     for pname, flops, g, out, anchor, anchor_gather, check in plist:
+        if words and not any(w in pname for w in words):
+            continue
         ours = ours_call(torch, lib, g)
         res = {"shape": name, "gemm": pname, "T": T, "E": E, "min_rows": int(counts.min()),
                "max_rows": int(counts.max()), "impls": {}}
@@ -238,6 +241,9 @@ def main():
     p.add_argument("--tokens", default="16384")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
+    p.add_argument("--gemms", help="only the GEMMs whose name contains one of these comma-separated words "
+                                   "(e.g. 'fwd gate_up,wgrad gate_up'; for ncu runs)")
     args = p.parse_args()
     import torch
     if not torch.cuda.is_available():
@@ -246,8 +252,9 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     results = []
     for T in [int(t) for t in args.tokens.split(",")]:
-        for name, (E, K, H, I) in SHAPES.items():
-            results += bench_shape(torch, lib, name, T, E, K, H, I, args.reps, gen)
+        for name in args.shapes.split(","):
+            E, K, H, I = SHAPES[name]
+            results += bench_shape(torch, lib, name, T, E, K, H, I, args.reps, gen, args.gemms)
     print("| shape | GEMM | T | rows/expert | implementation | ms | TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

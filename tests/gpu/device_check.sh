@@ -11,6 +11,7 @@
 #   tests/gpu/device_check.sh axolotl   examples/ab.sh: Ring-arch and tiny Qwen3 A/B
 #   tests/gpu/device_check.sh axolotl2  examples/ab.sh: Qwen3-30B-A3B-arch A/B, the two LoRA configs
 #   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model, cuBLAS and engine
+#   tests/gpu/device_check.sh ncu       Nsight Compute sections of three engine GEMMs
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/device_out}
@@ -69,6 +70,16 @@ axolotl2)
     CAST_BACK=1 MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=150 examples/ab.sh $E/ring_lora_experts.yml 4 2>&1 | tee -a "$C"
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
+ncu)
+    # why the engine is slower than _grouped_mm: Nsight Compute sections of three of its GEMMs
+    ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section MemoryWorkloadAnalysis -k regex:sm90_gemm --launch-count 3 \
+        python3 tests/bench/bench_gemm.py --shapes ring-mini-2.0 --reps 1 \
+        --gemms "fwd gate_up,fwd down,wgrad gate_up" >"$OUT/ncu.txt" 2>&1
+    echo "ncu rc=$?"
+    grep -E "sm90_gemm|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Stall|Warp Cycles" \
+        "$OUT/ncu.txt" | head -60
+    ;;
 profile)
     # where a Ring training step's host and GPU time go (the 10x target of issue 5 is host-bound)
     python3 examples/axolotl/make_models.py --out /tmp/moe_models --only ring >/dev/null 2>&1 || exit 1
@@ -79,7 +90,7 @@ profile)
     done
     ;;
 *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
