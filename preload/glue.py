@@ -190,8 +190,9 @@ _engine = [0]
 
 
 def set_engine(on):
-    """Route the routed experts of later calls through the Hopper engine where it applies."""
-    _engine[0] = 1 if on else 0
+    """Route the routed experts of later calls through the Hopper engine where it applies
+    (True or 1: its default schedule, 2: its warp-specialized one; False or 0: cuBLAS)."""
+    _engine[0] = 2 if on == 2 else (1 if on else 0)
 
 
 # ---------------------------------------------------------------- binding: tensors -> pointers

@@ -10,12 +10,15 @@
  *   (ceil(rows_e / BM) × N / BN tiles per expert, N fastest so that CTAs side by side share the
  *   gathered rows) as a prefix in shared memory; varlen-K: every expert has (M / BM) × (N / BN)
  *   tiles, an expert without rows writes zeros. CTAs walk the list with a grid stride.
- * - Loads are 16-byte cp.async chunks issued by all 256 threads into an S-stage ring; a gathered
- *   row costs the same as a packed one, and rows past an expert's end are zero-filled by the copy.
- *   Both warpgroups compute (64 × 256 each, BK = 64); the ring runs S - 2 k-steps ahead, because a
- *   stage is refilled only after every warpgroup's wgmma on it has retired. The ring does not drain
- *   between tiles: it runs across this CTA's whole tile list (sm90_producer), so short reductions
- *   (the down projection, the weight grads) do not pay a refill per tile.
+ * - Loads are 16-byte cp.async chunks into an S-stage ring; a gathered row costs the same as a
+ *   packed one, and rows past an expert's end are zero-filled by the copy. Two computing
+ *   warpgroups (64 × 256 each, BK = 64). The ring does not drain between tiles: it runs across this
+ *   CTA's whole tile list, so short reductions (the down projection, the weight grads) do not pay a
+ *   refill per tile. Two schedules (moe_gemm.schedule), the same tiles and wgmma order, so the same
+ *   bits: 1 (default) — all 256 threads load and compute, the ring runs S - 2 k-steps ahead
+ *   (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it has retired);
+ *   2 — warp-specialized, a third warpgroup loads up to S k-steps ahead, mbarriers between them
+ *   (sm90w_*). Schedule 2 has not run on a GPU yet.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
  *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per
@@ -155,22 +158,25 @@ static __device__ __forceinline__ void pack2(__half *dst, float x, float y)
 static __device__ void tile_prefix(const int64_t *offsets, int E, int nt, int *tiles, int *part)
 {
     const int t = threadIdx.x, per = (E + SM90_THREADS - 1) / SM90_THREADS;
+    const int on = t < SM90_THREADS; /* a larger block's other threads only meet the barriers */
     int sum = 0;
-    for (int j = 0; j < per; j++) {
+    for (int j = 0; on && j < per; j++) {
         const int e = t * per + j;
         if (e < E)
             sum += (int)((offsets[e + 1] - offsets[e] + SM90_BM - 1) / SM90_BM) * nt;
     }
-    part[t] = sum;
+    if (on)
+        part[t] = sum;
     __syncthreads();
     for (int s = 1; s < SM90_THREADS; s *= 2) {
-        const int v = t >= s ? part[t - s] : 0;
+        const int v = on && t >= s ? part[t - s] : 0;
         __syncthreads();
-        part[t] += v;
+        if (on)
+            part[t] += v;
         __syncthreads();
     }
-    int run = part[t] - sum;
-    for (int j = 0; j < per; j++) {
+    int run = on ? part[t] - sum : 0;
+    for (int j = 0; on && j < per; j++) {
         const int e = t * per + j;
         if (e < E) {
             tiles[e] = run;
@@ -213,14 +219,15 @@ static __device__ __forceinline__ int64_t source_row(const struct sm90_op &o, in
     return o.gather ? o.gather[r] / o.gather_div : r;
 }
 
-/* What one thread copies of an X-wide operand tile per stage. */
-template <int X, int MN> struct sm90_loader;
+/* What one of NT loading threads (threadIdx.x < NT) copies of an X-wide operand tile per stage. */
+template <int X, int MN, int NT> struct sm90_loader;
 
-/* K-major: chunk (tid % 8) of tile rows tid / 8 + 32 i; its shared-memory offset in the tile is
-   row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
+/* K-major: chunk (tid % 8) of tile rows tid / 8 + (NT / 8) i; its shared-memory offset in the tile
+   is row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
    are x (varlen-M: global rows from x0 = r0, gathered; weights: part by x). */
-template <int X> struct sm90_loader<X, 0> {
-    static constexpr int NR = X / 32;
+template <int X, int NT> struct sm90_loader<X, 0, NT> {
+    static constexpr int RSTEP = NT / 8, NR = X / RSTEP;
+    static_assert(RSTEP % 8 == 0 && X % RSTEP == 0, "rows of a thread share row % 8");
     const char *p[NR];
     int bytes[NR];
     uint32_t dst;
@@ -232,7 +239,7 @@ template <int X> struct sm90_loader<X, 0> {
         dst = (uint32_t)(row * 128 + ((chunk ^ (row & 7)) << 4));
 #pragma unroll
         for (int i = 0; i < NR; i++) {
-            const int64_t x = x0 + row + 32 * i;
+            const int64_t x = x0 + row + RSTEP * i;
             if (o.rows) {
                 const int ok = x < t.r_end;
                 p[i] = o.base + (ok ? source_row(o, x) : 0) * o.rs + chunk * 16;
@@ -251,20 +258,23 @@ template <int X> struct sm90_loader<X, 0> {
         const int64_t k = (int64_t)kt * SM90_BK * 2;
 #pragma unroll
         for (int i = 0; i < NR; i++)
-            cp_async16(tile + dst + i * 32 * 128, p[i] + k, bytes[i]);
+            cp_async16(tile + dst + i * RSTEP * 128, p[i] + k, bytes[i]);
     }
 };
 
 /* MN-major: x-chunk (tid % XC) of the k rows tid / XC + KSTEP j. k rows are global rows of the
-   expert (activations, varlen-K: gathered, zero past r_end) or weight rows (part by k). */
-template <int X> struct sm90_loader<X, 1> {
-    static constexpr int XC = X / 8, KSTEP = SM90_THREADS / XC, NJ = SM90_BK / KSTEP;
+   expert (activations, varlen-K: gathered, zero past r_end) or weight rows (part by k). A KSTEP
+   below 8 (128 threads on a 256-wide tile) moves a thread's k rows within their 8-row group. */
+template <int X, int NT> struct sm90_loader<X, 1, NT> {
+    static constexpr int XC = X / 8, KSTEP = NT / XC, NJ = SM90_BK / KSTEP;
+    static_assert(KSTEP >= 1 && SM90_BK % KSTEP == 0 && (KSTEP % 8 == 0 || 8 % KSTEP == 0),
+                  "k rows of a thread");
     const char *xb0, *xb1; /* weights: part 0 / 1 (activations: both the rows' base) */
     int64_t ks0, ks1;
     const int32_t *gather;
     int64_t r0, r_end;
     int rows, gather_div, k_first, split;
-    uint32_t dst;
+    uint32_t dst, xcol;
 
     __device__ __forceinline__ void plan(const struct sm90_op &op, const struct sm90_tile &t,
                                          int64_t x0)
@@ -274,6 +284,7 @@ template <int X> struct sm90_loader<X, 1> {
         const int kr = k_first & 7, kg = k_first >> 3;
         dst = (uint32_t)((xc >> 3) * SM90_ATOM_STRIDE + kg * 1024 + kr * 128 +
                          (((xc & 7) ^ kr) << 4));
+        xcol = (uint32_t)xc;
         rows = op.rows;
         gather = op.gather;
         gather_div = op.gather_div;
@@ -292,6 +303,16 @@ template <int X> struct sm90_loader<X, 1> {
         }
     }
 
+    /* where k row k_first + KSTEP j of this thread's x-chunk goes in the tile */
+    __device__ __forceinline__ uint32_t stage_offset(int j) const
+    {
+        if constexpr (KSTEP % 8 == 0)
+            return dst + (uint32_t)(j * (KSTEP / 8) * 1024);
+        const int k = k_first + KSTEP * j, kr = k & 7;
+        return (uint32_t)((xcol >> 3) * SM90_ATOM_STRIDE + (k >> 3) * 1024 + kr * 128 +
+                          (((xcol & 7) ^ kr) << 4));
+    }
+
     __device__ __forceinline__ void load(uint32_t tile, int kt) const
     {
         const int64_t k0 = (int64_t)kt * SM90_BK;
@@ -307,16 +328,16 @@ template <int X> struct sm90_loader<X, 1> {
             } else {
                 src = k0 >= split ? xb1 + k * ks1 : xb0 + k * ks0;
             }
-            cp_async16(tile + dst + j * (KSTEP / 8) * 1024, src, bytes);
+            cp_async16(tile + stage_offset(j), src, bytes);
         }
     }
 };
 
 template <typename T>
 static __device__ __forceinline__ void store_rows(const struct sm90_args &g, const float *d,
-                                                  const struct sm90_tile &t)
+                                                  const struct sm90_tile &t, int tid)
 {
-    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int64_t ra = t.r0 + wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
     const int col = t.n0 + 2 * (lane & 3);
     T *pa = (T *)(g.c + ra * g.c_rs) + col, *pb = (T *)(g.c + rb * g.c_rs) + col;
@@ -331,9 +352,9 @@ static __device__ __forceinline__ void store_rows(const struct sm90_args &g, con
 
 template <typename T>
 static __device__ __forceinline__ void store_mats(const struct sm90_args &g, const float *d,
-                                                  const struct sm90_tile &t)
+                                                  const struct sm90_tile &t, int tid)
 {
-    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int part = t.m0 >= g.c_split;
     const char *base =
         g.cptr[part] ? (const char *)g.cptr[part][t.e] : g.cbase[part] + (int64_t)t.e * g.ces[part];
@@ -376,8 +397,8 @@ static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_arg
    the current tile's last ones compute. Every call commits one cp.async group (empty past the end),
    which keeps the group count equal to the consumer's slot count. */
 template <int AMN, int BMN> struct sm90_producer {
-    sm90_loader<SM90_BM, AMN> la;
-    sm90_loader<SM90_BN, BMN> lb;
+    sm90_loader<SM90_BM, AMN, SM90_THREADS> la;
+    sm90_loader<SM90_BN, BMN, SM90_THREADS> lb;
     int q, kt, KT, slot;
 
     __device__ __forceinline__ void seek(const struct sm90_args &g, const int *tiles, int nt,
@@ -470,11 +491,153 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
         if (g.varlen_k)
-            store_mats<T>(g, d, t);
+            store_mats<T>(g, d, t, threadIdx.x);
         else
-            store_rows<T>(g, d, t);
+            store_rows<T>(g, d, t, threadIdx.x);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
+}
+
+/* ---- schedule 2: warp-specialized (warpgroup 0 loads, warpgroups 1 and 2 compute) ----
+   The loading warpgroup runs up to S k-steps ahead (not S - 2): it refills a stage as soon as
+   both computing warpgroups have retired their wgmma on it, told by an mbarrier ("empty", one
+   arrival per computing warp), and its cp.async copies complete a second one ("full", one
+   arrival per loading thread, cp.async.mbarrier.arrive.noinc). The computing warpgroups never
+   wait for an address computation or a gather index, and while they write a tile out, the next
+   tile's stages keep loading. Same tile walk and the same wgmma sequence per tile as schedule 1,
+   so the same bits. */
+
+static __device__ __forceinline__ void mbar_init(uint32_t bar, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+
+static __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity)
+{
+    asm volatile("{\n.reg .pred done;\n"
+                 "MOE_MBAR_WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra MOE_MBAR_WAIT;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void mbar_arrive(uint32_t bar)
+{
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+                 : "memory");
+}
+
+/* the barrier completes (for this thread's arrival) when its earlier cp.async copies have landed */
+static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
+{
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+#define SM90W_THREADS 384
+#define SM90W_LOADERS 128
+
+template <int AMN, int BMN>
+static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
+                                                  int nt, int total, uint32_t ring, uint32_t full,
+                                                  uint32_t empty)
+{
+    sm90_loader<SM90_BM, AMN, SM90W_LOADERS> la;
+    sm90_loader<SM90_BN, BMN, SM90W_LOADERS> lb;
+    int slot = 0;
+    for (int q = blockIdx.x; q < total; q += gridDim.x) {
+        const struct sm90_tile t = tile_of(g, tiles, nt, q);
+        if (t.KT == 0)
+            continue;
+        la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
+        lb.plan(g.b, t, t.n0);
+        for (int kt = 0; kt < t.KT; kt++, slot++) {
+            const int s = slot % SM90_STAGES, phase = (slot / SM90_STAGES) & 1;
+            mbar_wait(empty + 8 * s, phase ^ 1); /* a fresh barrier: the "previous" phase is done */
+            const uint32_t st = ring + s * SM90_STAGE_BYTES;
+            la.load(st, kt);
+            lb.load(st + SM90_A_BYTES, kt);
+            mbar_arrive_on_copies(full + 8 * s);
+        }
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+template <typename T, int AMN, int BMN>
+static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, const int *tiles,
+                                                     int nt, int total, uint32_t ring,
+                                                     uint32_t full, uint32_t empty)
+{
+    const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
+    float d[128];
+    int slot = 0;
+    for (int q = blockIdx.x; q < total; q += gridDim.x) {
+        const struct sm90_tile t = tile_of(g, tiles, nt, q);
+        if (t.KT == 0) {
+#pragma unroll
+            for (int i = 0; i < 128; i++)
+                d[i] = 0.0f;
+        }
+        for (int kt = 0; kt < t.KT; kt++, slot++) {
+            const int s = slot % SM90_STAGES;
+            mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            const uint32_t sa = ring + s * SM90_STAGE_BYTES, sb = sa + SM90_A_BYTES;
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int ks = 0; ks < SM90_BK / 16; ks++) {
+                const uint32_t a_at =
+                    AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
+                const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
+                wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), kt > 0 || ks > 0);
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            /* this warp's wgmma on the previous stage has retired: one arrival frees it */
+            if (kt > 0 && lane == 0)
+                mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        if (t.KT > 0 && lane == 0)
+            mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
+        fence_d(d);
+        if (g.varlen_k)
+            store_mats<T>(g, d, t, ctid);
+        else
+            store_rows<T>(g, d, t, ctid);
+    }
+}
+
+template <typename T, int AMN, int BMN>
+static __global__ void __launch_bounds__(SM90W_THREADS, 1)
+    sm90w_gemm_kernel(const struct sm90_args g)
+{
+    extern __shared__ char smem_raw[];
+    __shared__ int tiles[SM90_MAX_E + 1];
+    __shared__ int part[SM90_THREADS];
+    __shared__ __align__(8) uint64_t bars[2 * SM90_STAGES];
+    const uint32_t ring = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const uint32_t full = smem_u32(bars), empty = full + 8 * SM90_STAGES;
+    const int nt = g.N / SM90_BN;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < SM90_STAGES; s++) {
+            mbar_init(full + 8 * s, SM90W_LOADERS);
+            mbar_init(empty + 8 * s, (SM90W_THREADS - SM90W_LOADERS) / 32);
+        }
+    }
+    int total;
+    if (g.varlen_k) {
+        total = g.E * (g.M / SM90_BM) * nt;
+        __syncthreads(); /* the barriers' initialisation, seen by every thread */
+    } else {
+        tile_prefix(g.offsets, g.E, nt, tiles, part); /* ends with a barrier */
+        total = tiles[g.E];
+    }
+    if (threadIdx.x < SM90W_LOADERS)
+        sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
+    else
+        sm90w_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty);
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
@@ -484,6 +647,14 @@ static __global__ void sm90_gemm_kernel(const struct sm90_args g)
 {
     (void)g;
 }
+
+template <typename T, int AMN, int BMN>
+static __global__ void sm90w_gemm_kernel(const struct sm90_args g)
+{
+    (void)g;
+}
+
+#define SM90W_THREADS 384
 
 #endif
 
@@ -594,22 +765,30 @@ static struct sm90_op op_of(const struct moe_gemm_op *o)
     return s;
 }
 
-template <int AMN, int BMN>
-static int sm90_launch(const struct sm90_args &a, moe_dtype dt, unsigned grid, cudaStream_t st)
+typedef void (*sm90_kernel_fn)(const struct sm90_args);
+
+static int sm90_run(sm90_kernel_fn k, int threads, const struct sm90_args &a, unsigned grid,
+                    cudaStream_t st)
 {
-    if (dt == MOE_BF16) {
-        MOE_CHECK(cudaFuncSetAttribute(sm90_gemm_kernel<__nv_bfloat16, AMN, BMN>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       SM90_SMEM_BYTES));
-        sm90_gemm_kernel<__nv_bfloat16, AMN, BMN><<<grid, SM90_THREADS, SM90_SMEM_BYTES, st>>>(a);
-    } else {
-        MOE_CHECK(cudaFuncSetAttribute(sm90_gemm_kernel<__half, AMN, BMN>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       SM90_SMEM_BYTES));
-        sm90_gemm_kernel<__half, AMN, BMN><<<grid, SM90_THREADS, SM90_SMEM_BYTES, st>>>(a);
-    }
+    MOE_CHECK(
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SM90_SMEM_BYTES));
+    k<<<grid, threads, SM90_SMEM_BYTES, st>>>(a);
     MOE_CHECK_LAUNCH();
     return MOE_OK;
+}
+
+/* schedule 2: the warp-specialized kernel; anything else: schedule 1 */
+template <int AMN, int BMN>
+static int sm90_launch(const struct sm90_args &a, moe_dtype dt, int schedule, unsigned grid,
+                       cudaStream_t st)
+{
+    const int ws = schedule == 2, threads = ws ? SM90W_THREADS : SM90_THREADS;
+    if (dt == MOE_BF16)
+        return sm90_run(ws ? sm90w_gemm_kernel<__nv_bfloat16, AMN, BMN>
+                           : sm90_gemm_kernel<__nv_bfloat16, AMN, BMN>,
+                        threads, a, grid, st);
+    return sm90_run(ws ? sm90w_gemm_kernel<__half, AMN, BMN> : sm90_gemm_kernel<__half, AMN, BMN>,
+                    threads, a, grid, st);
 }
 
 extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
@@ -651,8 +830,8 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
     const unsigned grid = (unsigned)(bound < sms ? bound : sms);
     cudaStream_t st = (cudaStream_t)g->stream;
     if (kind == 1)
-        return sm90_launch<0, 0>(a, g->dtype, grid, st);
+        return sm90_launch<0, 0>(a, g->dtype, g->schedule, grid, st);
     if (kind == 2)
-        return sm90_launch<0, 1>(a, g->dtype, grid, st);
-    return sm90_launch<1, 1>(a, g->dtype, grid, st);
+        return sm90_launch<0, 1>(a, g->dtype, g->schedule, grid, st);
+    return sm90_launch<1, 1>(a, g->dtype, g->schedule, grid, st);
 }

@@ -48,7 +48,7 @@ class Gemm(ctypes.Structure):
                 ("M", ctypes.c_int64), ("N", ctypes.c_int64), ("D", ctypes.c_int64),
                 ("rows_max", ctypes.c_int64), ("offsets", ctypes.c_void_p), ("a", Op), ("b", Op),
                 ("c", ctypes.c_void_p), ("c_rs", ctypes.c_int64), ("cm", Mats * 2),
-                ("c_split", ctypes.c_int64), ("stream", ctypes.c_void_p)]
+                ("c_split", ctypes.c_int64), ("stream", ctypes.c_void_p), ("schedule", ctypes.c_int)]
 
 
 def load_lib(path):
@@ -199,6 +199,7 @@ def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
     for pname, flops, g, out, anchor, anchor_gather, check in plist:
         if words and not any(w in pname for w in words):
             continue
+        g.schedule = 1
         ours = ours_call(torch, lib, g)
         res = {"shape": name, "gemm": pname, "T": T, "E": E, "min_rows": int(counts.min()),
                "max_rows": int(counts.max()), "impls": {}}
@@ -226,6 +227,18 @@ def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
             res["impls"][impl] = {"ms": ms, "tflops": flops / ms / 1e9}
 
         add("moepatch sm90", median_ms(torch, ours, reps))
+        # schedule 2 (warp-specialized): the same bits as schedule 1, every element written
+        g2 = type(g).from_buffer_copy(g)
+        g2.schedule = 2
+        ws = ours_call(torch, lib, g2)
+        try:
+            out.fill_(float("nan"))
+            ws()
+            torch.cuda.synchronize()
+            res["ws_equal"] = bool(torch.equal(out, first))
+            add("moepatch sm90 warp-specialized", median_ms(torch, ws, reps))
+        except RuntimeError as exc:
+            res["ws_error"] = str(exc)
         if anchor is not None:
             add("torch _grouped_mm", median_ms(torch, anchor, reps))
         if anchor_gather is not None:
@@ -266,10 +279,11 @@ def main():
         if "anchor_error" in r:
             print("%s %s: _grouped_mm anchor unavailable: %s" % (r["shape"], r["gemm"], r["anchor_error"]))
         print("%s %s: err vs _grouped_mm %.2e, vs fp64 %.2e (_grouped_mm vs fp64 %.2e), all written %s, "
-              "graph replay equal %s" % (r["shape"], r["gemm"], r["err_vs_grouped_mm"], r["err_vs_fp64"],
-                                          r["err_grouped_mm_vs_fp64"], r["all_written"], r["graph_replay_equal"]))
+              "graph replay equal %s, warp-specialized equal %s" % (
+                  r["shape"], r["gemm"], r["err_vs_grouped_mm"], r["err_vs_fp64"], r["err_grouped_mm_vs_fp64"],
+                  r["all_written"], r["graph_replay_equal"], r.get("ws_equal", r.get("ws_error"))))
     bad = [r for r in results if not (r["all_written"] and r["graph_replay_equal"] and r["err_vs_fp64"] < 1e-2
-                                      and r["err_vs_grouped_mm"] < 2e-2)]
+                                      and r["err_vs_grouped_mm"] < 2e-2 and r.get("ws_equal"))]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,

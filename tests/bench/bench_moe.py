@@ -462,8 +462,11 @@ def impls_for(torch, mp, shape_name, s, src, args, log):
             out.append(("moepatch", "libmoepatch, Qwen3 block", q, True, "same instance as grouped_mm, patched"))
     out = [impl + (False,) for impl in out]
     if args.engine and mp is not None:
-        out += [(key + "_engine", label + ", Hopper engine", block, True, note + "; moe_problem.engine = 1", True)
-                for key, label, block, patched, note, _ in out if patched]
+        patched = [impl for impl in out if impl[3]]
+        out += [(key + "_engine", label + ", Hopper engine", block, True, note + "; moe_problem.engine = 1", 1)
+                for key, label, block, _, note, _ in patched]
+        out += [(key + "_engine_ws", label + ", Hopper engine, warp-specialized", block, True,
+                 note + "; moe_problem.engine = 2", 2) for key, label, block, _, note, _ in patched]
     return out
 
 

@@ -920,7 +920,7 @@ static void run_gemm_case(const struct gcase *c)
         out_bytes = (size_t)(R * c->N) * es;
     }
     void *want = calloc(out_bytes + 1, 1), *got = calloc(out_bytes + 1, 1),
-         *again = calloc(out_bytes + 1, 1);
+         *again = calloc(out_bytes + 1, 1), *ws = calloc(out_bytes + 1, 1);
     cr_assert_eq(moe_grouped_gemm_cpu(&gc), MOE_OK, "%s: cpu", c->name);
     if (c->varlen_k) {
         const size_t b0 = c0.all.bytes;
@@ -930,8 +930,10 @@ static void run_gemm_case(const struct gcase *c)
     } else {
         memcpy(want, cv.h, out_bytes);
     }
-    for (int rep = 0; rep < 2; rep++) {
-        void *dst = rep ? again : got;
+    /* schedule 1 twice (determinism), then the warp-specialized schedule 2 (the same bits) */
+    for (int rep = 0; rep < 3; rep++) {
+        void *dst = rep == 0 ? got : rep == 1 ? again : ws;
+        gg.schedule = rep < 2 ? 1 : 2;
         if (c->varlen_k) {
             etwin_poison(&c0);
             if (c->split < c->M)
@@ -940,7 +942,8 @@ static void run_gemm_case(const struct gcase *c)
             CK(cudaMemset(cv.d, 0xff, cv.bytes)); /* NaN: an unwritten element fails */
         }
         int rc = moe_grouped_gemm_cuda(&gg);
-        cr_assert_eq(rc, MOE_OK, "%s: %s", c->name, moe_last_error_cuda());
+        cr_assert_eq(rc, MOE_OK, "%s (schedule %d): %s", c->name, gg.schedule,
+                     moe_last_error_cuda());
         CK(cudaDeviceSynchronize());
         if (c->varlen_k) {
             etwin_download(&c0, dst);
@@ -951,6 +954,8 @@ static void run_gemm_case(const struct gcase *c)
         }
     }
     cr_expect(memcmp(got, again, out_bytes) == 0, "%s: two runs differ", c->name);
+    cr_expect(memcmp(got, ws, out_bytes) == 0, "%s: the warp-specialized schedule differs",
+              c->name);
     const double e = rel_err(c->dt, got, want, out_bytes / es);
     fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, "c", e);
     cr_expect(e <= moe_tol(c->dt), "%s: rel err %g", c->name, e);
@@ -973,6 +978,7 @@ static void run_gemm_case(const struct gcase *c)
     free(want);
     free(got);
     free(again);
+    free(ws);
 }
 
 /* Row counts that hit every tile edge: empty, 1, a full tile, one past it, several tiles. */
@@ -1052,6 +1058,6 @@ Test(cuda_kernels, engine_shapes_match_cpu, .timeout = 300)
         {"engine bf16 T=1", MOE_BF16, 1, 256, 256, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-        for (int engine = 0; engine < 2; engine++)
+        for (int engine = 0; engine < 3; engine++) /* cuBLAS, engine, engine warp-specialized */
             run_case_on(&cases[i], engine);
 }

@@ -98,8 +98,9 @@ SHAPES = [
 ]
 
 
-# The same checks with H = I = 256 and _moepatch.set_engine(True): on an sm_90 GPU the routed experts run
-# on the Hopper GEMM engine (kernels/cuda/gemm_sm90.cu) in both passes; elsewhere they run on cuBLAS.
+# The same checks with H = I = 256 and _moepatch.set_engine(True) (and (2): its warp-specialized schedule):
+# on an sm_90 GPU the routed experts run on the Hopper GEMM engine (kernels/cuda/gemm_sm90.cu) in both
+# passes; elsewhere they run on cuBLAS.
 ENGINE_SHAPES = [
     ("bf16", 4096, 16, 4, 4, 2, True, False),
     ("bf16", 300, 8, 2, 4, 2, False, False),
@@ -107,10 +108,10 @@ ENGINE_SHAPES = [
 ENGINE_H, ENGINE_I = 256, 256
 
 
-def case_name(family, shape, engine=False):
+def case_name(family, shape, engine=0):
     dtype, T, E, K, _, _, zero, rnd = shape
     return "%s-%s-T%d-E%d-K%d%s%s%s" % (family, dtype, T, E, K, "-zero" if zero else "", "-random" if rnd else "",
-                                        "-engine" if engine else "")
+                                        {0: "", 1: "-engine", 2: "-engine-ws"}[engine])
 
 
 def _build_cases():
@@ -118,7 +119,8 @@ def _build_cases():
     for family, spec in FAMILIES.items():
         if not os.path.exists(os.path.join(FIXTURES, spec[0])):
             continue
-        for engine, shapes in ((False, SHAPES), (True, ENGINE_SHAPES)):
+        # engine 2: the engine's warp-specialized schedule (set_engine(2))
+        for engine, shapes in ((0, SHAPES), (1, ENGINE_SHAPES), (2, ENGINE_SHAPES)):
             for shape in shapes:
                 dtype, T, E, K, G, TG, zero, rnd = shape
                 cases.append({"name": case_name(family, shape, engine), "family": family, "dtype": dtype, "T": T,

@@ -6,7 +6,7 @@ Design choice a reader must know: one subprocess (tests/gpu/gpu_probe.py under L
 default build/libmoepatch.so) checks all cases — 9 families x 6 shapes: T in {1, 7, 4096}, K = 1, E = 6,
 an expert without tokens, fp32 and bf16, ModuleList and 3-D layouts, margin and plain random routing; plus
 2 shapes at H = I = 256 with _moepatch.set_engine(True) (names ending in -engine: the Hopper GEMM engine on
-an sm_90 GPU) — and writes JSON; the tests only read it. Errors are ||got - ref|| / ||ref|| per tensor (METHOD.md); the
+an sm_90 GPU) and set_engine(2) (-engine-ws: its warp-specialized schedule) — and writes JSON; the tests only read it. Errors are ||got - ref|| / ||ref|| per tensor (METHOD.md); the
 JSON also holds max|got - ref| / max|ref| (tests/c/tolerance.h's metric), and the tolerances come from
 tests/c/tolerance.h.
 
