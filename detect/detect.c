@@ -70,21 +70,33 @@ static int is_float_dtype(const char *s)
            !strcmp(s, "torch.float16");
 }
 
+/* 1: t carries DeepSpeed ZeRO-3's partition attributes (its data is this rank's shard, often
+   empty, and its shape then says nothing about the module). */
+static int zero3_partitioned(PyObject *t)
+{
+    static const char *const zero3[] = {"ds_id", "ds_status", "ds_shape", NULL};
+    PyObject *hit = t ? first_attr(t, zero3, NULL) : NULL;
+    Py_XDECREF(hit);
+    return hit != NULL;
+}
+
+static int zero3_refusal(struct ctx *c, const char *what)
+{
+    return fail(c, MOE_EUNSUPPORTED, "%s is partitioned by DeepSpeed ZeRO-3; ZeRO-3 is not supported",
+                what);
+}
+
 /* t is a float tensor of nd dimensions, not partitioned nor quantized; dims and dtype filled. */
 static int check_tensor(struct ctx *c, PyObject *t, const char *what, int nd, int64_t *dims,
                         char *dtype)
 {
-    static const char *const zero3[] = {"ds_id", "ds_status", "ds_shape", NULL};
     static const char *const quant[] = {"quant_state", "SCB", NULL};
     PyObject *hit;
 
     if (!t)
         return fail(c, MOE_EINVAL, "%s is missing", what);
-    if ((hit = first_attr(t, zero3, NULL))) {
-        Py_DECREF(hit);
-        return fail(c, MOE_EUNSUPPORTED,
-                    "%s is partitioned by DeepSpeed ZeRO-3; ZeRO-3 is not supported", what);
-    }
+    if (zero3_partitioned(t))
+        return zero3_refusal(c, what);
     if ((hit = first_attr(t, quant, NULL))) {
         Py_DECREF(hit);
         return fail(c, MOE_EUNSUPPORTED, "%s is quantized; quantized experts are not supported yet",
@@ -194,6 +206,12 @@ static int find_router(struct ctx *c)
     for (int i = 0; i < 2 && !c->router; i++) {
         PyObject *r = mp__attr(c->block, names[i]);
         PyObject *w = mp__attr(r, "weight");
+        if (zero3_partitioned(w)) { /* its shape is the shard's: say why, not "no router" */
+            Py_DECREF(w);
+            Py_DECREF(r);
+            snprintf(what, sizeof what, "%s.weight", names[i]);
+            return zero3_refusal(c, what);
+        }
         if (w && mp__shape(w, d, MP_MAX_DIMS) == 2) {
             c->router = r;
             copy_name(c->spec->router, names[i]);

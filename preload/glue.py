@@ -257,6 +257,8 @@ class _Plan:
         # `.gate` modules in fp32)
         router_free = amp is not None or spec["logits_fp32"]
         for p in params + [self.router.weight]:
+            if "ds_id" in p.__dict__:  # partitioned after the block was built (deepspeed.initialize)
+                raise _Refuse("weights are partitioned by DeepSpeed ZeRO-3; ZeRO-3 is not supported")
             if p.dtype != dtype and not (router_free and p is self.router.weight):
                 raise _Refuse("input dtype %s differs from weight dtype %s" % (dtype, p.dtype))
             if p.device != x.device:
