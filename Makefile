@@ -116,8 +116,14 @@ TEST_BINS  := $(filter-out $(BUILD)/tests/test_cuda_kernels,$(TEST_BINS))
 endif
 
 test: test-c test-py
+# Skipped tests (the CUDA ones on a machine without a GPU) are named with their reason: Criterion's
+# summary does not count them.
 test-c: $(TEST_BINS)
-	@set -e; for t in $(TEST_BINS); do echo "== $$t"; $$t --jobs 2; done
+	@set -e; for t in $(TEST_BINS); do echo "== $$t"; \
+	  $$t --jobs 2 --verbose > $$t.log 2>&1 || { cat $$t.log; exit 1; }; \
+	  n=$$(grep -c '^\[SKIP\]' $$t.log || true); \
+	  if [ "$$n" -gt 0 ]; then echo "skipped $$n: $$(grep -m1 '^\[SKIP\]' $$t.log | sed 's/^[^:]*::[^:]*: //')"; fi; \
+	  grep Synthesis $$t.log; done
 test-py: $(LIBS)
 	MOEPATCH_LIB=$(abspath $(BUILD))/libmoepatch.so TEST_PYTHONS="$(TEST_PYTHONS)" \
 	  $(PYTHON) -m pytest -q tests/py tests/gpu -p no:cacheprovider
