@@ -82,8 +82,8 @@ static int zero3_partitioned(PyObject *t)
 
 static int zero3_refusal(struct ctx *c, const char *what)
 {
-    return fail(c, MOE_EUNSUPPORTED, "%s is partitioned by DeepSpeed ZeRO-3; ZeRO-3 is not supported",
-                what);
+    return fail(c, MOE_EUNSUPPORTED,
+                "%s is partitioned by DeepSpeed ZeRO-3; ZeRO-3 is not supported", what);
 }
 
 /* t is a float tensor of nd dimensions, not partitioned nor quantized; dims and dtype filled. */

@@ -225,7 +225,7 @@ class _Plan:
 
     cache = {}
 
-    def __init__(self, block, st, x, amp=None):
+    def __init__(self, block, st, x, amp=None, cast=None):
         torch = sys.modules["torch"]
         self.torch = torch
         spec, kinds = st.spec, st.kinds
@@ -251,7 +251,9 @@ class _Plan:
                 _same_kind(spec["shared_gate_name"], sg, kinds["shared_gate"])
                 self.shared_gate = sg.weight
         params = self.weights + self.shared + ([self.shared_gate] if self.shared_gate is not None else [])
-        dtype = x.dtype
+        # cast (fp32 weights under autocast): the parameters stay fp32, the kernels see cast copies
+        self.cast = cast
+        dtype = torch.float32 if cast is not None else x.dtype
         # the router's logits come from torch (_router_logits), so under autocast, or when the
         # family computes them in fp32, the router weight may keep its own dtype (axolotl keeps
         # `.gate` modules in fp32)
@@ -265,7 +267,7 @@ class _Plan:
                 raise _Refuse("weights on %s, input on %s" % (p.device, x.device))
         if str(dtype) not in _DTYPES:
             raise _Refuse("dtype %s is not supported" % dtype)
-        self.dtype_code = _DTYPES[str(dtype)]
+        self.dtype_code = _DTYPES[str(x.dtype)]
         self.cuda = x.device.type == "cuda"
         if not self.cuda and x.device.type != "cpu":
             raise _Refuse("device %s is not supported" % x.device.type)
@@ -337,20 +339,63 @@ class _Plan:
         return _mlp_tuple(E, H, I, mats)
 
     def expert_grads(self, device):
-        """Gradient buffers of the routed experts: (the C tuple, one tensor per weight). For a
-        ModuleList the E×3 gradients are views of one buffer addressed by base + e·stride, so no
-        pointer array is built or uploaded."""
-        torch, s, E, I, H = self.torch, self.spec, self.E, self.I, self.H
-        dtype = self.weights[0].dtype
+        """Gradient buffers of the routed experts, in the compute dtype: (the C tuple, one tensor
+        per weight, the buffers). For a ModuleList the E×3 gradients are views of one buffer
+        addressed by base + e·stride, so no pointer array is built or uploaded."""
+        torch, s = self.torch, self.spec
+        dtype = self.cast if self.cast is not None else self.weights[0].dtype
         if s["layout"] != 0:
             grads = [torch.empty(t.shape, dtype=dtype, device=device) for t in self.weights]
-            return self.experts_mlp(grads, device), grads
+            return self.experts_mlp(grads, device), grads, grads
+        mats, grads, flat = self._flat(dtype, device)
+        return mats, grads, [flat]
+
+    def param_grads(self, grads, bufs):
+        """The routed experts' grads as the parameters' dtype wants them (cast mode: fp32, one
+        conversion per buffer, then the same views)."""
+        if self.cast is None:
+            return grads
+        if self.spec["layout"] != 0:
+            return [g.float() for g in grads]
+        E, I, H = self.E, self.I, self.H
+        flat = bufs[0].float()
+        return (list(flat[0].view(E, I, H).unbind(0)) + list(flat[1].view(E, I, H).unbind(0))
+                + list(flat[2].view(E, H, I).unbind(0)))
+
+    def compute_weights(self, weights, device):
+        """The weights as the kernels read them: (experts C tuple, shared expert tensors).
+        Cast mode: copies in the compute dtype, a ModuleList's E×3 into one buffer addressed by
+        base + e·stride (no pointer arrays); made in forward and again in backward, rather than kept
+        (autocast keeps its copies alive until backward: this holds one layer's at a time)."""
+        nE = len(self.weights)
+        routed, rest = list(weights[:nE]), list(weights[nE:])
+        if self.cast is None:
+            return self.experts_mlp(routed, device), rest
+        torch, dt = self.torch, self.cast
+        rest = [t.to(dt) for t in rest]
+        if self.spec["layout"] != 0:
+            copies = [t.to(dt) for t in routed]
+            self.keep.extend(copies)
+            return self.experts_mlp(copies, device), rest
+        mats, views, flat = self._flat(dt, device)
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(views, routed)
+        else:
+            for v, t in zip(views, routed):
+                v.copy_(t)
+        self.keep.append(flat)
+        return mats, rest
+
+    def _flat(self, dtype, device):
+        """One [3, E, I·H] buffer for a ModuleList's gate, up and down weights (or their grads): the
+        C tuple addressing it, its E×3 views shaped like the parameters, the buffer."""
+        torch, E, I, H = self.torch, self.E, self.I, self.H
         flat = torch.empty((3, E, I * H), dtype=dtype, device=device)
         mats = [(0, flat[0].data_ptr(), I * H, H, 1), (0, flat[1].data_ptr(), I * H, H, 1),
                 (0, flat[2].data_ptr(), I * H, I, 1)]
-        grads = (list(flat[0].view(E, I, H).unbind(0)) + list(flat[1].view(E, I, H).unbind(0))
+        views = (list(flat[0].view(E, I, H).unbind(0)) + list(flat[1].view(E, I, H).unbind(0))
                  + list(flat[2].view(E, H, I).unbind(0)))
-        return _mlp_tuple(E, H, I, mats), grads
+        return _mlp_tuple(E, H, I, mats), views, flat
 
     def shared_mlp(self, tensors):
         g, u, d = tensors
@@ -365,6 +410,11 @@ def _stream(torch, device):
                                               else torch.cuda.current_device())
 
 
+def _as_dtype(t, dtype):
+    """t in dtype (a copy only when it differs: cast mode), None stays None."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _make_function(torch):
     class MoEFn(torch.autograd.Function):
         @staticmethod
@@ -375,16 +425,17 @@ def _make_function(torch):
             y = torch.empty((T, H), dtype=x.dtype, device=dev)
             idx = torch.empty((T, K), dtype=torch.int32, device=dev)
             w = torch.empty((T, K), dtype=torch.float32, device=dev)
-            nE = len(plan.weights)
+            experts, shared = plan.compute_weights(weights, dev)
             io = {"T": T, "H": H, "x": x.data_ptr(), "x_rs": x.stride(0),
                   "logits": logits.data_ptr(), "y": y.data_ptr(), "idx": idx.data_ptr(),
-                  "w": w.data_ptr(), "experts": plan.experts_mlp(weights[:nE], dev)}
+                  "w": w.data_ptr(), "experts": experts}
             if bias is not None:
                 io["bias"] = bias.data_ptr()
             if plan.shared:
-                io["shared"] = plan.shared_mlp(weights[nE:nE + 3])
-            if shared_gate is not None:
-                io["shared_gate"] = shared_gate.data_ptr()
+                io["shared"] = plan.shared_mlp(shared)
+            sg = _as_dtype(shared_gate, x.dtype)
+            if sg is not None:
+                io["shared_gate"] = sg.data_ptr()
             if plan.counts is not None:  # auxfree
                 io["counts"] = plan.counts.data_ptr()
             saved = counts = None
@@ -399,6 +450,7 @@ def _make_function(torch):
                                  device=dev)
                 io["workspace"], io["workspace_bytes"] = ws.data_ptr(), ws.numel()
             _run("forward", backend, plan.cfg, io)
+            plan.keep = []  # cast copies: made again in backward
             ctx.plan, ctx.io_saved, ctx.counts = plan, saved, counts
             ctx.save_for_backward(x, logits, bias, shared_gate, idx, w, *weights)
             ctx.mark_non_differentiable(idx)
@@ -411,26 +463,28 @@ def _make_function(torch):
             dev = x.device
             dy = dy.contiguous()
             T, nE = x.shape[0], len(plan.weights)
+            if dy.dtype != x.dtype:  # cast mode under autocast: the output was cast to the input's
+                dy = dy.to(x.dtype)
             dx = torch.empty_like(x)
             dlogits = torch.empty_like(logits)
-            d_experts, d_routed = plan.expert_grads(dev)
-            dweights = d_routed + [torch.empty_like(t, memory_format=torch.contiguous_format)
-                                   for t in weights[nE:]]
+            # described again, not reused from forward: FSDP re-gathers weights for backward
+            experts, shared = plan.compute_weights(weights, dev)
+            d_experts, d_routed, d_bufs = plan.expert_grads(dev)
+            d_shared = [torch.empty(t.shape, dtype=x.dtype, device=dev) for t in shared]
             io = {"T": T, "H": plan.H, "x": x.data_ptr(), "x_rs": x.stride(0),
                   "logits": logits.data_ptr(), "idx": idx.data_ptr(), "w": w.data_ptr(),
                   "dy": dy.data_ptr(), "dx": dx.data_ptr(), "dlogits": dlogits.data_ptr(),
-                  # described again, not reused from forward: FSDP re-gathers weights for backward
-                  "experts": plan.experts_mlp(weights[:nE], dev),
-                  "d_experts": d_experts}
+                  "experts": experts, "d_experts": d_experts}
             if bias is not None:
                 io["bias"] = bias.data_ptr()
             if plan.shared:
-                io["shared"] = plan.shared_mlp(weights[nE:nE + 3])
-                io["d_shared"] = plan.shared_mlp(dweights[nE:nE + 3])
+                io["shared"] = plan.shared_mlp(shared)
+                io["d_shared"] = plan.shared_mlp(d_shared)
             d_sg = None
-            if shared_gate is not None:
-                d_sg = torch.empty_like(shared_gate)
-                io["shared_gate"], io["d_shared_gate"] = shared_gate.data_ptr(), d_sg.data_ptr()
+            sg = _as_dtype(shared_gate, x.dtype)
+            if sg is not None:
+                d_sg = torch.empty(sg.shape, dtype=x.dtype, device=dev)
+                io["shared_gate"], io["d_shared_gate"] = sg.data_ptr(), d_sg.data_ptr()
             if plan.cuda:
                 io["stream"] = _stream(torch, dev)
                 io["engine"] = ctx.engine  # the forward's choice: the saved state depends on it
@@ -440,8 +494,13 @@ def _make_function(torch):
                                  device=dev)
                 io["workspace"], io["workspace_bytes"] = ws.data_ptr(), ws.numel()
             _mp.run("backward", 1 if plan.cuda else 0, plan.cfg, io)
-            return (None, dx, dlogits, None, d_sg.view_as(shared_gate) if d_sg is not None else None,
-                    *dweights)
+            plan.keep = []
+            dweights = plan.param_grads(d_routed, d_bufs)
+            want = weights[nE:]  # the shared expert's parameters: their own dtype
+            dweights += [g.to(t.dtype) for g, t in zip(d_shared, want)]
+            if d_sg is not None:
+                d_sg = d_sg.view_as(shared_gate).to(shared_gate.dtype)
+            return (None, dx, dlogits, None, d_sg, *dweights)
 
     return MoEFn
 
@@ -494,19 +553,22 @@ def _autocast_dtype(torch, device_type):
 
 
 def _compute_input(torch, block, spec, x):
-    """The expert GEMMs' input and autocast's dtype (None: autocast is off). Under autocast the
-    original block's linears and grouped GEMMs run in autocast's dtype whatever the input's (axolotl
-    keeps the residual stream in fp32 next to bf16 weights), so the fused block takes x in that
-    dtype; an input that already has it, or no autocast, is used as it is. Weights in another dtype
-    than autocast's would need a cast copy of every expert per call: refused."""
+    """(the expert GEMMs' input, autocast's dtype or None, the dtype the weights are cast to or None).
+    Under autocast the original block's linears and grouped GEMMs run in autocast's dtype whatever
+    the input's (axolotl keeps the residual stream in fp32 next to bf16 weights), so the fused block
+    takes x in that dtype. fp32 weights (plain AMP: fp32 master weights) are cast to it per call, as
+    autocast casts them for the original's linears; any other mix is refused."""
     amp = _autocast_dtype(torch, x.device.type)
     if amp is None:
-        return x, None
+        return x, None, None
     w = getattr(block, spec["experts"])
     w = next(iter(w.parameters()), None)
+    cast = None
     if w is not None and w.dtype != amp:
-        raise _Refuse("autocast to %s over %s expert weights is not fused" % (amp, w.dtype))
-    return (x if x.dtype == amp else x.to(amp)), amp
+        if w.dtype != torch.float32 or amp not in (torch.bfloat16, torch.float16):
+            raise _Refuse("autocast to %s over %s expert weights is not fused" % (amp, w.dtype))
+        cast = amp
+    return (x if x.dtype == amp else x.to(amp)), amp, cast
 
 
 def _fused(block, st, hidden_states):
@@ -516,9 +578,9 @@ def _fused(block, st, hidden_states):
     if shape[-1] != spec["H"]:
         raise _Refuse("hidden size %d, expected %d" % (shape[-1], spec["H"]))
     x_in = hidden_states.reshape(-1, spec["H"])
-    x, amp = _compute_input(torch, block, spec, x_in)
+    x, amp, cast = _compute_input(torch, block, spec, x_in)
     x = x.contiguous()
-    plan = _Plan(block, st, x, amp)
+    plan = _Plan(block, st, x, amp, cast)
     native = None  # the selection bias tensor, on the block or on the router (spec["bias_on_block"])
     if spec["bias"]:
         native = getattr(block if spec["bias_on_block"] else plan.router, spec["bias"])
