@@ -581,7 +581,8 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             const int s = slot % SM90_STAGES;
             mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
-            __syncwarp(); /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
+            /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
+            __syncwarp();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             const uint32_t sa = ring + s * SM90_STAGE_BYTES, sb = sa + SM90_A_BYTES;
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
