@@ -368,6 +368,43 @@ static __device__ __forceinline__ void store_mats(const struct sm90_args &g, con
     }
 }
 
+/* The tile's output (tid: the thread's index among the 256 computing threads). */
+template <typename T>
+static __device__ __forceinline__ void sm90_store(const struct sm90_args &g, const float *d,
+                                                  const struct sm90_tile &t, int tid)
+{
+    if (g.varlen_k)
+        store_mats<T>(g, d, t, tid);
+    else
+        store_rows<T>(g, d, t, tid);
+}
+
+/* A tile without k-steps (varlen-K, an expert without rows) writes zeros. */
+static __device__ __forceinline__ void sm90_zero(float *d)
+{
+#pragma unroll
+    for (int i = 0; i < 128; i++)
+        d[i] = 0.0f;
+}
+
+/* One k-step of warpgroup wg: d (+)= its 64 A rows × the 256 B rows of the stage at stage_addr,
+   committed as one wgmma group (acc 0 on a tile's first k-step: d is overwritten). */
+template <typename T, int AMN, int BMN>
+static __device__ __forceinline__ void sm90_mma_stage(float *d, uint32_t stage_addr, int wg,
+                                                      int acc)
+{
+    const uint32_t sa = stage_addr, sb = sa + SM90_A_BYTES;
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int ks = 0; ks < SM90_BK / 16; ks++) {
+        const uint32_t a_at =
+            AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
+        const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
+        wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), acc || ks > 0);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
 static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_args &g,
                                                            const int *tiles, int nt, int q)
 {
@@ -464,36 +501,21 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
-        if (t.KT == 0) {
-#pragma unroll
-            for (int i = 0; i < 128; i++)
-                d[i] = 0.0f;
-        }
+        if (t.KT == 0)
+            sm90_zero(d);
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads();
-            const uint32_t sa = ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES,
-                           sb = sa + SM90_A_BYTES;
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-            for (int ks = 0; ks < SM90_BK / 16; ks++) {
-                const uint32_t a_at =
-                    AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
-                const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
-                wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), kt > 0 || ks > 0);
-            }
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            sm90_mma_stage<T, AMN, BMN>(d, ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES, wg,
+                                        kt > 0);
             /* the refill (maybe of the next tile) goes out while the tensor cores work */
             pr.fill(g, tiles, nt, total, ring);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        if (g.varlen_k)
-            store_mats<T>(g, d, t, threadIdx.x);
-        else
-            store_rows<T>(g, d, t, threadIdx.x);
+        sm90_store<T>(g, d, t, threadIdx.x);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
 }
@@ -573,27 +595,15 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
-        if (t.KT == 0) {
-#pragma unroll
-            for (int i = 0; i < 128; i++)
-                d[i] = 0.0f;
-        }
+        if (t.KT == 0)
+            sm90_zero(d);
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             const int s = slot % SM90_STAGES;
             mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
             /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
             __syncwarp();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            const uint32_t sa = ring + s * SM90_STAGE_BYTES, sb = sa + SM90_A_BYTES;
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-            for (int ks = 0; ks < SM90_BK / 16; ks++) {
-                const uint32_t a_at =
-                    AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
-                const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
-                wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), kt > 0 || ks > 0);
-            }
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
             /* this warp's wgmma on the previous stage has retired: one arrival frees it */
             if (kt > 0 && lane == 0)
@@ -603,10 +613,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
         if (t.KT > 0 && lane == 0)
             mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
         fence_d(d);
-        if (g.varlen_k)
-            store_mats<T>(g, d, t, ctid);
-        else
-            store_rows<T>(g, d, t, ctid);
+        sm90_store<T>(g, d, t, ctid);
     }
 }
 
