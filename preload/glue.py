@@ -357,10 +357,7 @@ class _Plan:
             return grads
         if self.spec["layout"] != 0:
             return [g.float() for g in grads]
-        E, I, H = self.E, self.I, self.H
-        flat = bufs[0].float()
-        return (list(flat[0].view(E, I, H).unbind(0)) + list(flat[1].view(E, I, H).unbind(0))
-                + list(flat[2].view(E, H, I).unbind(0)))
+        return self._views(bufs[0].float())
 
     def compute_weights(self, weights, device):
         """The weights as the kernels read them: (experts C tuple, shared expert tensors).
@@ -393,9 +390,13 @@ class _Plan:
         flat = torch.empty((3, E, I * H), dtype=dtype, device=device)
         mats = [(0, flat[0].data_ptr(), I * H, H, 1), (0, flat[1].data_ptr(), I * H, H, 1),
                 (0, flat[2].data_ptr(), I * H, I, 1)]
-        views = (list(flat[0].view(E, I, H).unbind(0)) + list(flat[1].view(E, I, H).unbind(0))
-                 + list(flat[2].view(E, H, I).unbind(0)))
-        return _mlp_tuple(E, H, I, mats), views, flat
+        return _mlp_tuple(E, H, I, mats), self._views(flat), flat
+
+    def _views(self, flat):
+        """A [3, E, I·H] buffer's E×3 views, shaped like the gate, up and down parameters."""
+        E, I, H = self.E, self.I, self.H
+        return (list(flat[0].view(E, I, H).unbind(0)) + list(flat[1].view(E, I, H).unbind(0))
+                + list(flat[2].view(E, H, I).unbind(0)))
 
     def shared_mlp(self, tensors):
         g, u, d = tensors
@@ -539,17 +540,25 @@ def _router_logits(torch, plan, x, block_bias):
     return torch.nn.functional.linear(x, w)
 
 
+def _autocast_query(torch):
+    """(is enabled, dtype) functions of a device type: torch >= 2.4 takes the type, older torch has
+    one pair per device (cuda and cpu only). Chosen once: this runs on every fused call."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.is_autocast_enabled, torch.get_autocast_dtype
+    on = {"cuda": torch.is_autocast_enabled, "cpu": torch.is_autocast_cpu_enabled}
+    dt = {"cuda": torch.get_autocast_gpu_dtype, "cpu": torch.get_autocast_cpu_dtype}
+    return (lambda d: d in on and on[d]()), (lambda d: dt[d]())
+
+
+_autocast_fns = []
+
+
 def _autocast_dtype(torch, device_type):
     """The dtype autocast gives matmuls on this device type, None when autocast is off there."""
-    try:
-        on = torch.is_autocast_enabled(device_type)
-        return torch.get_autocast_dtype(device_type) if on else None
-    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
-        if device_type == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return None
+    if not _autocast_fns:
+        _autocast_fns.extend(_autocast_query(torch))
+    enabled, dtype = _autocast_fns
+    return dtype(device_type) if enabled(device_type) else None
 
 
 def _compute_input(torch, block, spec, x):

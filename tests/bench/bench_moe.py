@@ -369,24 +369,29 @@ def patch_status(block, calls_before):
     return None
 
 
+def median_ms(torch, fn, reps, warmup=3):
+    """Median device time of fn() over reps calls, after warmup untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(torch)
+    spans = []
+    for _ in range(reps):
+        span = Span(torch)
+        span.start()
+        fn()
+        span.stop()
+        spans.append(span)
+    sync(torch)
+    return statistics.median(span.ms() for span in spans)
+
+
 def gemm_tflops(torch, reps=10):
     """Median rate of an n^3 bf16 matmul (n = 8192 on the GPU) on random data."""
     n = 8192 if DEV == "cuda" else 256
     g = torch.Generator(device=DEV).manual_seed(1234)
     a = torch.randn(n, n, device=DEV, generator=g).to(torch.bfloat16)
     b = torch.randn(n, n, device=DEV, generator=g).to(torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(torch)
-    spans = []
-    for _ in range(reps):
-        span = Span(torch)
-        span.start()
-        a @ b
-        span.stop()
-        spans.append(span)
-    sync(torch)
-    ms = statistics.median(span.ms() for span in spans)
+    ms = median_ms(torch, lambda: a @ b, reps)
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
@@ -395,18 +400,7 @@ def hbm_gbps(torch, reps=10):
     n = (1 << 30) if DEV == "cuda" else (1 << 22)
     src = torch.empty(n, dtype=torch.uint8, device=DEV).fill_(1)
     dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    sync(torch)
-    spans = []
-    for _ in range(reps):
-        span = Span(torch)
-        span.start()
-        dst.copy_(src)
-        span.stop()
-        spans.append(span)
-    sync(torch)
-    ms = statistics.median(span.ms() for span in spans)
+    ms = median_ms(torch, lambda: dst.copy_(src), reps, warmup=2)
     return 2 * n / (ms * 1e-3) / 1e9
 
 

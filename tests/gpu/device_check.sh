@@ -19,6 +19,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$PWD/.devlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 LIB=$PWD/build/libmoepatch.so
 
+# axolotl's wheels (.whl/, carried) into /tmp/site; the paths both axolotl pieces use
+axolotl_env() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || return 1
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
+    M=/tmp/moe_models E=examples/axolotl C=$OUT/console.log
+}
+
 case "${1:-}" in
 devlibs)
     mkdir -p .devlibs
@@ -47,10 +55,7 @@ python)
         2>&1 | tee "$OUT/bench_moe.log" | tail -30
     ;;
 axolotl)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
-        exit 1
-    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
-    M=/tmp/moe_models E=examples/axolotl C=$OUT/console.log
+    axolotl_env || exit 1
     # one call each (< 10 min): `axolotl` = Ring A/B (CAST_BACK=1: see ab_probe.py) + the tiny Qwen3;
     # `axolotl2` = the Qwen3-30B-A3B-architecture A/B and the two LoRA configs
     python3 $E/make_models.py --out $M 2>&1 | tee -a "$C" || exit 1
@@ -59,10 +64,7 @@ axolotl)
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab # one file: the device returns only a few files
     ;;
 axolotl2)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
-        exit 1
-    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
-    M=/tmp/moe_models E=examples/axolotl C=$OUT/console.log
+    axolotl_env || exit 1
     python3 $E/make_models.py --out $M --only qwen30 2>&1 | tee -a "$C" || exit 1
     python3 $E/make_models.py --out $M --only ring 2>&1 | tee -a "$C" || exit 1
     MODEL=$M/qwen3_30b_arch RUN_TIMEOUT=150 examples/ab.sh $E/qwen3_30b_arch.yml 2>&1 | tee -a "$C"

@@ -39,12 +39,13 @@ def test_fp32_input_under_autocast_runs_fused(fid, probe, preload_lib):
     assert on.data["y"].dtype == on.data["x"].dtype == on.data["x_grad"].dtype
 
 
-def errors_vs_fp64(res, orig):
-    """Per role: (fused vs fp64, orig vs fp64) for the fp64 reference of the probe's reference64 run."""
+def errors_vs_fp64(res, orig=None):
+    """Per role: (fused vs fp64, orig vs fp64) for the fp64 reference of the probe's reference64 run;
+    no original (it cannot run the case): inf, so that only the bound judges."""
     fused, ref = lib.by_role(lib.result_tensors(res)), lib.by_role(lib.result_tensors(res["ref64"]))
-    orig = lib.by_role(lib.result_tensors(orig))
-    return {k: (lib.rel_err(fused[k], w), lib.rel_err(orig[k], w)) for k, w in ref.items()
-            if w is not None and w.dtype.is_floating_point}
+    orig = lib.by_role(lib.result_tensors(orig)) if orig is not None else None
+    return {k: (lib.rel_err(fused[k], w), lib.rel_err(orig[k], w) if orig else float("inf"))
+            for k, w in ref.items() if w is not None and w.dtype.is_floating_point}
 
 
 def judge(errs):
@@ -96,8 +97,5 @@ def test_fp32_weights_under_autocast_run_fused_where_the_loop_fails(fid, probe, 
     on = probe(case_of(fid, **FP32_AMP), "on")
     assert "dtypes match" in on.data.get("orig_error", ""), on.data.get("orig_error")
     assert on.patched() and not fallback_lines(on), on.stderr
-    fused, ref = lib.by_role(lib.result_tensors(on.data)), lib.by_role(lib.result_tensors(on.data["ref64"]))
-    bound = lib.tol("MOE_TOL_BF16")
-    bad = ["%s %.3g" % (k, lib.rel_err(fused[k], w)) for k, w in ref.items()
-           if w is not None and w.dtype.is_floating_point and not lib.rel_err(fused[k], w) < bound]
+    bad = judge(errors_vs_fp64(on.data))
     assert not bad, bad
