@@ -29,14 +29,14 @@ def main():
     p.add_argument("--cprofile", action="store_true",
                    help="also the host side of one step by Python function (cProfile): the glue, the C "
                         "calls (_moepatch.run), autograd and the optimizer, each with its own time")
-    p.add_argument("--engine", action="store_true",
-                   help="routed experts on the Hopper GEMM engine (developer switch, not yet the default)")
+    p.add_argument("--gemm", choices=("auto", "cublas", "sm90", "sm90-ws"), default="auto",
+                   help="the routed experts' GEMMs, as MOEPATCH_GEMM (default: the library's choice)")
     a = p.parse_args()
     mp = sys.modules.get("_moepatch")  # the glue, when libmoepatch is preloaded
-    if a.engine:
+    if a.gemm != "auto":
         if mp is None:
-            p.error("--engine needs libmoepatch preloaded")
-        mp.set_engine(True)
+            p.error("--gemm needs libmoepatch preloaded")
+        mp.set_engine({"cublas": 0, "sm90": 1, "sm90-ws": 2}[a.gemm])
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, trust_remote_code=True).cuda()
     model.train()
@@ -59,7 +59,7 @@ def main():
         times.append(time.perf_counter() - t0)
     times.sort()
     print("step time median %.4f s (min %.4f, %d steps, %d tokens/step)%s"
-          % (times[len(times) // 2], times[0], a.steps, a.batch * a.seq, ", engine" if a.engine else ""))
+          % (times[len(times) // 2], times[0], a.steps, a.batch * a.seq, ", gemm " + a.gemm))
     print("peak allocated %.2f GiB" % (torch.cuda.max_memory_allocated() / 2**30), flush=True)
     if a.no_profile:
         return

@@ -68,8 +68,14 @@ def unpatch(block):
 
 
 def set_engine(on):
-    """Developer hook: the routed experts run on the Hopper GEMM engine where it applies."""
+    """Override MOEPATCH_GEMM (benchmarks, tests): True or 1 the Hopper GEMM engine, 2 its
+    warp-specialized schedule, False or 0 cuBLAS, None back to MOEPATCH_GEMM."""
     _load_glue()["set_engine"](on)
+
+
+def engine_for(layout):
+    """moe_problem.engine that a CUDA call gets now for this expert layout (0: ModuleList, 1/2: 3-D)."""
+    return _load_glue()["_engine_for"]({"layout": layout})
 
 
 try:

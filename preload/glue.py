@@ -6,6 +6,8 @@ an instance-level forward that runs the fused kernels through one torch.autograd
 Design choice: torch is taken from sys.modules (the modeling module imported it), never imported here.
 """
 
+import itertools
+import operator
 import sys
 
 _mp = sys.modules["_moepatch"]
@@ -18,6 +20,11 @@ _DTYPES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 # One tolerance table for MOEPATCH_CHECK (fused vs the block's own forward, both rounded to the
 # dtype, hence twice the per-side bf16/fp16 tolerance of tests/c/tolerance.h).
 _CHECK_TOL = {0: 1e-5, 1: 2e-2, 2: 2e-2}
+
+# a ModuleList's per-expert lookups, as C-level callables (_Plan._modulelist)
+_MODULES, _PARAMS = operator.attrgetter("_modules"), operator.attrgetter("_parameters")
+_WEIGHT = operator.itemgetter("weight")
+_DICT, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("__dict__", "dtype", "device"))
 
 _warned = set()
 _pending = []  # (family, recipe, None) for patched blocks, (family, None, reason) for refusals
@@ -184,15 +191,26 @@ def unpatch(block):
     _unpatch(block, "unpatched by request")
 
 
-# The Hopper GEMM engine for the routed experts (moe_problem.engine): off until the fused path on it
-# has been verified on a GPU; benchmarks and GPU tests turn it on with set_engine(True).
-_engine = [0]
+# The routed experts' GEMM engine on CUDA (moe_problem.engine: 0 cuBLAS, 1 the Hopper engine, 2 its
+# warp-specialized schedule), from MOEPATCH_GEMM. auto is the Hopper engine: cuBLAS's grouped GEMMs need
+# the expert counts on the host, two syncs per layer that leave a training step waiting on the GPU
+# (measured on an H200: Ring-mini-arch step 0.157 s on the engine vs 0.317 s on cuBLAS, Qwen3-30B-A3B-
+# arch 0.087 s vs 0.184 s), even where cuBLAS's GEMMs alone are faster (3-D weights at T = 16384). The
+# kernels fall back to cuBLAS themselves off sm_90 or on shapes the engine does not tile.
+_GEMM = {"auto": 1, "cublas": 0, "sm90": 1, "sm90-ws": 2}
+_engine = [None]  # set_engine's override; None: MOEPATCH_GEMM decides
 
 
 def set_engine(on):
-    """Route the routed experts of later calls through the Hopper engine where it applies
-    (True or 1: its default schedule, 2: its warp-specialized one; False or 0: cuBLAS)."""
-    _engine[0] = 2 if on == 2 else (1 if on else 0)
+    """Override MOEPATCH_GEMM for later calls: True or 1 the Hopper engine, 2 its warp-specialized
+    schedule, False or 0 cuBLAS; None gives the choice back to MOEPATCH_GEMM."""
+    _engine[0] = None if on is None else (2 if on == 2 else (1 if on else 0))
+
+
+def _engine_for(spec):
+    if _engine[0] is not None:
+        return _engine[0]
+    return _GEMM[_opts.get("gemm", "auto")]
 
 
 # ---------------------------------------------------------------- binding: tensors -> pointers
@@ -258,13 +276,9 @@ class _Plan:
         # family computes them in fp32, the router weight may keep its own dtype (axolotl keeps
         # `.gate` modules in fp32)
         router_free = amp is not None or spec["logits_fp32"]
-        for p in params + [self.router.weight]:
-            if "ds_id" in p.__dict__:  # partitioned after the block was built (deepspeed.initialize)
-                raise _Refuse("weights are partitioned by DeepSpeed ZeRO-3; ZeRO-3 is not supported")
-            if p.dtype != dtype and not (router_free and p is self.router.weight):
-                raise _Refuse("input dtype %s differs from weight dtype %s" % (dtype, p.dtype))
-            if p.device != x.device:
-                raise _Refuse("weights on %s, input on %s" % (p.device, x.device))
+        self._check_params(params + ([] if router_free else [self.router.weight]), dtype, x.device)
+        if "ds_id" in self.router.weight.__dict__ or self.router.weight.device != x.device:
+            self._check_params([self.router.weight], self.router.weight.dtype, x.device)
         if str(dtype) not in _DTYPES:
             raise _Refuse("dtype %s is not supported" % dtype)
         self.dtype_code = _DTYPES[str(x.dtype)]
@@ -281,15 +295,46 @@ class _Plan:
         self.counts = None  # auxfree: int64 [E] slot counts the forward writes, or None
         self.E, self.I, self.H = E, I, H
 
+    @staticmethod
+    def _check_params(params, dtype, device):
+        """Every weight unpartitioned, in dtype, on device: C-level loops over the E×3 (+ shared)
+        tensors (set of dtypes and devices), the per-tensor loop only to name what is wrong."""
+        ds = any(map(operator.contains, map(_DICT, params), itertools.repeat("ds_id")))
+        if not ds and set(map(_DTYPE, params)) == {dtype} and set(map(_DEVICE, params)) == {device}:
+            return
+        for p in params:
+            if "ds_id" in p.__dict__:  # partitioned after the block was built (deepspeed.initialize)
+                raise _Refuse("weights are partitioned by DeepSpeed ZeRO-3; ZeRO-3 is not supported")
+            if p.dtype != dtype:
+                raise _Refuse("input dtype %s differs from weight dtype %s" % (dtype, p.dtype))
+            if p.device != device:
+                raise _Refuse("weights on %s, input on %s" % (p.device, device))
+
     def _modulelist(self, experts, spec, kinds):
-        """The E×3 weights, read through the modules' own dicts: nn.Module.__getattr__ would cost
-        about 1 ms per call for 256 experts, and this runs before every fused forward."""
+        """The E×3 weights, read through the modules' own dicts with C-level loops (map, itemgetter):
+        nn.Module.__getattr__ would cost about 1 ms per call for 256 experts, and this runs before
+        every fused forward. Anything unexpected (a wrapped projection, a weight that is not a
+        registered parameter) takes the slow loop, which names the module or reads the attribute."""
+        mods = list(map(_MODULES, experts._modules.values()))
+        out = []
+        for name, kind in zip((spec["gate"], spec["up"], spec["down"]), kinds):
+            try:
+                ms = list(map(operator.itemgetter(name), mods))
+                ws = list(map(_WEIGHT, map(_PARAMS, ms)))
+            except KeyError:
+                ms = ws = None
+            # types, not `None in ws`: that compares every tensor with None through Tensor.__eq__
+            if ms is None or set(map(type, ms)) != {kind} or type(None) in set(map(type, ws)):
+                return self._modulelist_slow(experts, spec, kinds)
+            out += ws
+        return out
+
+    def _modulelist_slow(self, experts, spec, kinds):
         names = (spec["gate"], spec["up"], spec["down"])
         lists = ([], [], [])
         for i, e in enumerate(experts._modules.values()):
-            mods = e._modules
             for name, kind, out in zip(names, kinds, lists):
-                m = mods.get(name)
+                m = e._modules.get(name)
                 if type(m) is not kind:
                     _same_kind("%s[%d].%s" % (spec["experts"], i, name), m, kind)
                 w = m._parameters.get("weight")
@@ -302,7 +347,7 @@ class _Plan:
         (FSDP, .to(), a checkpoint load) gets a new array — that is the re-validation. The strides
         are checked when an array is built."""
         torch = self.torch
-        ptrs = tuple(t.data_ptr() for t in tensors)
+        ptrs = tuple(map(torch.Tensor.data_ptr, tensors))
         key = (device, tensors[0].stride(), ptrs)
         arr = _Plan.cache.get(key)
         if arr is None:
@@ -442,7 +487,7 @@ def _make_function(torch):
             saved = counts = None
             if plan.cuda:
                 io["stream"] = _stream(torch, dev)
-                io["engine"] = ctx.engine = _engine[0]
+                io["engine"] = ctx.engine = _engine_for(plan.spec)
                 counts = torch.empty(plan.E, dtype=torch.int64)
                 io["counts_host"] = counts.data_ptr()
                 saved = torch.empty(_run("saved", 1, plan.cfg, io), dtype=torch.uint8, device=dev)

@@ -19,6 +19,7 @@
 static const char *const log_choices[] = {"warn", "info", "debug", NULL};
 static const char *const backend_choices[] = {"auto", "cpu", "cuda", NULL};
 static const char *const sync_choices[] = {"world", NULL};
+static const char *const gemm_choices[] = {"auto", "cublas", "sm90", "sm90-ws", NULL};
 
 const struct mp_option_def mp_option_table[] = {
     {.name = "MOEPATCH",
@@ -48,6 +49,15 @@ const struct mp_option_def mp_option_table[] = {
      .help = "auto: the tensors' device decides; cpu or cuda force one backend",
      .choices = backend_choices,
      .offset = offsetof(struct mp_options, backend)},
+    {.name = "MOEPATCH_GEMM",
+     .key = "gemm",
+     .kind = MP_OPT_ENUM,
+     .dflt = "auto",
+     .help = "routed experts' GEMMs on CUDA: auto (= sm90), cublas, sm90 (the Hopper engine: no "
+             "host sync), sm90-ws (its warp-specialized schedule); sm90 falls back to cublas off "
+             "sm_90 or on shapes it does not tile",
+     .choices = gemm_choices,
+     .offset = offsetof(struct mp_options, gemm)},
     {.name = "MOEPATCH_CHECK",
      .key = "check",
      .kind = MP_OPT_INT,

@@ -15,12 +15,14 @@
 /* MOEPATCH_LOG values index the choice list from 0; errors are always printed. */
 enum mp_log_level { MP_LOG_ERROR = -1, MP_LOG_WARN = 0, MP_LOG_INFO = 1, MP_LOG_DEBUG = 2 };
 enum mp_backend_choice { MP_BACKEND_AUTO = 0, MP_BACKEND_CPU = 1, MP_BACKEND_CUDA = 2 };
+enum mp_gemm_choice { MP_GEMM_AUTO = 0, MP_GEMM_CUBLAS = 1, MP_GEMM_SM90 = 2, MP_GEMM_SM90_WS = 3 };
 
 struct mp_options {
     int enabled;                     /* MOEPATCH */
     int log;                         /* MOEPATCH_LOG: enum mp_log_level */
     char models[MP_MODELS_MAX + 1];  /* MOEPATCH_MODELS: raw comma list, "" = every family */
     int backend;                     /* MOEPATCH_BACKEND: enum mp_backend_choice */
+    int gemm;                        /* MOEPATCH_GEMM: enum mp_gemm_choice */
     int check;                       /* MOEPATCH_CHECK: calls per block also run the original */
     int auxfree;                     /* MOEPATCH_AUXFREE: aux-loss-free load balancing */
     double auxfree_rate;             /* MOEPATCH_AUXFREE_RATE: bias step per optimizer step */

@@ -51,7 +51,8 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, help="timed repetitions of the fast implementations")
     p.add_argument("--no-loop", action="store_true", help="skip the per-expert loop anchors")
     p.add_argument("--engine", action="store_true",
-                   help="also time every patched row on the Hopper GEMM engine (_moepatch.set_engine)")
+                   help="also time every patched row with each GEMM engine forced (_moepatch.set_engine): "
+                        "cuBLAS, the Hopper engine, its warp-specialized schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -429,8 +430,9 @@ def grouped_mm_seen(torch, block, x):
 # ------------------------------------------------------------------------------------------ driver
 
 def impls_for(torch, mp, shape_name, s, src, args, log):
-    """[(key, label, block, patched?, note, engine?)] for one shape; the same block instance may appear
-    several times (unpatched anchor, then patched, then patched on the Hopper engine)."""
+    """[(key, label, block, patched?, note, engine)] for one shape; the same block instance may appear
+    several times (unpatched anchor, then patched with the default GEMM choice, engine None, then with
+    each engine forced)."""
     out = []
     if s["kind"] == "ring":
         ring = make_bailing(torch, s, args.seed + 1)
@@ -454,9 +456,11 @@ def impls_for(torch, mp, shape_name, s, src, args, log):
         out.append(("grouped_mm", "transformers Qwen3 block, experts=%s" % got, q, False, src[2]))
         if mp is not None:
             out.append(("moepatch", "libmoepatch, Qwen3 block", q, True, "same instance as grouped_mm, patched"))
-    out = [impl + (False,) for impl in out]
+    out = [impl + (None,) for impl in out]
     if args.engine and mp is not None:
         patched = [impl for impl in out if impl[3]]
+        out += [(key + "_cublas", label + ", cuBLAS", block, True, note + "; moe_problem.engine = 0", 0)
+                for key, label, block, _, note, _ in patched]
         out += [(key + "_engine", label + ", Hopper engine", block, True, note + "; moe_problem.engine = 1", 1)
                 for key, label, block, _, note, _ in patched]
         out += [(key + "_engine_ws", label + ", Hopper engine, warp-specialized", block, True,

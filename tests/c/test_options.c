@@ -235,6 +235,26 @@ Test(preload_options, backend_bad_value_lists_backends)
     expect_error("MOEPATCH_BACKEND", "cuda:0", "cuda:0", "auto, cpu, cuda");
 }
 
+/* ---- MOEPATCH_GEMM (enum) ---- */
+
+Test(preload_options, gemm_values)
+{
+    cr_assert_eq(parse1("MOEPATCH_GEMM", ""), 0);
+    cr_expect_eq(opts.gemm, MP_GEMM_AUTO);
+    cr_assert_eq(parse1("MOEPATCH_GEMM", "cuBLAS"), 0);
+    cr_expect_eq(opts.gemm, MP_GEMM_CUBLAS);
+    cr_assert_eq(parse1("MOEPATCH_GEMM", "sm90"), 0);
+    cr_expect_eq(opts.gemm, MP_GEMM_SM90);
+    cr_assert_eq(parse1("MOEPATCH_GEMM", " SM90-WS "), 0);
+    cr_expect_eq(opts.gemm, MP_GEMM_SM90_WS);
+}
+
+Test(preload_options, gemm_bad_value_lists_choices)
+{
+    expect_error("MOEPATCH_GEMM", "sm100", "sm100", "auto, cublas, sm90, sm90-ws");
+    expect_error("MOEPATCH_GEMM", "1", "1", "auto, cublas, sm90, sm90-ws");
+}
+
 /* ---- MOEPATCH_CHECK (int) ---- */
 
 Test(preload_options, check_accepts_non_negative_integers)
@@ -394,7 +414,7 @@ Test(preload_options, first_bad_value_in_table_order_is_reported)
 
 Test(preload_options, render_has_one_row_per_option)
 {
-    char buf[4096];
+    char buf[8192];
     int n = mp_options_render(buf, sizeof buf);
     cr_assert_gt(n, 0);
     cr_assert_lt((size_t)n, sizeof buf);

@@ -183,7 +183,7 @@ def test_not_installed_while_site_runs(python, env, tmp_path):
 def test_options_reach_the_module(env):
     env.update(MOEPATCH_LOG="Info", MOEPATCH_MODELS=" qwen3_moe,bailing_moe_v2 ",
                MOEPATCH_BACKEND="CPU", MOEPATCH_CHECK="3", MOEPATCH="yes", MOEPATCH_AUXFREE_RATE="1e-3",
-               MOEPATCH_AUXFREE_SYNC="4", MOEPATCH_TELEMETRY=" /tmp/a b.jsonl ")
+               MOEPATCH_AUXFREE_SYNC="4", MOEPATCH_TELEMETRY=" /tmp/a b.jsonl ", MOEPATCH_GEMM="SM90-ws")
     r = run([sys.executable, "-c", "import _moepatch; print(sorted(_moepatch.options.items()))"],
             env)
     assert r.returncode == 0, r.stderr
@@ -191,7 +191,23 @@ def test_options_reach_the_module(env):
                                    "models": "qwen3_moe,bailing_moe_v2", "auxfree": False,
                                    "auxfree_rate": 0.001, "auxfree_momentum": 0.9, "auxfree_cap": 2.0,
                                    "auxfree_warmup": 0, "auxfree_sync": 4, "telemetry": "/tmp/a b.jsonl",
-                                   "telemetry_every": 10}.items())) + "\n"
+                                   "telemetry_every": 10, "gemm": "sm90-ws"}.items())) + "\n"
+
+
+ENGINE_FOR = ("import _moepatch as m; f = m.engine_for; r = [f(0), f(1)]; "
+              "m.set_engine(2); r.append(f(1)); m.set_engine(False); r.append(f(0)); "
+              "m.set_engine(None); r.append(f(0)); print(r)")
+
+
+@pytest.mark.parametrize("value, want", [(None, "[1, 1, 2, 0, 1]"), ("cublas", "[0, 0, 2, 0, 0]"),
+                                         ("sm90", "[1, 1, 2, 0, 1]"), ("sm90-ws", "[2, 2, 2, 0, 2]")])
+def test_gemm_choice_per_layout_and_override(env, value, want):
+    """MOEPATCH_GEMM picks moe_problem.engine (auto: the Hopper engine, for every expert layout:
+    0 ModuleList, 1 3-D); set_engine overrides it until set_engine(None)."""
+    if value is not None:
+        env["MOEPATCH_GEMM"] = value
+    r = run([sys.executable, "-c", ENGINE_FOR], env)
+    assert (r.returncode, r.stdout) == (0, want + "\n"), r.stderr
 
 
 def test_lib_dir_is_the_directory_of_the_libraries(lib, env):
