@@ -21,13 +21,14 @@
 #   CAST_BACK=1               norms and embeddings back to the model dtype after loading, as axolotl
 #                             does for flash-attention configs (see ab_probe.py: with eager/sdpa the
 #                             fp32 residual stream breaks the per-expert loop of Ring remote code)
+#   MOEPATCH_AB_PROFILE=N     cProfile the host side of step N+1 into LOGDIR/NAME.SIDE.jsonl.prof.txt
 #   KEEP_OUTPUT=1             keep axolotl's output_dir (the final model; by default it is deleted
 #                             after each run: axolotl always saves the trained model at the end)
 # Exit status: non-zero when a run fails (its log tail is printed) or records no step.
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 1 ] || usage
 CFG=$(cd "$(dirname "$1")" && pwd)/$(basename "$1"); shift
 [ -f "$CFG" ] || { echo "ab.sh: no config $CFG" >&2; exit 2; }

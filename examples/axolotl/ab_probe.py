@@ -31,6 +31,11 @@ then fails ("Index put requires the source and destination dtypes match": it wri
 into an empty_like(fp32 input) buffer). Both sides get the same cast, so it is an A/B of the
 flash-attention dtype layout, the one most Ring users train with.
 
+With MOEPATCH_AB_PROFILE=N it also profiles the host side of one whole optimizer step (from the
+beginning of step N+1 to the beginning of step N+2: forward, backward, clipping, optimizer, the
+Trainer's own bookkeeping and logging) with cProfile and writes the 40 functions with the most own time
+to $MOEPATCH_AB_JSONL.prof.txt: where a step's time goes when it is bound by the host.
+
 ab.sh adds this plugin to a copy of the config it runs; the example configs themselves do not need it.
 """
 
@@ -77,7 +82,23 @@ class _ABProbeCallback(TrainerCallback):
         self._write({"kind": "init", "trainable": n, "sha256": h.hexdigest()})
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._profile(state.global_step)
         self.t_begin = time.perf_counter()
+
+    def _profile(self, step):
+        at = int(os.environ.get("MOEPATCH_AB_PROFILE", "0") or 0)
+        if not at or step not in (at, at + 1):
+            return
+        import cProfile
+        import pstats
+        if step == at:
+            self.prof = cProfile.Profile()
+            self.prof.enable()
+            return
+        self.prof.disable()
+        with open(self.path + ".prof.txt", "w") as f:
+            pstats.Stats(self.prof, stream=f).sort_stats("tottime").print_stats(40)
+            pstats.Stats(self.prof, stream=f).sort_stats("cumulative").print_stats(40)
 
     def on_step_end(self, args, state, control, **kwargs):
         torch = self._cuda()

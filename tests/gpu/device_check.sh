@@ -10,7 +10,9 @@
 #                                       real transformers families, aux-free) and bench_moe.py --engine
 #   tests/gpu/device_check.sh axolotl   examples/ab.sh: Ring-arch and tiny Qwen3 A/B
 #   tests/gpu/device_check.sh axolotl2  examples/ab.sh: Qwen3-30B-A3B-arch A/B, the two LoRA configs
-#   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model, cuBLAS and engine
+#   tests/gpu/device_check.sh axprof    Ring-arch under axolotl, patched side, host cProfile of one step
+#                                       (ab_probe.py MOEPATCH_AB_PROFILE); Qwen3-30B-A3B-arch A/B, 30 steps
+#   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model, default GEMMs and cuBLAS
 #   tests/gpu/device_check.sh ncu       Nsight Compute sections of three engine GEMMs
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
@@ -72,6 +74,16 @@ axolotl2)
     CAST_BACK=1 MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=150 examples/ab.sh $E/ring_lora_experts.yml 4 2>&1 | tee -a "$C"
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
+axprof)
+    axolotl_env || exit 1
+    python3 $E/make_models.py --out $M --only ring 2>&1 | tee -a "$C" || exit 1
+    python3 $E/make_models.py --out $M --only qwen30 2>&1 | tee -a "$C" || exit 1
+    MOEPATCH_AB_PROFILE=5 CAST_BACK=1 MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=200 \
+        examples/ab.sh $E/ring_mini_arch.yml 8 2>&1 | tee -a "$C" | tail -4
+    MODEL=$M/qwen3_30b_arch RUN_TIMEOUT=170 examples/ab.sh $E/qwen3_30b_arch.yml 30 2>&1 | tee -a "$C" |
+        grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"
+    tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
+    ;;
 ncu)
     # why the engine is slower than _grouped_mm: Nsight Compute sections of three of its GEMMs
     ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
@@ -85,14 +97,14 @@ ncu)
 profile)
     # where a Ring training step's host and GPU time go (the 10x target of issue 5 is host-bound)
     python3 examples/axolotl/make_models.py --out /tmp/moe_models --only ring >/dev/null 2>&1 || exit 1
-    for side in "" "--engine"; do
+    for gemm in auto cublas; do
         LD_PRELOAD=$LIB timeout 150 python3 examples/profile_step.py /tmp/moe_models/ring_mini_arch --steps 5 \
-            --cprofile $side >"$OUT/profile${side/--/_}.txt" 2>&1
-        grep -E "step time|peak" "$OUT/profile${side/--/_}.txt"
+            --cprofile --gemm $gemm >"$OUT/profile_$gemm.txt" 2>&1
+        grep -E "step time|peak" "$OUT/profile_$gemm.txt"
     done
     ;;
 *)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
