@@ -296,6 +296,38 @@ def time_impl(torch, block, pool, mode, warmup, reps):
             "reps": len(ms), "warmup": warmup, "all_ms": ms}
 
 
+GRAPH_T_MAX = 64  # decode sizes: the forward is also timed replayed from a CUDA graph
+
+
+def graph_fwd_ms(torch, block, x, reps=20):
+    """Median ms of one no-grad forward replayed from a CUDA graph: the GPU side of a decode step, without
+    the launches and the Python around them (what a captured generate loop pays). A path that syncs with
+    the host cannot be captured: the error's first words instead."""
+    try:
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
+                for _ in range(3):
+                    first(block(x))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                first(block(x))
+        spans = []
+        for _ in range(reps):
+            span = Span(torch)
+            span.start()
+            graph.replay()
+            span.stop()
+            spans.append(span)
+        sync(torch)
+        return statistics.median(span.ms() for span in spans)
+    except Exception as e:  # not capturable: say why, keep benchmarking
+        sync(torch)
+        return "%s: %s" % (type(e).__name__, " ".join(str(e).split())[:60])
+
+
 def peak_memory(torch, block, x, dy):
     """Extra device memory one fwd+bwd allocates at its peak (MiB), parameter gradients included."""
     if DEV != "cuda":
@@ -554,6 +586,11 @@ def run(args):
                     for mode in ("fwd", "fwdbwd"):
                         row[mode] = time_impl(torch, block, pool, mode, warm, reps)
                     row["peak_mib"] = peak_memory(torch, block, pool[1][0], pool[1][1])
+                    # cuBLAS rows sync with the host: a failed capture would make the glue give the
+                    # block its own forward back for the rows after it
+                    if DEV == "cuda" and T <= GRAPH_T_MAX and not loop and engine != 0 and (
+                            not patched or mp.engine_for(st.spec["layout"]) != 0):
+                        row["fwd_graph_ms"] = graph_fwd_ms(torch, block, pool[0][0])
                     if patched:
                         row["patch_problem"] = patch_status(block, calls0)
                     for mode in ("fwd", "fwdbwd"):
@@ -630,7 +667,27 @@ def table(result):
               "one input, ok below %.0e." % (meta.get("hbm_gbps", float("nan")), GATE_TOL),
               "ring-mini-2.0 grouped_mm/moepatch_tf5 rows use the Qwen3 class at E=256, I=512: same routed GEMM "
               "work, different routing (softmax top-8, no groups, no shared expert)."]
-    return "\n".join(lines)
+    return "\n".join(lines + graph_table(rows, floors))
+
+
+def graph_table(rows, floors):
+    """The decode forwards replayed from a CUDA graph (rows with fwd_graph_ms)."""
+    got = [r for r in rows if "fwd_graph_ms" in r]
+    if not got:
+        return []
+    lines = ["", "Decode forward replayed from a CUDA graph (no launches or Python: the GPU side; x weight "
+             "read as above; rows that sync with the host cannot be captured):", "",
+             "| shape | T | implementation | fwd graph ms | fwd graph x weight read | eager fwd ms |",
+             "|---|---|---|---|---|---|"]
+    for r in got:
+        g, fl = r["fwd_graph_ms"], floors[(r["shape"], r["T"])]
+        if isinstance(g, str):
+            lines.append("| %s | %d | %s | not capturable: %s | | %s |" % (r["shape"], r["T"], r["impl"], g,
+                                                                        fmt_ms(r.get("fwd"))))
+            continue
+        lines.append("| %s | %d | %s | %.3f | %.2f | %s |" % (r["shape"], r["T"], r["impl"], g,
+                                                            g / fl["weight_read_ms"], fmt_ms(r.get("fwd"))))
+    return lines
 
 
 def main(argv=None):

@@ -12,6 +12,8 @@
 #   tests/gpu/device_check.sh axolotl2  examples/ab.sh: Qwen3-30B-A3B-arch A/B, the two LoRA configs
 #   tests/gpu/device_check.sh axprof    Ring-arch under axolotl, patched side, host cProfile of one step
 #                                       (ab_probe.py MOEPATCH_AB_PROFILE); Qwen3-30B-A3B-arch A/B, 30 steps
+#   tests/gpu/device_check.sh axbig     Ring-arch A/B with 8 x 2048 tokens per step (the Trainer's fixed
+#                                       per-step work amortised over 4x the tokens), 20 steps
 #   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model, default GEMMs and cuBLAS
 #   tests/gpu/device_check.sh ncu       Nsight Compute sections of three engine GEMMs
 set -u -o pipefail
@@ -84,6 +86,14 @@ axprof)
         grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
+axbig)
+    axolotl_env || exit 1
+    python3 $E/make_models.py --out $M --only ring 2>&1 | tee -a "$C" || exit 1
+    CAST_BACK=1 MODEL=$M/ring_mini_arch RUN_TIMEOUT=280 LOGDIR=/tmp/moepatch_ab/ring_mini_arch_mb8 \
+        examples/ab.sh $E/ring_mini_arch.yml 20 -- --micro-batch-size=8 2>&1 | tee -a "$C" |
+        grep -E "tokens/s|median step|peak|speed-up|patched|loss rel"
+    tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
+    ;;
 ncu)
     # why the engine is slower than _grouped_mm: Nsight Compute sections of three of its GEMMs
     ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
@@ -104,7 +114,7 @@ profile)
     done
     ;;
 *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
