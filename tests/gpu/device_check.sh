@@ -14,7 +14,7 @@
 #                                       (ab_probe.py MOEPATCH_AB_PROFILE); Qwen3-30B-A3B-arch A/B, 30 steps
 #   tests/gpu/device_check.sh axbig     Ring-arch A/B with 8 x 2048 tokens per step (the Trainer's fixed
 #                                       per-step work amortised over 4x the tokens), 20 steps
-#   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model, default GEMMs and cuBLAS
+#   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model: default GEMMs, cuBLAS, MOEPATCH=0
 #   tests/gpu/device_check.sh ncu       Nsight Compute sections of three engine GEMMs
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
@@ -112,6 +112,9 @@ profile)
             --cprofile --gemm $gemm >"$OUT/profile_$gemm.txt" 2>&1
         grep -E "step time|peak" "$OUT/profile_$gemm.txt"
     done
+    # the same plain loop unpatched (the remote code's per-expert loop): the A/B without the Trainer
+    MOEPATCH=0 LD_PRELOAD=$LIB timeout 150 python3 examples/profile_step.py /tmp/moe_models/ring_mini_arch \
+        --steps 4 --no-profile 2>&1 | tee "$OUT/profile_off.txt" | grep -E "step time|peak"
     ;;
 *)
     sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
