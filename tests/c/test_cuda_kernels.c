@@ -1061,3 +1061,40 @@ Test(cuda_kernels, engine_shapes_match_cpu, .timeout = 300)
         for (int engine = 0; engine < 3; engine++) /* cuBLAS, engine, engine warp-specialized */
             run_case_on(&cases[i], engine);
 }
+
+/* ---- what the forward keeps for backward (host arithmetic: runs without a GPU) ---- */
+
+static size_t saved_for(int64_t T, int64_t H, int64_t I, int64_t Is, int K, int E)
+{
+    struct moe_problem p;
+    memset(&p, 0, sizeof p);
+    p.dtype = MOE_BF16;
+    p.T = T;
+    p.H = H;
+    p.route.E = E;
+    p.route.K = K;
+    p.experts = (struct moe_mlp){.n = E, .H = H, .I = I};
+    if (Is)
+        p.shared = (struct moe_mlp){.n = 1, .H = H, .I = Is};
+    return moe_saved_bytes_cuda(&p);
+}
+
+/* Issue 4's activation bound: besides x, the logits, idx and w (the caller's tensors), a layer
+   keeps only the gate|up pre-activations (routed rows and shared expert) and the routing
+   permutation: no permuted copy of x and no expert outputs, so nothing of size H. Ring-mini-2.0 at
+   T = 16384. */
+Test(cuda_kernels, saved_state_is_preactivation_and_routing_metadata)
+{
+    const int64_t T = 16384, H = 2048, I = 512, Is = 512;
+    const int K = 8, E = 256;
+    const int64_t R = T * K;
+    const size_t pre = 2 * (size_t)(R * 2 * I + T * 2 * Is); /* bf16 */
+    const size_t routing =
+        4 * 2 * (size_t)R + 8 * (size_t)(2 * E + 1); /* perm, inv, counts, offsets */
+    const size_t got = saved_for(T, H, I, Is, K, E);
+    cr_expect_geq(got, pre + routing);
+    cr_expect_leq(got, pre + routing + 6 * 256, "%zu bytes saved, bound %zu (+ alignment)", got,
+                  pre + routing);
+    cr_expect_eq(saved_for(T, 4 * H, I, Is, K, E), got, "saved state grows with H");
+    cr_expect_lt(saved_for(T, H, I, 0, K, E), got, "no shared expert: its pre-activation goes");
+}
