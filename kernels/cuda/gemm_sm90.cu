@@ -18,7 +18,8 @@
  *   bits: 1 (default) — all 256 threads load and compute, the ring runs S - 2 k-steps ahead
  *   (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it has retired);
  *   2 — warp-specialized, a third warpgroup loads up to S k-steps ahead, mbarriers between them
- *   (sm90w_*). Schedule 2 has not run on a GPU yet.
+ *   (sm90w_*). On an H200 both give the same bits; 2 is faster on the forward forms, slower on
+ *   the input and weight grads (tests/bench/RESULTS.md), so 1 stays the default.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
  *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per
