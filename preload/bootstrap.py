@@ -73,9 +73,10 @@ def set_engine(on):
     _load_glue()["set_engine"](on)
 
 
-def engine_for(layout):
-    """moe_problem.engine that a CUDA call gets now for this expert layout (0: ModuleList, 1/2: 3-D)."""
-    return _load_glue()["_engine_for"]({"layout": layout})
+def engine_for():
+    """moe_problem.engine that a CUDA call gets now (0 cuBLAS, 1 the Hopper engine, 2 its
+    warp-specialized schedule)."""
+    return _load_glue()["_engine_for"]()
 
 
 try:

@@ -207,7 +207,7 @@ def set_engine(on):
     _engine[0] = None if on is None else (2 if on == 2 else (1 if on else 0))
 
 
-def _engine_for(spec):
+def _engine_for():
     if _engine[0] is not None:
         return _engine[0]
     return _GEMM[_opts.get("gemm", "auto")]
@@ -276,9 +276,9 @@ class _Plan:
         # family computes them in fp32, the router weight may keep its own dtype (axolotl keeps
         # `.gate` modules in fp32)
         router_free = amp is not None or spec["logits_fp32"]
-        self._check_params(params + ([] if router_free else [self.router.weight]), dtype, x.device)
-        if "ds_id" in self.router.weight.__dict__ or self.router.weight.device != x.device:
-            self._check_params([self.router.weight], self.router.weight.dtype, x.device)
+        rw = self.router.weight
+        self._check_params(params, dtype, x.device)
+        self._check_params([rw], rw.dtype if router_free else dtype, x.device)
         if str(dtype) not in _DTYPES:
             raise _Refuse("dtype %s is not supported" % dtype)
         self.dtype_code = _DTYPES[str(x.dtype)]
@@ -487,7 +487,7 @@ def _make_function(torch):
             saved = counts = None
             if plan.cuda:
                 io["stream"] = _stream(torch, dev)
-                io["engine"] = ctx.engine = _engine_for(plan.spec)
+                io["engine"] = ctx.engine = _engine_for()
                 counts = torch.empty(plan.E, dtype=torch.int64)
                 io["counts_host"] = counts.data_ptr()
                 saved = torch.empty(_run("saved", 1, plan.cfg, io), dtype=torch.uint8, device=dev)

@@ -52,6 +52,7 @@ class _ABProbeCallback(TrainerCallback):
     def __init__(self, path):
         self.path = path
         self.t_begin = None
+        self.profile_at = int(os.environ.get("MOEPATCH_AB_PROFILE", "0") or 0)
         with open(self.path, "w"):
             pass
 
@@ -86,7 +87,7 @@ class _ABProbeCallback(TrainerCallback):
         self.t_begin = time.perf_counter()
 
     def _profile(self, step):
-        at = int(os.environ.get("MOEPATCH_AB_PROFILE", "0") or 0)
+        at = self.profile_at
         if not at or step not in (at, at + 1):
             return
         import cProfile

@@ -587,9 +587,8 @@ def run(args):
                         row[mode] = time_impl(torch, block, pool, mode, warm, reps)
                     row["peak_mib"] = peak_memory(torch, block, pool[1][0], pool[1][1])
                     # cuBLAS rows sync with the host: a failed capture would make the glue give the
-                    # block its own forward back for the rows after it
-                    if DEV == "cuda" and T <= GRAPH_T_MAX and not loop and engine != 0 and (
-                            not patched or mp.engine_for(st.spec["layout"]) != 0):
+                    # block its own forward back for the rows after it (engine_for: this row's choice)
+                    if DEV == "cuda" and T <= GRAPH_T_MAX and not loop and (not patched or mp.engine_for() != 0):
                         row["fwd_graph_ms"] = graph_fwd_ms(torch, block, pool[0][0])
                     if patched:
                         row["patch_problem"] = patch_status(block, calls0)
