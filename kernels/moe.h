@@ -135,9 +135,9 @@ struct moe_problem {
     int64_t *counts_host;
 
     /* CUDA: 1 lets an sm_90 GPU run the routed experts' GEMMs on the Hopper engine
-       (moe_grouped_gemm_cuda) where it tiles the shapes, with no host round trip (2: with its
-       warp-specialized schedule); 0 keeps the cuBLAS path. Forward and backward of one call must
-       pass the same value. */
+       (moe_grouped_gemm_cuda) where it tiles the shapes, with no host round trip, on its default
+       schedule (warp-specialized; 2 asks for that schedule by name); 0 keeps the cuBLAS path.
+       Forward and backward of one call must pass the same value. */
     int engine;
 
     /* backend state: CUDA stream (cudaStream_t) and a caller-allocated workspace */
@@ -219,7 +219,7 @@ struct moe_gemm {
     struct moe_mats cm[2]; /* varlen-K: C_e (m, n) in cm[m >= c_split] (m counted from c_split) */
     int64_t c_split;
     void *stream; /* CUDA: cudaStream_t */
-    /* CUDA kernel schedule: 0 the default (1), 1 all threads load and compute, 2 warp-specialized
+    /* CUDA kernel schedule: 0 the default (2), 1 all threads load and compute, 2 warp-specialized
        (one warpgroup loads, two compute). Same results; the CPU ignores it. */
     int schedule;
 };

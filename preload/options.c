@@ -54,8 +54,8 @@ const struct mp_option_def mp_option_table[] = {
      .kind = MP_OPT_ENUM,
      .dflt = "auto",
      .help = "routed experts' GEMMs on CUDA: auto (= sm90), cublas, sm90 (the Hopper engine: no "
-             "host sync), sm90-ws (its warp-specialized schedule); sm90 falls back to cublas off "
-             "sm_90 or on shapes it does not tile",
+             "host sync; warp-specialized), sm90-ws (the same, by the schedule's name); sm90 falls "
+             "back to cublas off sm_90 or on shapes it does not tile",
      .choices = gemm_choices,
      .offset = offsetof(struct mp_options, gemm)},
     {.name = "MOEPATCH_CHECK",

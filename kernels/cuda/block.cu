@@ -85,7 +85,8 @@ static int64_t padded_rows_max(const struct moe_problem *p)
 }
 
 /* An activation operand of the engine: rows with stride rs, read through gather[r] / div. */
-/* moe_problem.engine 2 asks for the engine's warp-specialized schedule, 1 for its default */
+/* moe_problem.engine 2 asks for the engine's warp-specialized schedule by name, 1 for its default
+   (the same one now) */
 static int engine_schedule(const struct moe_problem *p)
 {
     return p->engine == 2 ? 2 : 0;

@@ -11,15 +11,21 @@
  *   gathered rows) as a prefix in shared memory; varlen-K: every expert has (M / BM) × (N / BN)
  *   tiles, an expert without rows writes zeros. CTAs walk the list with a grid stride.
  * - Loads are 16-byte cp.async chunks into an S-stage ring; a gathered row costs the same as a
- *   packed one, and rows past an expert's end are zero-filled by the copy. Two computing
- *   warpgroups (64 × 256 each, BK = 64). The ring does not drain between tiles: it runs across this
- *   CTA's whole tile list, so short reductions (the down projection, the weight grads) do not pay a
- *   refill per tile. Two schedules (moe_gemm.schedule), the same tiles and wgmma order, so the same
- *   bits: 1 (default) — all 256 threads load and compute, the ring runs S - 2 k-steps ahead
- *   (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it has retired);
- *   2 — warp-specialized, a third warpgroup loads up to S k-steps ahead, mbarriers between them
- *   (sm90w_*). On an H200 both give the same bits; 2 is faster on the forward forms, slower on
- *   the input and weight grads (tests/bench/RESULTS.md), so 1 stays the default.
+ *   packed one, and rows past an expert's end are zero-filled by the copy. Gather indices are
+ *   loaded before they are needed (a tile's rows at once; varlen-K rows one k-step ahead) and
+ *   divided by top-k with a multiply and a shift: a copy never waits on an index. Two computing
+ *   warpgroups (64 × 256 each, BK = 64). The ring does not drain between tiles: it runs across
+ *   this CTA's whole tile list, so short reductions (the down projection, the weight grads) do not
+ *   pay a refill per tile. Two schedules (moe_gemm.schedule), the same tiles and wgmma order, so
+ *   the same bits: 2 (default) — warp-specialized, a third warpgroup loads up to S k-steps ahead,
+ *   mbarriers between them (sm90w_*); 1 — all 256 threads load and compute, the ring runs S - 2
+ *   k-steps ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it has
+ *   retired). On an H200 2 is faster on every form (tests/bench/RESULTS.md).
+ * - Output: each warp writes its accumulator rows into a ring stage the loads do not use at that
+ *   moment (the tile's last two; the warp-specialized loader is kept off them until the stores
+ *   have read them) and hands whole 512-byte rows to the bulk-copy engine, which stores them
+ *   while the next tile computes. Tiles of one k-step and outputs not 16-byte aligned (pointer
+ *   arrays) are stored from the registers instead.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
  *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per
@@ -49,7 +55,8 @@ struct sm90_op {
     const char *base;
     int64_t rs;
     const int32_t *gather;
-    int gather_div;
+    uint32_t div_m; /* gather[r] / gather_div as a multiply and a shift (fastdiv) */
+    int div_s;
     void *const *ptr[2];
     const char *mbase[2];
     int64_t es[2], xs[2], ks[2];
@@ -145,15 +152,6 @@ static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db,
         SM90_WGMMA("bf16");
 }
 
-static __device__ __forceinline__ void pack2(__nv_bfloat16 *dst, float x, float y)
-{
-    *(__nv_bfloat162 *)dst = __floats2bfloat162_rn(x, y);
-}
-static __device__ __forceinline__ void pack2(__half *dst, float x, float y)
-{
-    *(__half2 *)dst = __floats2half2_rn(x, y);
-}
-
 /* tiles[e] = first tile of expert e (exclusive prefix), tiles[E] = all tiles. 256 threads, each
    sums up to SM90_MAX_E / 256 experts, then a Hillis–Steele scan of the 256 partial sums. */
 static __device__ void tile_prefix(const int64_t *offsets, int E, int nt, int *tiles, int *part)
@@ -215,18 +213,32 @@ static __device__ __forceinline__ const char *weight_base(const struct sm90_op &
     return o.ptr[p] ? (const char *)o.ptr[p][e] : o.mbase[p] + (int64_t)e * o.es[p];
 }
 
-static __device__ __forceinline__ int64_t source_row(const struct sm90_op &o, int64_t r)
+/* n / d for 0 <= n < 2^31, (m, s) from fastdiv_of(d): a hardware division is ~20 dependent
+   instructions, and a loader does one per gathered row */
+static __device__ __forceinline__ uint32_t fastdiv(uint32_t n, uint32_t m, int s)
 {
-    return o.gather ? o.gather[r] / o.gather_div : r;
+    return (__umulhi(n, m) + n) >> s;
 }
 
-/* What one of NT loading threads (threadIdx.x < NT) copies of an X-wide operand tile per stage. */
-template <int X, int MN, int NT> struct sm90_loader;
+/* The source row of operand row r (valid: r < the operand's rows) from gather[r], loaded earlier
+   (raw = gather[r]; without a gather, raw = r) so that the load's latency overlaps other work. */
+static __device__ __forceinline__ uint32_t gather_raw(const struct sm90_op &o, int64_t r)
+{
+    return o.gather ? (uint32_t)__ldg(o.gather + r) : (uint32_t)r;
+}
+static __device__ __forceinline__ int64_t source_row(const struct sm90_op &o, uint32_t raw)
+{
+    return o.gather ? fastdiv(raw, o.div_m, o.div_s) : raw;
+}
+
+/* What one of NT loading threads (threadIdx.x < NT) copies of an X-wide operand tile per stage.
+   ROWS: the operand is activation rows (else weights), known per kernel kind (sm90_kind). */
+template <int X, int MN, int NT, int ROWS> struct sm90_loader;
 
 /* K-major: chunk (tid % 8) of tile rows tid / 8 + (NT / 8) i; its shared-memory offset in the tile
    is row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
    are x (varlen-M: global rows from x0 = r0, gathered; weights: part by x). */
-template <int X, int NT> struct sm90_loader<X, 0, NT> {
+template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
     static constexpr int RSTEP = NT / 8, NR = X / RSTEP;
     static_assert(RSTEP % 8 == 0 && X % RSTEP == 0, "rows of a thread share row % 8");
     const char *p[NR];
@@ -238,14 +250,24 @@ template <int X, int NT> struct sm90_loader<X, 0, NT> {
     {
         const int tid = threadIdx.x, chunk = tid & 7, row = tid >> 3;
         dst = (uint32_t)(row * 128 + ((chunk ^ (row & 7)) << 4));
+        if constexpr (ROWS) {
+            /* every gather index is loaded before the first is used (a row past the expert's end
+               reads row r0, which a varlen-M tile always has, and copies nothing) */
+            uint32_t raw[NR];
 #pragma unroll
-        for (int i = 0; i < NR; i++) {
-            const int64_t x = x0 + row + RSTEP * i;
-            if (o.rows) {
-                const int ok = x < t.r_end;
-                p[i] = o.base + (ok ? source_row(o, x) : 0) * o.rs + chunk * 16;
-                bytes[i] = ok ? 16 : 0;
-            } else {
+            for (int i = 0; i < NR; i++) {
+                const int64_t x = x0 + row + RSTEP * i;
+                raw[i] = gather_raw(o, x < t.r_end ? x : t.r0);
+            }
+#pragma unroll
+            for (int i = 0; i < NR; i++) {
+                bytes[i] = x0 + row + RSTEP * i < t.r_end ? 16 : 0;
+                p[i] = o.base + source_row(o, raw[i]) * o.rs + chunk * 16;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < NR; i++) {
+                const int64_t x = x0 + row + RSTEP * i;
                 const int part = x >= o.split;
                 p[i] = weight_base(o, part, t.e) + (x - (part ? o.split : 0)) * o.xs[part] +
                        chunk * 16;
@@ -254,7 +276,7 @@ template <int X, int NT> struct sm90_loader<X, 0, NT> {
         }
     }
 
-    __device__ __forceinline__ void load(uint32_t tile, int kt) const
+    __device__ __forceinline__ void load(uint32_t tile, int kt)
     {
         const int64_t k = (int64_t)kt * SM90_BK * 2;
 #pragma unroll
@@ -265,19 +287,35 @@ template <int X, int NT> struct sm90_loader<X, 0, NT> {
 
 /* MN-major: x-chunk (tid % XC) of the k rows tid / XC + KSTEP j. k rows are global rows of the
    expert (activations, varlen-K: gathered, zero past r_end) or weight rows (part by k). A KSTEP
-   below 8 (128 threads on a 256-wide tile) moves a thread's k rows within their 8-row group. */
-template <int X, int NT> struct sm90_loader<X, 1, NT> {
+   below 8 (128 threads on a 256-wide tile) moves a thread's k rows within their 8-row group.
+   Activation rows change every k-step: their gather indices are loaded one k-step ahead (raw), so
+   that a copy never waits for an index. */
+template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
     static constexpr int XC = X / 8, KSTEP = NT / XC, NJ = SM90_BK / KSTEP;
     static_assert(KSTEP >= 1 && SM90_BK % KSTEP == 0 && (KSTEP % 8 == 0 || 8 % KSTEP == 0),
                   "k rows of a thread");
     const char *xb0, *xb1; /* weights: part 0 / 1 (activations: both the rows' base) */
     int64_t ks0, ks1;
     const int32_t *gather;
-    int64_t r0, r_end;
-    int rows, gather_div, k_first, split;
+    uint32_t div_m;
+    int div_s;
+    int r0, r_end; /* row counts fit 31 bits (sm90_kind): 32-bit compares in the loop */
+    uint32_t raw[ROWS ? NJ : 1]; /* the next k-step's gather indices (rows: gather_raw) */
+    int k_first, split;
     uint32_t dst, xcol;
 
-    __device__ __forceinline__ void plan(const struct sm90_op &op, const struct sm90_tile &t,
+    /* raw[] for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
+    __device__ __forceinline__ void prefetch(int kt)
+    {
+#pragma unroll
+        for (int j = 0; j < (ROWS ? NJ : 0); j++) {
+            const int r = r0 + kt * SM90_BK + k_first + KSTEP * j;
+            const int v = r < r_end ? r : r0;
+            raw[j] = gather ? (uint32_t)__ldg(gather + v) : (uint32_t)v;
+        }
+    }
+
+    __device__ __forceinline__ void plan(const struct sm90_op &o, const struct sm90_tile &t,
                                          int64_t x0)
     {
         const int tid = threadIdx.x, xc = tid % XC;
@@ -286,21 +324,22 @@ template <int X, int NT> struct sm90_loader<X, 1, NT> {
         dst = (uint32_t)((xc >> 3) * SM90_ATOM_STRIDE + kg * 1024 + kr * 128 +
                          (((xc & 7) ^ kr) << 4));
         xcol = (uint32_t)xc;
-        rows = op.rows;
-        gather = op.gather;
-        gather_div = op.gather_div;
-        r0 = t.r0;
-        r_end = t.r_end;
-        split = op.split;
+        gather = o.gather;
+        div_m = o.div_m;
+        div_s = o.div_s;
+        r0 = (int)t.r0;
+        r_end = (int)t.r_end;
+        split = o.split;
         const int64_t xoff = (x0 + 8 * xc) * 2;
-        if (op.rows) {
-            xb0 = xb1 = op.base + xoff;
-            ks0 = ks1 = op.rs;
+        if constexpr (ROWS) {
+            xb0 = xb1 = o.base + xoff;
+            ks0 = ks1 = o.rs;
+            prefetch(0);
         } else {
-            ks0 = op.ks[0];
-            ks1 = op.ks[1];
-            xb0 = weight_base(op, 0, t.e) + xoff;
-            xb1 = weight_base(op, 1, t.e) + xoff - (int64_t)op.split * op.ks[1];
+            ks0 = o.ks[0];
+            ks1 = o.ks[1];
+            xb0 = weight_base(o, 0, t.e) + xoff;
+            xb1 = weight_base(o, 1, t.e) + xoff - (int64_t)o.split * o.ks[1];
         }
     }
 
@@ -314,70 +353,126 @@ template <int X, int NT> struct sm90_loader<X, 1, NT> {
                           (((xcol & 7) ^ kr) << 4));
     }
 
-    __device__ __forceinline__ void load(uint32_t tile, int kt) const
+    __device__ __forceinline__ void load(uint32_t tile, int kt)
     {
         const int64_t k0 = (int64_t)kt * SM90_BK;
 #pragma unroll
         for (int j = 0; j < NJ; j++) {
             const int64_t k = k0 + k_first + KSTEP * j;
-            const char *src;
-            int bytes = 16;
-            if (rows) {
-                const int64_t r = r0 + k, ok = r < r_end;
-                src = xb0 + (ok ? (gather ? gather[r] / gather_div : r) : 0) * ks0;
-                bytes = ok ? 16 : 0;
-            } else {
-                src = k0 >= split ? xb1 + k * ks1 : xb0 + k * ks0;
-            }
-            cp_async16(tile + stage_offset(j), src, bytes);
+            if constexpr (ROWS)
+                cp_async16(tile + stage_offset(j),
+                           xb0 + (int64_t)(gather ? fastdiv(raw[j], div_m, div_s) : raw[j]) * ks0,
+                           r0 + (int)k < r_end ? 16 : 0);
+            else
+                cp_async16(tile + stage_offset(j), k0 >= split ? xb1 + k * ks1 : xb0 + k * ks0, 16);
         }
+        prefetch(kt + 1);
     }
 };
 
+/* Where a tile's rows go: tile row i (0 .. BM-1) at base + i * rs, rows i >= lim not written
+   (varlen-M: past the expert's end). */
+struct sm90_dst {
+    char *base;
+    int64_t rs;
+    int64_t lim;
+};
+
+static __device__ __forceinline__ struct sm90_dst dst_of(const struct sm90_args &g,
+                                                         const struct sm90_tile &t)
+{
+    struct sm90_dst o;
+    if (g.varlen_k) {
+        const int part = t.m0 >= g.c_split;
+        char *base =
+            g.cptr[part] ? (char *)g.cptr[part][t.e] : g.cbase[part] + (int64_t)t.e * g.ces[part];
+        o.rs = g.crs[part];
+        o.base = base + (t.m0 - (part ? g.c_split : 0)) * o.rs + (int64_t)t.n0 * 2;
+        o.lim = SM90_BM;
+    } else {
+        o.rs = g.c_rs;
+        o.base = g.c + t.r0 * o.rs + (int64_t)t.n0 * 2;
+        o.lim = t.r_end - t.r0;
+    }
+    return o;
+}
+
+static __device__ __forceinline__ uint32_t pack2(__nv_bfloat16, float x, float y)
+{
+    const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+    return *(const uint32_t *)&v;
+}
+static __device__ __forceinline__ uint32_t pack2(__half, float x, float y)
+{
+    const __half2 v = __floats2half2_rn(x, y);
+    return *(const uint32_t *)&v;
+}
+
+/* The accumulator fragment of thread tid (of the 256 computing threads): rows ra = wg * 64 +
+   warp * 16 + lane / 4 and ra + 8, columns 2 (lane % 4) + 8 j, j < 32. Written straight to global
+   memory: 16 bytes per row per warp store, so the slow path (tiles that cannot be staged). */
 template <typename T>
-static __device__ __forceinline__ void store_rows(const struct sm90_args &g, const float *d,
-                                                  const struct sm90_tile &t, int tid)
+static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, const float *d,
+                                                    int tid)
 {
     const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int64_t ra = t.r0 + wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
-    const int col = t.n0 + 2 * (lane & 3);
-    T *pa = (T *)(g.c + ra * g.c_rs) + col, *pb = (T *)(g.c + rb * g.c_rs) + col;
+    const int64_t ra = wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
+    uint32_t *pa = (uint32_t *)(o.base + ra * o.rs) + (lane & 3);
+    uint32_t *pb = (uint32_t *)(o.base + rb * o.rs) + (lane & 3);
 #pragma unroll
     for (int j = 0; j < 32; j++) {
-        if (ra < t.r_end)
-            pack2(pa + 8 * j, d[4 * j], d[4 * j + 1]);
-        if (rb < t.r_end)
-            pack2(pb + 8 * j, d[4 * j + 2], d[4 * j + 3]);
+        if (ra < o.lim)
+            pa[4 * j] = pack2(T(), d[4 * j], d[4 * j + 1]);
+        if (rb < o.lim)
+            pb[4 * j] = pack2(T(), d[4 * j + 2], d[4 * j + 3]);
     }
 }
 
-template <typename T>
-static __device__ __forceinline__ void store_mats(const struct sm90_args &g, const float *d,
-                                                  const struct sm90_tile &t, int tid)
+/* A staged output row in shared memory: 512 bytes + 16, so that the 8 rows of a warp's store
+   start in 8 different bank groups (conflict-free) and every row stays 16-byte aligned. */
+#define SM90_STAGED_ROW 528
+
+static __device__ __forceinline__ void bulk_wait_read(void)
 {
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int part = t.m0 >= g.c_split;
-    const char *base =
-        g.cptr[part] ? (const char *)g.cptr[part][t.e] : g.cbase[part] + (int64_t)t.e * g.ces[part];
-    const int64_t ma = t.m0 - (part ? g.c_split : 0) + wg * 64 + warp * 16 + (lane >> 2);
-    const int col = t.n0 + 2 * (lane & 3);
-    T *pa = (T *)(base + ma * g.crs[part]) + col, *pb = (T *)(base + (ma + 8) * g.crs[part]) + col;
-#pragma unroll
-    for (int j = 0; j < 32; j++) {
-        pack2(pa + 8 * j, d[4 * j], d[4 * j + 1]);
-        pack2(pb + 8 * j, d[4 * j + 2], d[4 * j + 3]);
-    }
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
-/* The tile's output (tid: the thread's index among the 256 computing threads). */
+/* The fast path: each warp writes its 16 rows (of the warpgroup's 64) into buf, a ring stage no
+   copy targets (64 x 528 bytes), and 16 of its lanes each hand one 512-byte row to the bulk-copy
+   engine. The warp goes on at once; a thread must bulk_wait_read() before buf is refilled. */
 template <typename T>
-static __device__ __forceinline__ void sm90_store(const struct sm90_args &g, const float *d,
-                                                  const struct sm90_tile &t, int tid)
+static __device__ __forceinline__ void store_staged(const struct sm90_dst &o, const float *d,
+                                                    uint32_t buf, int tid)
 {
-    if (g.varlen_k)
-        store_mats<T>(g, d, t, tid);
-    else
-        store_rows<T>(g, d, t, tid);
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const uint32_t pa =
+        buf + (uint32_t)(warp * 16 + (lane >> 2)) * SM90_STAGED_ROW + 4 * (lane & 3);
+    const uint32_t pb = pa + 8 * SM90_STAGED_ROW;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(pa + 16 * j),
+                     "r"(pack2(T(), d[4 * j], d[4 * j + 1]))
+                     : "memory");
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(pb + 16 * j),
+                     "r"(pack2(T(), d[4 * j + 2], d[4 * j + 3]))
+                     : "memory");
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* the copy engine reads them */
+    __syncwarp();
+    const int64_t row = wg * 64 + warp * 16 + lane;
+    if (lane < 16 && row < o.lim)
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 512;\n" ::"l"(
+                         o.base + row * o.rs),
+                     "r"(buf + (uint32_t)(warp * 16 + lane) * SM90_STAGED_ROW)
+                     : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
+/* A tile whose output can go through shared memory: at least two k-steps (its last two stages
+   are the buffers) and 16-byte aligned rows (pointer-array bases are only known here). */
+static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const struct sm90_tile &t)
+{
+    return t.KT >= 2 && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
 }
 
 /* A tile without k-steps (varlen-K, an expert without rows) writes zeros. */
@@ -435,8 +530,8 @@ static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_arg
    the current tile's last ones compute. Every call commits one cp.async group (empty past the end),
    which keeps the group count equal to the consumer's slot count. */
 template <int AMN, int BMN> struct sm90_producer {
-    sm90_loader<SM90_BM, AMN, SM90_THREADS> la;
-    sm90_loader<SM90_BN, BMN, SM90_THREADS> lb;
+    sm90_loader<SM90_BM, AMN, SM90_THREADS, 1> la;   /* A: always activation rows */
+    sm90_loader<SM90_BN, BMN, SM90_THREADS, AMN> lb; /* B: rows only in varlen-K (MN/MN) */
     int q, kt, KT, slot;
 
     __device__ __forceinline__ void seek(const struct sm90_args &g, const int *tiles, int nt,
@@ -498,7 +593,10 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
 
     /* slot: the consumer's k-steps so far, over all tiles; its stage is slot % STAGES, filled by
        the producer STAGES - 2 calls earlier. A stage is refilled only after every warpgroup's wgmma
-       on it has retired (wait_group 1 of the previous slot, then the barrier of this one). */
+       on it has retired (wait_group 1 of the previous slot, then the barrier of this one), and
+       after the bulk stores of a staged tile have read it (bulk_wait_read before the barrier).
+       After a tile's last k-step the stages of slots slot - 2 and slot - 1 hold nothing in flight
+       (the producer is STAGES - 2 ahead): they stage its output, one per warpgroup. */
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
@@ -506,6 +604,9 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
             sm90_zero(d);
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
+            if (kt ==
+                0) /* the fills of this k-step and the next may target a staged tile's stages */
+                bulk_wait_read();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads();
             sm90_mma_stage<T, AMN, BMN>(d, ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES, wg,
@@ -516,9 +617,17 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        sm90_store<T>(g, d, t, threadIdx.x);
+        const struct sm90_dst o = dst_of(g, t);
+        if (stageable(o, t)) {
+            __syncthreads(); /* the other warpgroup's wgmma on both stages has retired too */
+            store_staged<T>(o, d, ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES,
+                            threadIdx.x);
+        } else {
+            store_direct<T>(o, d, threadIdx.x);
+        }
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
 /* ---- schedule 2: warp-specialized (warpgroup 0 loads, warpgroups 1 and 2 compute) ----
@@ -565,8 +674,8 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
                                                   int nt, int total, uint32_t ring, uint32_t full,
                                                   uint32_t empty)
 {
-    sm90_loader<SM90_BM, AMN, SM90W_LOADERS> la;
-    sm90_loader<SM90_BN, BMN, SM90W_LOADERS> lb;
+    sm90_loader<SM90_BM, AMN, SM90W_LOADERS, 1> la;
+    sm90_loader<SM90_BN, BMN, SM90W_LOADERS, AMN> lb;
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
@@ -586,6 +695,18 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+/* A staged tile's two stages (slots h - 2 and h - 1), kept from the loader until this warp's bulk
+   stores have read them: then one arrival each on their "empty" barriers. */
+static __device__ __forceinline__ void sm90w_release(uint32_t empty, int h, int lane)
+{
+    bulk_wait_read();
+    __syncwarp();
+    if (lane == 0) {
+        mbar_arrive(empty + 8 * ((h - 2) % SM90_STAGES));
+        mbar_arrive(empty + 8 * ((h - 1) % SM90_STAGES));
+    }
+}
+
 template <typename T, int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, const int *tiles,
                                                      int nt, int total, uint32_t ring,
@@ -593,11 +714,15 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
 {
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
     float d[128];
-    int slot = 0;
+    int slot = 0, held = 0; /* held: the slot after a staged tile whose stages are not released */
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
-        if (t.KT == 0)
+        if (t.KT == 0) {
+            if (held)
+                sm90w_release(empty, held, lane);
+            held = 0;
             sm90_zero(d);
+        }
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             const int s = slot % SM90_STAGES;
             mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
@@ -606,16 +731,33 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            /* this warp's wgmma on the previous stage has retired: one arrival frees it */
-            if (kt > 0 && lane == 0)
+            if (kt == 0 && held)
+                sm90w_release(empty, held, lane);
+            held = kt == 0 ? 0 : held;
+            /* this warp's wgmma on the previous stage has retired: one arrival frees it (not the
+               tile's last two stages: they may stage its output) */
+            if (kt > 0 && kt < t.KT - 1 && lane == 0)
                 mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        if (t.KT > 0 && lane == 0)
-            mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
         fence_d(d);
-        sm90_store<T>(g, d, t, ctid);
+        const struct sm90_dst o = dst_of(g, t);
+        if (stageable(o, t)) {
+            /* both computing warpgroups are past their wgmma on both stages */
+            asm volatile("bar.sync 1, %0;\n" ::"n"(SM90W_THREADS - SM90W_LOADERS) : "memory");
+            store_staged<T>(o, d, ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES, ctid);
+            held = slot;
+        } else {
+            store_direct<T>(o, d, ctid);
+            if (t.KT > 0 && lane == 0)
+                mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
+            if (t.KT > 1 && lane == 0)
+                mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
+        }
     }
+    if (held)
+        sm90w_release(empty, held, lane);
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
 template <typename T, int AMN, int BMN>
@@ -753,6 +895,17 @@ int moe__gemm_sm90_ok(const struct moe_gemm *g)
     return sm90_ready(&sms) && sm90_kind(g) != 0;
 }
 
+/* (m, s) with n / d = (umulhi(n, m) + n) >> s for every 0 <= n < 2^31 (d >= 1): s = ceil(log2 d),
+   m = floor(2^32 (2^s - d) / d) + 1, which fits 32 bits */
+static void fastdiv_of(int d, uint32_t *m, int *s)
+{
+    int l = 0;
+    while (((int64_t)1 << l) < d)
+        l++;
+    *s = l;
+    *m = (uint32_t)((((uint64_t)1 << 32) * (uint64_t)(((int64_t)1 << l) - d)) / (uint64_t)d + 1);
+}
+
 static struct sm90_op op_of(const struct moe_gemm_op *o)
 {
     struct sm90_op s;
@@ -761,7 +914,7 @@ static struct sm90_op op_of(const struct moe_gemm_op *o)
     s.base = (const char *)o->base;
     s.rs = o->rs * 2;
     s.gather = o->gather;
-    s.gather_div = o->gather ? o->gather_div : 1;
+    fastdiv_of(o->gather ? o->gather_div : 1, &s.div_m, &s.div_s);
     for (int p = 0; p < 2; p++) {
         const struct moe_mats *m = &o->m[p];
         s.ptr[p] = m->ptr;
@@ -787,12 +940,13 @@ static int sm90_run(sm90_kernel_fn k, int threads, const struct sm90_args &a, un
     return MOE_OK;
 }
 
-/* schedule 2: the warp-specialized kernel; anything else: schedule 1 */
+/* schedule 1: all threads load and compute; anything else (0, the default, and 2): the
+   warp-specialized kernel, faster on every form measured (tests/bench/RESULTS.md) */
 template <int AMN, int BMN>
 static int sm90_launch(const struct sm90_args &a, moe_dtype dt, int schedule, unsigned grid,
                        cudaStream_t st)
 {
-    const int ws = schedule == 2, threads = ws ? SM90W_THREADS : SM90_THREADS;
+    const int ws = schedule != 1, threads = ws ? SM90W_THREADS : SM90_THREADS;
     if (dt == MOE_BF16)
         return sm90_run(ws ? sm90w_gemm_kernel<__nv_bfloat16, AMN, BMN>
                            : sm90_gemm_kernel<__nv_bfloat16, AMN, BMN>,

@@ -226,8 +226,8 @@ def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
         def add(impl, ms):
             res["impls"][impl] = {"ms": ms, "tflops": flops / ms / 1e9}
 
-        add("moepatch sm90", median_ms(torch, ours, reps))
-        # schedule 2 (warp-specialized): the same bits as schedule 1, every element written
+        add("moepatch sm90 schedule 1", median_ms(torch, ours, reps))
+        # schedule 2 (warp-specialized, the default): the same bits as schedule 1, every element written
         g2 = type(g).from_buffer_copy(g)
         g2.schedule = 2
         ws = ours_call(torch, lib, g2)
@@ -236,7 +236,7 @@ def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
             ws()
             torch.cuda.synchronize()
             res["ws_equal"] = bool(torch.equal(out, first))
-            add("moepatch sm90 warp-specialized", median_ms(torch, ws, reps))
+            add("moepatch sm90 warp-specialized (default)", median_ms(torch, ws, reps))
         except RuntimeError as exc:
             res["ws_error"] = str(exc)
         if anchor is not None:

@@ -52,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--no-loop", action="store_true", help="skip the per-expert loop anchors")
     p.add_argument("--engine", action="store_true",
                    help="also time every patched row with each GEMM engine forced (_moepatch.set_engine): "
-                        "cuBLAS, the Hopper engine, its warp-specialized schedule")
+                        "cuBLAS, the Hopper engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -495,8 +495,6 @@ def impls_for(torch, mp, shape_name, s, src, args, log):
                 for key, label, block, _, note, _ in patched]
         out += [(key + "_engine", label + ", Hopper engine", block, True, note + "; moe_problem.engine = 1", 1)
                 for key, label, block, _, note, _ in patched]
-        out += [(key + "_engine_ws", label + ", Hopper engine, warp-specialized", block, True,
-                 note + "; moe_problem.engine = 2", 2) for key, label, block, _, note, _ in patched]
     return out
 
 

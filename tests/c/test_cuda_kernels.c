@@ -740,6 +740,9 @@ struct gcase {
     int gather_b;    /* varlen-K: the gather is on B instead of A */
     const int64_t *counts; /* rows per expert */
     int E;
+    int skew; /* varlen-K, list: each expert's output 8 bytes past an allocation's start (4- but
+                 not 16-byte aligned: the kernel cannot stage such tiles and stores them directly)
+               */
 };
 
 /* E experts' [rows, cols] matrices (row-major), host copy contiguous, device copy 3-D or one
@@ -747,13 +750,13 @@ struct gcase {
    (1, cols). */
 struct etwin {
     struct pair all;
-    void **dev, **hp, **dp;
-    int E;
+    void **dev, **hp, **dp; /* dev: the experts' matrices (list: skew bytes into an allocation) */
+    int E, skew;
     struct moe_mats cpu, gpu;
 };
 
 static void etwin_new(struct etwin *t, moe_dtype dt, int E, int64_t rows, int64_t cols, int list,
-                      int transposed, int fill_it)
+                      int transposed, int fill_it, int skew)
 {
     const size_t es = moe_dtype_size(dt), one = (size_t)(rows * cols) * es;
     memset(t, 0, sizeof *t);
@@ -770,8 +773,10 @@ static void etwin_new(struct etwin *t, moe_dtype dt, int E, int64_t rows, int64_
         return;
     t->dev = calloc((size_t)E, sizeof(void *));
     t->hp = calloc((size_t)E, sizeof(void *));
+    t->skew = skew;
     for (int e = 0; e < E; e++) {
-        CK(cudaMalloc(&t->dev[e], one));
+        CK(cudaMalloc(&t->dev[e], one + (size_t)skew));
+        t->dev[e] = (char *)t->dev[e] + skew;
         t->hp[e] = (char *)t->all.h + one * (size_t)e;
         CK(cudaMemcpy(t->dev[e], t->hp[e], one, cudaMemcpyHostToDevice));
     }
@@ -805,7 +810,7 @@ static void etwin_free(struct etwin *t)
 {
     if (t->dev) {
         for (int e = 0; e < t->E; e++)
-            cudaFree(t->dev[e]);
+            cudaFree((char *)t->dev[e] - t->skew);
         cudaFree(t->dp);
         free(t->dev);
         free(t->hp);
@@ -892,9 +897,9 @@ static void run_gemm_case(const struct gcase *c)
         gg.b.base = b.v.d;
         gg.b.gather = gather_b ? gat.d : NULL;
         const int two = c->split < c->M;
-        etwin_new(&c0, c->dt, E, c->split, c->N, c->list, 0, 0);
+        etwin_new(&c0, c->dt, E, c->split, c->N, c->list, 0, 0, c->skew);
         if (two)
-            etwin_new(&c1, c->dt, E, c->M - c->split, c->N, c->list, 0, 0);
+            etwin_new(&c1, c->dt, E, c->M - c->split, c->N, c->list, 0, 0, c->skew);
         gc.cm[0] = c0.cpu;
         gg.cm[0] = c0.gpu;
         gc.cm[1] = two ? c1.cpu : c0.cpu;
@@ -906,9 +911,9 @@ static void run_gemm_case(const struct gcase *c)
         /* weights (x = n, k): K-major parts [n', D] split along n, or MN-major parts [k', N] */
         const int64_t len = c->b_mn ? c->D : c->N, two = c->split < len;
         const int64_t r0 = c->split, r1 = len - c->split;
-        etwin_new(&w0, c->dt, E, r0, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1);
+        etwin_new(&w0, c->dt, E, r0, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1, 0);
         if (two)
-            etwin_new(&w1, c->dt, E, r1, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1);
+            etwin_new(&w1, c->dt, E, r1, c->b_mn ? c->N : c->D, c->list, c->b_mn, 1, 0);
         gc.b = (struct moe_gemm_op){0,        NULL,   0, NULL, 1, {w0.cpu, two ? w1.cpu : w0.cpu},
                                     c->split, c->b_mn};
         gg.b = (struct moe_gemm_op){0,        NULL,   0, NULL, 1, {w0.gpu, two ? w1.gpu : w0.gpu},
@@ -987,37 +992,50 @@ static const int64_t gemm_counts[] = {0, 1, 128, 129, 300, 0, 64, 513, 255, 7};
 Test(cuda_kernels, grouped_gemm_gathered_3d_bf16_matches_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm gather 3-D bf16", MOE_BF16, 0, 0, 512, 256, 0, 256, 0, 4, 0,
-                                  gemm_counts, 10});
+                                  gemm_counts, 10, 0});
 }
 
 Test(cuda_kernels, grouped_gemm_pointer_arrays_two_parts_match_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm list gate|up bf16", MOE_BF16, 0, 0, 768, 192, 0, 256, 1, 8,
-                                  0, gemm_counts, 10});
+                                  0, gemm_counts, 10, 0});
 }
 
 Test(cuda_kernels, grouped_gemm_packed_fp16_matches_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm packed fp16", MOE_F16, 0, 0, 256, 512, 0, 256, 0, 0, 0,
-                                  gemm_counts, 10});
+                                  gemm_counts, 10, 0});
 }
 
 /* The input-grad form: weights read MN-major (W, not Wᵀ), split along the reduction. */
 Test(cuda_kernels, grouped_gemm_mn_major_weights_match_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm MN weights split-k", MOE_BF16, 0, 0, 256, 384, 1, 128, 1, 4,
-                                  0, gemm_counts, 10});
+                                  0, gemm_counts, 10, 0});
     run_gemm_case(&(struct gcase){"gemm MN weights 3-D", MOE_BF16, 0, 0, 512, 256, 1, 256, 0, 2, 0,
-                                  gemm_counts, 10});
+                                  gemm_counts, 10, 0});
 }
 
 /* The weight-grad form: the experts' rows are the reduction; experts without rows get zeros. */
 Test(cuda_kernels, grouped_gemm_varlen_k_matches_cpu, .timeout = 180)
 {
     run_gemm_case(&(struct gcase){"gemm varlen-K gather A", MOE_BF16, 1, 256, 256, 0, 0, 128, 0, 4,
-                                  0, gemm_counts, 10});
+                                  0, gemm_counts, 10, 0});
     run_gemm_case(&(struct gcase){"gemm varlen-K gather B list", MOE_F16, 1, 384, 512, 0, 0, 256, 1,
-                                  8, 1, gemm_counts, 10});
+                                  8, 1, gemm_counts, 10, 0});
+}
+
+/* The two output paths: a tile of at least two k-steps goes out through shared memory and the
+   bulk-copy engine, others (one k-step; no rows; outputs not 16-byte aligned) straight from the
+   registers. D = 64 / 128: one / two k-steps; the skewed pointer arrays: 8-byte aligned outputs. */
+Test(cuda_kernels, grouped_gemm_output_paths_match_cpu, .timeout = 180)
+{
+    run_gemm_case(&(struct gcase){"gemm one k-step", MOE_BF16, 0, 0, 256, 64, 0, 256, 0, 4, 0,
+                                  gemm_counts, 10, 0});
+    run_gemm_case(&(struct gcase){"gemm two k-steps", MOE_BF16, 0, 0, 512, 128, 1, 128, 0, 0, 0,
+                                  gemm_counts, 10, 0});
+    run_gemm_case(&(struct gcase){"gemm varlen-K skewed list", MOE_BF16, 1, 256, 256, 0, 0, 128, 1,
+                                  4, 0, gemm_counts, 10, 8});
 }
 
 Test(cuda_kernels, grouped_gemm_refuses_what_it_does_not_tile)

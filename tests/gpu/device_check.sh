@@ -15,7 +15,9 @@
 #   tests/gpu/device_check.sh axbig     Ring-arch A/B with 8 x 2048 tokens per step (the Trainer's fixed
 #                                       per-step work amortised over 4x the tokens), 20 steps
 #   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model: default GEMMs, cuBLAS, MOEPATCH=0
-#   tests/gpu/device_check.sh ncu       Nsight Compute sections of three engine GEMMs
+#   tests/gpu/device_check.sh ncu       Nsight Compute sections of five engine GEMMs (NCU_SHAPE=...)
+#   tests/gpu/device_check.sh ncuhot    the default kernel's hottest instructions and stall reasons
+#                                       (ncu source page; NCU_SHAPE, NCU_GEMMS)
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/device_out}
@@ -95,14 +97,33 @@ axbig)
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
 ncu)
-    # why the engine is slower than _grouped_mm: Nsight Compute sections of three of its GEMMs
-    ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-        --section MemoryWorkloadAnalysis -k regex:sm90_gemm --launch-count 3 \
-        python3 tests/bench/bench_gemm.py --shapes ring-mini-2.0 --reps 1 \
-        --gemms "fwd gate_up,fwd down,wgrad gate_up" >"$OUT/ncu.txt" 2>&1
-    echo "ncu rc=$?"
-    grep -E "sm90_gemm|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Stall|Warp Cycles" \
-        "$OUT/ncu.txt" | head -60
+    # why the engine is slower than _grouped_mm: Nsight Compute sections of its GEMM forms, one
+    # invocation per GEMM so that each profiles that GEMM's first engine launch (schedule 1)
+    for gm in "fwd gate_up" "fwd down" "dgrad down" "wgrad gate_up" "wgrad down"; do
+        echo "=== $gm" >>"$OUT/ncu.txt"
+        ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+            --section WarpStateStats --section SchedulerStats --section InstructionStats --section Occupancy \
+            -k regex:sm90_gemm_kernel --launch-count 1 \
+            python3 tests/bench/bench_gemm.py --shapes "${NCU_SHAPE:-ring-mini-2.0}" --reps 1 --gemms "$gm" \
+            >>"$OUT/ncu.txt" 2>&1
+        echo "ncu $gm rc=$?"
+    done
+    grep -E "^===|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Stall|Warp Cycles Per Issued|Executed Ipc A|L2 Cache Throughput" \
+        "$OUT/ncu.txt" | head -90
+    ;;
+ncuhot)
+    # where the default (warp-specialized) kernel's warps stall, instruction by instruction
+    IFS=, read -ra gms <<<"${NCU_GEMMS:-fwd gate_up,dgrad down,wgrad gate_up}"
+    for gm in "${gms[@]}"; do
+        echo "=== $gm" | tee -a "$OUT/ncuhot.txt"
+        ncu --section WarpStateStats --section SourceCounters --import-source no -k regex:sm90w_gemm_kernel \
+            --launch-count 1 -f -o /tmp/hot python3 tests/bench/bench_gemm.py --shapes "${NCU_SHAPE:-ring-mini-2.0}" \
+            --reps 1 --gemms "$gm" >/tmp/hot.log 2>&1 || tail -5 /tmp/hot.log
+        ncu --import /tmp/hot.ncu-rep --page source --print-source sass --csv >/tmp/hot.csv 2>&1
+        head -c 600 /tmp/hot.csv >>"$OUT/ncuhot.txt"
+        python3 tests/bench/ncu_hotspots.py 25 </tmp/hot.csv 2>&1 | tee -a "$OUT/ncuhot.txt"
+        gzip -c /tmp/hot.csv >"$OUT/hot_${gm// /_}.csv.gz"
+    done
     ;;
 profile)
     # where a Ring training step's host and GPU time go (the 10x target of issue 5 is host-bound)
@@ -117,7 +138,7 @@ profile)
         --steps 4 --no-profile 2>&1 | tee "$OUT/profile_off.txt" | grep -E "step time|peak"
     ;;
 *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
