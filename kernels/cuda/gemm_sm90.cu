@@ -302,7 +302,10 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
     int r0, r_end; /* row counts fit 31 bits (sm90_kind): 32-bit compares in the loop */
     uint32_t raw[ROWS ? NJ : 1]; /* the next k-step's gather indices (rows: gather_raw) */
     int k_first, split;
-    uint32_t dst, xcol;
+    /* KSTEP >= 8: where k row k_first goes; below 8, k rows k_first + KSTEP p (p < 8 / KSTEP)
+       of the first 8-row group (row k_first + KSTEP j is dst[j % P] + 1024 (j / P)) */
+    static constexpr int P = KSTEP >= 8 ? 1 : 8 / KSTEP;
+    uint32_t dst[P];
 
     /* raw[] for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
     __device__ __forceinline__ void prefetch(int kt)
@@ -320,10 +323,12 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
     {
         const int tid = threadIdx.x, xc = tid % XC;
         k_first = tid / XC;
-        const int kr = k_first & 7, kg = k_first >> 3;
-        dst = (uint32_t)((xc >> 3) * SM90_ATOM_STRIDE + kg * 1024 + kr * 128 +
-                         (((xc & 7) ^ kr) << 4));
-        xcol = (uint32_t)xc;
+#pragma unroll
+        for (int p = 0; p < P; p++) {
+            const int k = k_first + (P > 1 ? KSTEP * p : 0), kr = k & 7;
+            dst[p] = (uint32_t)((xc >> 3) * SM90_ATOM_STRIDE + (k >> 3) * 1024 + kr * 128 +
+                                (((xc & 7) ^ kr) << 4));
+        }
         gather = o.gather;
         div_m = o.div_m;
         div_s = o.div_s;
@@ -346,27 +351,32 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
     /* where k row k_first + KSTEP j of this thread's x-chunk goes in the tile */
     __device__ __forceinline__ uint32_t stage_offset(int j) const
     {
-        if constexpr (KSTEP % 8 == 0)
-            return dst + (uint32_t)(j * (KSTEP / 8) * 1024);
-        const int k = k_first + KSTEP * j, kr = k & 7;
-        return (uint32_t)((xcol >> 3) * SM90_ATOM_STRIDE + (k >> 3) * 1024 + kr * 128 +
-                          (((xcol & 7) ^ kr) << 4));
+        if constexpr (P == 1)
+            return dst[0] + (uint32_t)(j * (KSTEP / 8) * 1024);
+        return dst[j % P] + (uint32_t)((j / P) * 1024);
     }
 
     __device__ __forceinline__ void load(uint32_t tile, int kt)
     {
-        const int64_t k0 = (int64_t)kt * SM90_BK;
+        const int k0 = kt * SM90_BK;
+        if constexpr (ROWS) {
 #pragma unroll
-        for (int j = 0; j < NJ; j++) {
-            const int64_t k = k0 + k_first + KSTEP * j;
-            if constexpr (ROWS)
+            for (int j = 0; j < NJ; j++)
                 cp_async16(tile + stage_offset(j),
                            xb0 + (int64_t)(gather ? fastdiv(raw[j], div_m, div_s) : raw[j]) * ks0,
-                           r0 + (int)k < r_end ? 16 : 0);
-            else
-                cp_async16(tile + stage_offset(j), k0 >= split ? xb1 + k * ks1 : xb0 + k * ks0, 16);
+                           r0 + k0 + k_first + KSTEP * j < r_end ? 16 : 0);
+            prefetch(kt + 1);
+        } else {
+            /* a k-step lies in one part (split % BK == 0, sm90_kind): one base and step for all j
+             */
+            const int two = k0 >= split;
+            const int64_t ks = two ? ks1 : ks0;
+            const char *b = (two ? xb1 : xb0) + (int64_t)(k0 + k_first) * ks;
+            const int64_t step = ks * KSTEP;
+#pragma unroll
+            for (int j = 0; j < NJ; j++)
+                cp_async16(tile + stage_offset(j), b + j * step, 16);
         }
-        prefetch(kt + 1);
     }
 };
 
