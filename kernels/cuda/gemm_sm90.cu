@@ -485,12 +485,20 @@ static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const 
     return t.KT >= 2 && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
 }
 
-/* A tile without k-steps (varlen-K, an expert without rows) writes zeros. */
-static __device__ __forceinline__ void sm90_zero(float *d)
+/* A tile without k-steps (varlen-K, an expert without rows) writes zeros, the fragment's places
+   without the accumulators: ordinary writes to them can make ptxas serialize every wgmma of the
+   kernel (C7515). */
+static __device__ __forceinline__ void store_zeros(const struct sm90_dst &o, int tid)
 {
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int64_t ra = wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
+    uint32_t *pa = (uint32_t *)(o.base + ra * o.rs) + (lane & 3);
+    uint32_t *pb = (uint32_t *)(o.base + rb * o.rs) + (lane & 3);
 #pragma unroll
-    for (int i = 0; i < 128; i++)
-        d[i] = 0.0f;
+    for (int j = 0; j < 32; j++) {
+        pa[4 * j] = 0u;
+        pb[4 * j] = 0u;
+    }
 }
 
 /* One k-step of warpgroup wg: d (+)= its 64 A rows × the 256 B rows of the stage at stage_addr,
@@ -610,8 +618,10 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
-        if (t.KT == 0)
-            sm90_zero(d);
+        if (t.KT == 0) {
+            store_zeros(dst_of(g, t), threadIdx.x);
+            continue;
+        }
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
             if (kt ==
@@ -731,7 +741,8 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             if (held)
                 sm90w_release(empty, held, lane);
             held = 0;
-            sm90_zero(d);
+            store_zeros(dst_of(g, t), ctid);
+            continue;
         }
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             const int s = slot % SM90_STAGES;
@@ -759,7 +770,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             held = slot;
         } else {
             store_direct<T>(o, d, ctid);
-            if (t.KT > 0 && lane == 0)
+            if (lane == 0)
                 mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
             if (t.KT > 1 && lane == 0)
                 mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
