@@ -69,29 +69,58 @@ int moe__gather_rows_cuda(int64_t R, int64_t H, const void *src, int64_t src_rs,
     return gather_rows_launch(R, H, src, src_rs, perm, K, pm, dst, dt, st);
 }
 
-template <typename T>
+/* Each thread: V consecutive columns of one token (V = 16 / sizeof(T) where every row is 16-byte
+   aligned, else 1), the K rows summed in order in fp32. */
+template <typename T, int V>
 static __global__ void combine_kernel(int64_t T_, int K, int64_t H, const T *rows,
                                       const int32_t *inv, const int32_t *idx, const int64_t *shift,
                                       const float *w, const T *dense, const float *dense_scale,
                                       const float *vec_scale, const T *vec, T *y)
 {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < T_ * H;
+    const int64_t HV = H / V;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < T_ * HV;
          i += (int64_t)gridDim.x * blockDim.x) {
-        int64_t t = i / H, c = i % H;
-        float acc = 0.f;
+        const int64_t t = i / HV, c = (i % HV) * V;
+        float acc[V], v[V];
+#pragma unroll
+        for (int j = 0; j < V; j++)
+            acc[j] = 0.f;
         if (rows)
             for (int k = 0; k < K; k++) {
-                int64_t s = t * K + k;
-                int64_t r = shift ? inv[s] + shift[idx[s]] : inv[s];
-                float v = moe__to_f(rows[r * H + c]);
-                acc += w ? w[s] * v : v;
+                const int64_t s = t * K + k;
+                const int64_t r = shift ? inv[s] + shift[idx[s]] : inv[s];
+                moe__ldv<V>(v, rows + r * H + c);
+#pragma unroll
+                for (int j = 0; j < V; j++)
+                    acc[j] += w ? w[s] * v[j] : v[j];
             }
-        if (dense)
-            acc += (dense_scale ? dense_scale[t] : 1.f) * moe__to_f(dense[i]);
-        if (vec)
-            acc += vec_scale[t] * moe__to_f(vec[c]);
-        y[i] = moe__from_f<T>(acc);
+        if (dense) {
+            const float sc = dense_scale ? dense_scale[t] : 1.f;
+            moe__ldv<V>(v, dense + t * H + c);
+#pragma unroll
+            for (int j = 0; j < V; j++)
+                acc[j] += sc * v[j];
+        }
+        if (vec) {
+            moe__ldv<V>(v, vec + c);
+#pragma unroll
+            for (int j = 0; j < V; j++)
+                acc[j] += vec_scale[t] * v[j];
+        }
+        moe__stv<V>(y + t * H + c, acc);
     }
+}
+
+/* v: 1, or 16 / sizeof(T) (16-byte vectors) */
+template <typename T>
+static void combine_go(int v, int64_t T_, int K, int64_t H, const T *rows, const int32_t *inv,
+                       const int32_t *idx, const int64_t *shift, const float *w, const T *dense,
+                       const float *dense_scale, const float *vec_scale, const T *vec, T *y,
+                       cudaStream_t st)
+{
+    auto *k = v == 1 ? combine_kernel<T, 1> : combine_kernel<T, 16 / sizeof(T)>;
+    k<<<moe__blocks(T_ * H / v, 256), 256, 0, st>>>(T_, K, H, rows, inv, idx, shift, w, dense,
+                                                    dense_scale, vec_scale, vec, y);
 }
 
 static int combine_launch(int64_t T_, int K, int64_t H, const void *rows, const int32_t *inv,
@@ -99,9 +128,11 @@ static int combine_launch(int64_t T_, int K, int64_t H, const void *rows, const 
                           const void *dense, const float *dense_scale, const float *vec_scale,
                           const void *vec, void *y, moe_dtype dt, cudaStream_t st)
 {
-    MOE_DISPATCH(dt, (combine_kernel<T><<<moe__blocks(T_ * H, 256), 256, 0, st>>>(
-                         T_, K, H, (const T *)rows, inv, idx, shift, w, (const T *)dense,
-                         dense_scale, vec_scale, (const T *)vec, (T *)y)));
+    const void *ptrs[4] = {rows, dense, vec, y};
+    const int v = moe__vec16_ok(H, moe_dtype_size(dt), ptrs, 4) ? 16 / (int)moe_dtype_size(dt) : 1;
+    MOE_DISPATCH(dt,
+                 (combine_go<T>(v, T_, K, H, (const T *)rows, inv, idx, shift, w, (const T *)dense,
+                                dense_scale, vec_scale, (const T *)vec, (T *)y, st)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }

@@ -390,21 +390,37 @@ static __device__ __forceinline__ float silu(float g)
     return g / (1.f + expf(-g));
 }
 
-template <typename T> static __global__ void swiglu_kernel(int64_t R, int64_t I, const T *h, T *a)
+/* V consecutive columns per thread (16-byte accesses where I and the buffers allow, else 1) */
+template <typename T, int V>
+static __global__ void swiglu_kernel(int64_t R, int64_t I, const T *h, T *a)
 {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < R * I;
+    const int64_t IV = I / V;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < R * IV;
          i += (int64_t)gridDim.x * blockDim.x) {
-        int64_t r = i / I, c = i % I;
-        float g = moe__to_f(h[r * 2 * I + c]), u = moe__to_f(h[r * 2 * I + I + c]);
-        a[i] = moe__from_f<T>(silu(g) * u);
+        const int64_t r = i / IV, c = (i % IV) * V;
+        float g[V], u[V];
+        moe__ldv<V>(g, h + r * 2 * I + c);
+        moe__ldv<V>(u, h + r * 2 * I + I + c);
+#pragma unroll
+        for (int j = 0; j < V; j++)
+            g[j] = silu(g[j]) * u[j];
+        moe__stv<V>(a + r * I + c, g);
     }
+}
+
+template <typename T>
+static void swiglu_go(int v, int64_t R, int64_t I, const T *h, T *a, cudaStream_t st)
+{
+    auto *k = v == 1 ? swiglu_kernel<T, 1> : swiglu_kernel<T, 16 / sizeof(T)>;
+    k<<<moe__blocks(R * I / v, 256), 256, 0, st>>>(R, I, h, a);
 }
 
 static int swiglu_launch(int64_t R, int64_t I, const void *h, void *a, moe_dtype dt,
                          cudaStream_t st)
 {
-    MOE_DISPATCH(dt, (swiglu_kernel<T>
-                      <<<moe__blocks(R * I, 256), 256, 0, st>>>(R, I, (const T *)h, (T *)a)));
+    const void *ptrs[2] = {h, a};
+    const int v = moe__vec16_ok(I, moe_dtype_size(dt), ptrs, 2) ? 16 / (int)moe_dtype_size(dt) : 1;
+    MOE_DISPATCH(dt, (swiglu_go<T>(v, R, I, (const T *)h, (T *)a, st)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }
@@ -457,14 +473,32 @@ int moe__swiglu_cuda(int64_t R, int64_t I, const void *h, void *a, const struct 
 
 #define SWB_THREADS 256
 
-/* One block per row: the dot product <a, dau> is a fixed-order block tree (deterministic).
-   Block q is a row of dau/dh/aw; with a pad map it reads packed row r of h (zero rows: none). */
-template <typename T>
+/* The block's sum of dot, in a fixed order for a given block size (deterministic): each warp's
+   shuffle tree, then the warps' partials in order. */
+static __device__ __forceinline__ float block_sum(float dot, float *red)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        dot += __shfl_down_sync(0xffffffffu, dot, o);
+    if ((threadIdx.x & 31) == 0)
+        red[threadIdx.x >> 5] = dot;
+    __syncthreads();
+    float total = 0.f;
+    if (threadIdx.x == 0)
+        for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++)
+            total += red[i];
+    return total;
+}
+
+/* One block per row (blockDim a multiple of 32, at most SWB_THREADS), V consecutive columns per
+   thread (16-byte accesses where I and the buffers allow, else 1); the dot product <a, dau> for
+   the router-weight grad is block_sum. Block q is a row of dau/dh/aw; with a pad map it reads
+   packed row r of h (zero rows: none). */
+template <typename T, int V>
 static __global__ void swiglu_backward_kernel(int64_t I, const T *h, const T *dau,
                                               const int32_t *perm, struct moe__pad_map pm,
                                               const float *w, float *dw, T *dh, T *aw)
 {
-    __shared__ float red[SWB_THREADS];
+    __shared__ float red[SWB_THREADS / 32];
     const int64_t q = blockIdx.x;
     const int64_t r = pm.poffsets ? moe__unpad_row(pm, q) : q;
     if (r < 0) { /* padding: zero rows of dh and aw, the operands of the weight-grad GEMMs */
@@ -478,36 +512,52 @@ static __global__ void swiglu_backward_kernel(int64_t I, const T *h, const T *da
     const float v = w ? w[slot] : 1.f;
     const T *hr = h + r * 2 * I;
     float dot = 0.f;
-    for (int64_t c = threadIdx.x; c < I; c += blockDim.x) {
-        float g = moe__to_f(hr[c]), u = moe__to_f(hr[I + c]);
-        float sg = 1.f / (1.f + expf(-g)), s = g * sg;
-        float d = moe__to_f(dau[q * I + c]);
-        dot += s * u * d;
-        float da = v * d;
-        dh[q * 2 * I + c] = moe__from_f<T>(da * u * sg * (1.f + g * (1.f - sg)));
-        dh[q * 2 * I + I + c] = moe__from_f<T>(da * s);
+    for (int64_t c = threadIdx.x * V; c < I; c += blockDim.x * V) {
+        float g[V], u[V], d[V], o_g[V], o_u[V];
+        moe__ldv<V>(g, hr + c);
+        moe__ldv<V>(u, hr + I + c);
+        moe__ldv<V>(d, dau + q * I + c);
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            const float sg = 1.f / (1.f + expf(-g[j])), sj = g[j] * sg, da = v * d[j];
+            dot += sj * u[j] * d[j];
+            o_g[j] = da * u[j] * sg * (1.f + g[j] * (1.f - sg));
+            o_u[j] = da * sj;
+            d[j] = v * sj * u[j]; /* d[j] is read: it becomes aw */
+        }
+        moe__stv<V>(dh + q * 2 * I + c, o_g);
+        moe__stv<V>(dh + q * 2 * I + I + c, o_u);
         if (aw)
-            aw[q * I + c] = moe__from_f<T>(v * s * u);
+            moe__stv<V>(aw + q * I + c, d);
     }
     if (!dw)
         return;
-    red[threadIdx.x] = dot;
-    __syncthreads();
-    for (int o = SWB_THREADS / 2; o > 0; o >>= 1) {
-        if ((int)threadIdx.x < o)
-            red[threadIdx.x] += red[threadIdx.x + o];
-        __syncthreads();
-    }
+    const float total = block_sum(dot, red);
     if (threadIdx.x == 0)
-        dw[slot] = red[0];
+        dw[slot] = total;
+}
+
+/* One block per row: enough threads for one pass over the row's vectors, whole warps, at most
+   SWB_THREADS. */
+template <typename T>
+static void swiglu_backward_go(int v, int64_t R, int64_t I, const T *h, const T *dau,
+                               const int32_t *perm, struct moe__pad_map pm, const float *w,
+                               float *dw, T *dh, T *aw, cudaStream_t st)
+{
+    const int64_t warps = (I / v + 31) / 32;
+    const int threads = (int)(warps * 32 < SWB_THREADS ? warps * 32 : SWB_THREADS);
+    auto *k = v == 1 ? swiglu_backward_kernel<T, 1> : swiglu_backward_kernel<T, 16 / sizeof(T)>;
+    k<<<(unsigned)R, threads, 0, st>>>(I, h, dau, perm, pm, w, dw, dh, aw);
 }
 
 static int swiglu_backward_launch(int64_t R, int64_t I, const void *h, const void *dau,
                                   const int32_t *perm, struct moe__pad_map pm, const float *w,
                                   float *dw, void *dh, void *aw, moe_dtype dt, cudaStream_t st)
 {
-    MOE_DISPATCH(dt, (swiglu_backward_kernel<T><<<(unsigned)R, SWB_THREADS, 0, st>>>(
-                         I, (const T *)h, (const T *)dau, perm, pm, w, dw, (T *)dh, (T *)aw)));
+    const void *ptrs[4] = {h, dau, dh, aw};
+    const int v = moe__vec16_ok(I, moe_dtype_size(dt), ptrs, 4) ? 16 / (int)moe_dtype_size(dt) : 1;
+    MOE_DISPATCH(dt, (swiglu_backward_go<T>(v, R, I, (const T *)h, (const T *)dau, perm, pm, w, dw,
+                                            (T *)dh, (T *)aw, st)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }

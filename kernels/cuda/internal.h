@@ -63,6 +63,48 @@ template <> __device__ __forceinline__ __half moe__from_f<__half>(float v)
         }                                                                                          \
     } while (0)
 
+/* V consecutive elements as fp32: one 16-byte access where V = 16 / sizeof(T) (the caller checked
+   the alignment), one element where V = 1. Elementwise kernels are bandwidth-bound: 2-byte
+   accesses reach about a third of what 16-byte ones do. */
+template <int V, typename T> static __device__ __forceinline__ void moe__ldv(float *f, const T *p)
+{
+    static_assert(V == 1 || V * sizeof(T) == 16, "one element or 16 bytes");
+    if constexpr (V == 1) {
+        f[0] = moe__to_f(*p);
+    } else {
+        const uint4 r = *(const uint4 *)p;
+        const T *e = (const T *)&r;
+#pragma unroll
+        for (int i = 0; i < V; i++)
+            f[i] = moe__to_f(e[i]);
+    }
+}
+template <int V, typename T> static __device__ __forceinline__ void moe__stv(T *p, const float *f)
+{
+    static_assert(V == 1 || V * sizeof(T) == 16, "one element or 16 bytes");
+    if constexpr (V == 1) {
+        *p = moe__from_f<T>(f[0]);
+    } else {
+        uint4 r;
+        T *e = (T *)&r;
+#pragma unroll
+        for (int i = 0; i < V; i++)
+            e[i] = moe__from_f<T>(f[i]);
+        *(uint4 *)p = r;
+    }
+}
+
+/* 1: n elements of every pointer (NULL ones skipped) can go in 16-byte vectors */
+static inline int moe__vec16_ok(int64_t n, size_t es, const void *const *ptrs, int count)
+{
+    if ((n * (int64_t)es) % 16)
+        return 0;
+    for (int i = 0; i < count; i++)
+        if ((uintptr_t)ptrs[i] % 16)
+            return 0;
+    return 1;
+}
+
 static inline unsigned moe__blocks(int64_t n, int threads)
 {
     int64_t b = (n + threads - 1) / threads;

@@ -695,6 +695,14 @@ Test(cuda_kernels, strided_x_rows_match_cpu)
                              0, 0, 8, 0.0f});
 }
 
+/* Widths that are no multiple of 8 bf16 elements: the elementwise kernels (SwiGLU, its backward,
+   the combines) take their one-element path instead of 16-byte vectors. */
+Test(cuda_kernels, odd_widths_match_cpu)
+{
+    run_case(&(struct tcase){"odd widths bf16", MOE_BF16, 29, 68, 36, 20, 8, 2, SOFTMAX, 1, 1, 0,
+                             L3D, 0, 0, 0, 0.0f});
+}
+
 Test(cuda_kernels, large_batch_matches_cpu, .timeout = 300)
 {
     if (getenv("MOE_TEST_SMALL")) /* under compute-sanitizer: the small cases cover every kernel */
