@@ -69,7 +69,8 @@ def unpatch(block):
 
 def set_engine(on):
     """Override MOEPATCH_GEMM (benchmarks, tests): True or 1 the Hopper GEMM engine, 2 its
-    warp-specialized schedule, False or 0 cuBLAS, None back to MOEPATCH_GEMM."""
+    warp-specialized schedule by name (its default too), False or 0 cuBLAS, None back to
+    MOEPATCH_GEMM."""
     _load_glue()["set_engine"](on)
 
 

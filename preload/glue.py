@@ -192,8 +192,9 @@ def unpatch(block):
 
 
 # The routed experts' GEMM engine on CUDA (moe_problem.engine: 0 cuBLAS, 1 the Hopper engine, 2 the same
-# engine's warp-specialized schedule by name, now also its default), from MOEPATCH_GEMM. auto is the Hopper engine: cuBLAS's grouped GEMMs need
-# the expert counts on the host, two syncs per layer that leave a training step waiting on the GPU
+# engine's warp-specialized schedule by name, now also its default), from MOEPATCH_GEMM. auto is the
+# Hopper engine: cuBLAS's grouped GEMMs need the expert counts on the host, two syncs per layer that
+# leave a training step waiting on the GPU
 # (measured on an H200: Ring-mini-arch step 0.157 s on the engine vs 0.317 s on cuBLAS, Qwen3-30B-A3B-
 # arch 0.087 s vs 0.184 s), even where cuBLAS's GEMMs alone are faster (3-D weights at T = 16384). The
 # kernels fall back to cuBLAS themselves off sm_90 or on shapes the engine does not tile.
