@@ -129,7 +129,7 @@ static int combine_launch(int64_t T_, int K, int64_t H, const void *rows, const 
                           const void *vec, void *y, moe_dtype dt, cudaStream_t st)
 {
     const void *ptrs[4] = {rows, dense, vec, y};
-    const int v = moe__vec16_ok(H, moe_dtype_size(dt), ptrs, 4) ? 16 / (int)moe_dtype_size(dt) : 1;
+    const int v = moe__vec_width(H, dt, ptrs, 4);
     MOE_DISPATCH(dt,
                  (combine_go<T>(v, T_, K, H, (const T *)rows, inv, idx, shift, w, (const T *)dense,
                                 dense_scale, vec_scale, (const T *)vec, (T *)y, st)));

@@ -419,7 +419,7 @@ static int swiglu_launch(int64_t R, int64_t I, const void *h, void *a, moe_dtype
                          cudaStream_t st)
 {
     const void *ptrs[2] = {h, a};
-    const int v = moe__vec16_ok(I, moe_dtype_size(dt), ptrs, 2) ? 16 / (int)moe_dtype_size(dt) : 1;
+    const int v = moe__vec_width(I, dt, ptrs, 2);
     MOE_DISPATCH(dt, (swiglu_go<T>(v, R, I, (const T *)h, (T *)a, st)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
@@ -555,7 +555,7 @@ static int swiglu_backward_launch(int64_t R, int64_t I, const void *h, const voi
                                   float *dw, void *dh, void *aw, moe_dtype dt, cudaStream_t st)
 {
     const void *ptrs[4] = {h, dau, dh, aw};
-    const int v = moe__vec16_ok(I, moe_dtype_size(dt), ptrs, 4) ? 16 / (int)moe_dtype_size(dt) : 1;
+    const int v = moe__vec_width(I, dt, ptrs, 4);
     MOE_DISPATCH(dt, (swiglu_backward_go<T>(v, R, I, (const T *)h, (const T *)dau, perm, pm, w, dw,
                                             (T *)dh, (T *)aw, st)));
     MOE_CHECK_LAUNCH();

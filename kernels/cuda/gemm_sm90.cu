@@ -222,13 +222,14 @@ static __device__ __forceinline__ uint32_t fastdiv(uint32_t n, uint32_t m, int s
 
 /* The source row of operand row r (valid: r < the operand's rows) from gather[r], loaded earlier
    (raw = gather[r]; without a gather, raw = r) so that the load's latency overlaps other work. */
-static __device__ __forceinline__ uint32_t gather_raw(const struct sm90_op &o, int64_t r)
+static __device__ __forceinline__ uint32_t gather_raw(const int32_t *gather, int64_t r)
 {
-    return o.gather ? (uint32_t)__ldg(o.gather + r) : (uint32_t)r;
+    return gather ? (uint32_t)__ldg(gather + r) : (uint32_t)r;
 }
-static __device__ __forceinline__ int64_t source_row(const struct sm90_op &o, uint32_t raw)
+static __device__ __forceinline__ int64_t source_row(const int32_t *gather, uint32_t m, int s,
+                                                     uint32_t raw)
 {
-    return o.gather ? fastdiv(raw, o.div_m, o.div_s) : raw;
+    return gather ? fastdiv(raw, m, s) : raw;
 }
 
 /* What one of NT loading threads (threadIdx.x < NT) copies of an X-wide operand tile per stage.
@@ -257,12 +258,12 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
 #pragma unroll
             for (int i = 0; i < NR; i++) {
                 const int64_t x = x0 + row + RSTEP * i;
-                raw[i] = gather_raw(o, x < t.r_end ? x : t.r0);
+                raw[i] = gather_raw(o.gather, x < t.r_end ? x : t.r0);
             }
 #pragma unroll
             for (int i = 0; i < NR; i++) {
                 bytes[i] = x0 + row + RSTEP * i < t.r_end ? 16 : 0;
-                p[i] = o.base + source_row(o, raw[i]) * o.rs + chunk * 16;
+                p[i] = o.base + source_row(o.gather, o.div_m, o.div_s, raw[i]) * o.rs + chunk * 16;
             }
         } else {
 #pragma unroll
@@ -313,8 +314,7 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
 #pragma unroll
         for (int j = 0; j < (ROWS ? NJ : 0); j++) {
             const int r = r0 + kt * SM90_BK + k_first + KSTEP * j;
-            const int v = r < r_end ? r : r0;
-            raw[j] = gather ? (uint32_t)__ldg(gather + v) : (uint32_t)v;
+            raw[j] = gather_raw(gather, r < r_end ? r : r0);
         }
     }
 
@@ -363,7 +363,7 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
 #pragma unroll
             for (int j = 0; j < NJ; j++)
                 cp_async16(tile + stage_offset(j),
-                           xb0 + (int64_t)(gather ? fastdiv(raw[j], div_m, div_s) : raw[j]) * ks0,
+                           xb0 + source_row(gather, div_m, div_s, raw[j]) * ks0,
                            r0 + k0 + k_first + KSTEP * j < r_end ? 16 : 0);
             prefetch(kt + 1);
         } else {
@@ -420,8 +420,11 @@ static __device__ __forceinline__ uint32_t pack2(__half, float x, float y)
 
 /* The accumulator fragment of thread tid (of the 256 computing threads): rows ra = wg * 64 +
    warp * 16 + lane / 4 and ra + 8, columns 2 (lane % 4) + 8 j, j < 32. Written straight to global
-   memory: 16 bytes per row per warp store, so the slow path (tiles that cannot be staged). */
-template <typename T>
+   memory: 16 bytes per row per warp store, so the slow path (tiles that cannot be staged). ZERO:
+   a tile without k-steps (varlen-K, an expert without rows) writes zeros and never touches d:
+   ordinary writes to the accumulators can make ptxas serialize every wgmma of the kernel (C7515).
+ */
+template <typename T, int ZERO = 0>
 static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, const float *d,
                                                     int tid)
 {
@@ -432,9 +435,9 @@ static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, co
 #pragma unroll
     for (int j = 0; j < 32; j++) {
         if (ra < o.lim)
-            pa[4 * j] = pack2(T(), d[4 * j], d[4 * j + 1]);
+            pa[4 * j] = ZERO ? 0u : pack2(T(), d[4 * j], d[4 * j + 1]);
         if (rb < o.lim)
-            pb[4 * j] = pack2(T(), d[4 * j + 2], d[4 * j + 3]);
+            pb[4 * j] = ZERO ? 0u : pack2(T(), d[4 * j + 2], d[4 * j + 3]);
     }
 }
 
@@ -483,22 +486,6 @@ static __device__ __forceinline__ void store_staged(const struct sm90_dst &o, co
 static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const struct sm90_tile &t)
 {
     return t.KT >= 2 && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
-}
-
-/* A tile without k-steps (varlen-K, an expert without rows) writes zeros, the fragment's places
-   without the accumulators: ordinary writes to them can make ptxas serialize every wgmma of the
-   kernel (C7515). */
-static __device__ __forceinline__ void store_zeros(const struct sm90_dst &o, int tid)
-{
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int64_t ra = wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
-    uint32_t *pa = (uint32_t *)(o.base + ra * o.rs) + (lane & 3);
-    uint32_t *pb = (uint32_t *)(o.base + rb * o.rs) + (lane & 3);
-#pragma unroll
-    for (int j = 0; j < 32; j++) {
-        pa[4 * j] = 0u;
-        pb[4 * j] = 0u;
-    }
 }
 
 /* One k-step of warpgroup wg: d (+)= its 64 A rows × the 256 B rows of the stage at stage_addr,
@@ -619,13 +606,13 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
-            store_zeros(dst_of(g, t), threadIdx.x);
+            store_direct<T, 1>(dst_of(g, t), NULL, threadIdx.x);
             continue;
         }
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
-            if (kt ==
-                0) /* the fills of this k-step and the next may target a staged tile's stages */
+            /* the fills of this k-step and the next may target a staged tile's stages */
+            if (kt == 0)
                 bulk_wait_read();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads();
@@ -738,10 +725,11 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
-            if (held)
+            if (held) {
                 sm90w_release(empty, held, lane);
-            held = 0;
-            store_zeros(dst_of(g, t), ctid);
+                held = 0;
+            }
+            store_direct<T, 1>(dst_of(g, t), NULL, ctid);
             continue;
         }
         for (int kt = 0; kt < t.KT; kt++, slot++) {
@@ -752,9 +740,10 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            if (kt == 0 && held)
+            if (kt == 0 && held) {
                 sm90w_release(empty, held, lane);
-            held = kt == 0 ? 0 : held;
+                held = 0;
+            }
             /* this warp's wgmma on the previous stage has retired: one arrival frees it (not the
                tile's last two stages: they may stage its output) */
             if (kt > 0 && kt < t.KT - 1 && lane == 0)
@@ -770,10 +759,11 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             held = slot;
         } else {
             store_direct<T>(o, d, ctid);
-            if (lane == 0)
+            if (lane == 0) { /* the tile's last stage, and its second last when it has one */
                 mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
-            if (t.KT > 1 && lane == 0)
-                mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
+                if (t.KT > 1)
+                    mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
+            }
         }
     }
     if (held)
@@ -951,11 +941,30 @@ static struct sm90_op op_of(const struct moe_gemm_op *o)
 
 typedef void (*sm90_kernel_fn)(const struct sm90_args);
 
+/* Raises k's dynamic shared-memory limit once per (kernel, device) and thread, not on every
+   launch: six launches per layer and step would each pay the driver call. */
+static int sm90_smem_ready(sm90_kernel_fn k)
+{
+    static __thread sm90_kernel_fn done[32];
+    static __thread int done_dev[32], n_done;
+    int dev = 0;
+    MOE_CHECK(cudaGetDevice(&dev));
+    for (int i = 0; i < n_done; i++)
+        if (done[i] == k && done_dev[i] == dev)
+            return MOE_OK;
+    MOE_CHECK(
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SM90_SMEM_BYTES));
+    if (n_done < 32) {
+        done[n_done] = k;
+        done_dev[n_done++] = dev;
+    }
+    return MOE_OK;
+}
+
 static int sm90_run(sm90_kernel_fn k, int threads, const struct sm90_args &a, unsigned grid,
                     cudaStream_t st)
 {
-    MOE_CHECK(
-        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SM90_SMEM_BYTES));
+    MOE_TRY(sm90_smem_ready(k));
     k<<<grid, threads, SM90_SMEM_BYTES, st>>>(a);
     MOE_CHECK_LAUNCH();
     return MOE_OK;

@@ -94,15 +94,17 @@ template <int V, typename T> static __device__ __forceinline__ void moe__stv(T *
     }
 }
 
-/* 1: n elements of every pointer (NULL ones skipped) can go in 16-byte vectors */
-static inline int moe__vec16_ok(int64_t n, size_t es, const void *const *ptrs, int count)
+/* Elements per access for rows of n elements of dtype dt at these pointers (NULL ones skipped):
+   16 / size (16-byte vectors) where every row start is 16-byte aligned, else 1. */
+static inline int moe__vec_width(int64_t n, moe_dtype dt, const void *const *ptrs, int count)
 {
-    if ((n * (int64_t)es) % 16)
-        return 0;
+    const int es = (int)moe_dtype_size(dt);
+    if ((n * es) % 16)
+        return 1;
     for (int i = 0; i < count; i++)
         if ((uintptr_t)ptrs[i] % 16)
-            return 0;
-    return 1;
+            return 1;
+    return 16 / es;
 }
 
 static inline unsigned moe__blocks(int64_t n, int threads)

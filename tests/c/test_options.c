@@ -55,6 +55,13 @@ static int parse1(const char *name, const char *value)
     return parse();
 }
 
+/* An enum option: value parses, and the field reads want. */
+#define EXPECT_ENUM(name, value, field, want)                                                      \
+    do {                                                                                           \
+        cr_assert_eq(parse1(name, value), 0);                                                      \
+        cr_expect_eq(opts.field, want);                                                            \
+    } while (0)
+
 static void expect_error(const char *name, const char *value, const char *shown,
                          const char *accepted)
 {
@@ -168,12 +175,9 @@ Test(preload_options, off_stays_off_when_a_later_value_is_bad)
 
 Test(preload_options, log_levels_case_insensitive)
 {
-    cr_assert_eq(parse1("MOEPATCH_LOG", "warn"), 0);
-    cr_expect_eq(opts.log, MP_LOG_WARN);
-    cr_assert_eq(parse1("MOEPATCH_LOG", "INFO"), 0);
-    cr_expect_eq(opts.log, MP_LOG_INFO);
-    cr_assert_eq(parse1("MOEPATCH_LOG", " Debug "), 0);
-    cr_expect_eq(opts.log, MP_LOG_DEBUG);
+    EXPECT_ENUM("MOEPATCH_LOG", "warn", log, MP_LOG_WARN);
+    EXPECT_ENUM("MOEPATCH_LOG", "INFO", log, MP_LOG_INFO);
+    EXPECT_ENUM("MOEPATCH_LOG", " Debug ", log, MP_LOG_DEBUG);
 }
 
 Test(preload_options, log_bad_value_lists_levels)
@@ -221,12 +225,9 @@ Test(preload_options, models_rejects_punctuation)
 
 Test(preload_options, backend_values_case_insensitive)
 {
-    cr_assert_eq(parse1("MOEPATCH_BACKEND", "auto"), 0);
-    cr_expect_eq(opts.backend, MP_BACKEND_AUTO);
-    cr_assert_eq(parse1("MOEPATCH_BACKEND", "CPU"), 0);
-    cr_expect_eq(opts.backend, MP_BACKEND_CPU);
-    cr_assert_eq(parse1("MOEPATCH_BACKEND", "Cuda"), 0);
-    cr_expect_eq(opts.backend, MP_BACKEND_CUDA);
+    EXPECT_ENUM("MOEPATCH_BACKEND", "auto", backend, MP_BACKEND_AUTO);
+    EXPECT_ENUM("MOEPATCH_BACKEND", "CPU", backend, MP_BACKEND_CPU);
+    EXPECT_ENUM("MOEPATCH_BACKEND", "Cuda", backend, MP_BACKEND_CUDA);
 }
 
 Test(preload_options, backend_bad_value_lists_backends)
@@ -239,14 +240,10 @@ Test(preload_options, backend_bad_value_lists_backends)
 
 Test(preload_options, gemm_values)
 {
-    cr_assert_eq(parse1("MOEPATCH_GEMM", ""), 0);
-    cr_expect_eq(opts.gemm, MP_GEMM_AUTO);
-    cr_assert_eq(parse1("MOEPATCH_GEMM", "cuBLAS"), 0);
-    cr_expect_eq(opts.gemm, MP_GEMM_CUBLAS);
-    cr_assert_eq(parse1("MOEPATCH_GEMM", "sm90"), 0);
-    cr_expect_eq(opts.gemm, MP_GEMM_SM90);
-    cr_assert_eq(parse1("MOEPATCH_GEMM", " SM90-WS "), 0);
-    cr_expect_eq(opts.gemm, MP_GEMM_SM90_WS);
+    EXPECT_ENUM("MOEPATCH_GEMM", "", gemm, MP_GEMM_AUTO);
+    EXPECT_ENUM("MOEPATCH_GEMM", "cuBLAS", gemm, MP_GEMM_CUBLAS);
+    EXPECT_ENUM("MOEPATCH_GEMM", "sm90", gemm, MP_GEMM_SM90);
+    EXPECT_ENUM("MOEPATCH_GEMM", " SM90-WS ", gemm, MP_GEMM_SM90_WS);
 }
 
 Test(preload_options, gemm_bad_value_lists_choices)
