@@ -49,6 +49,23 @@
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
 #define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + 1024)
 
+/* A staged output row in shared memory: 512 bytes + 16, so that the 8 rows of a warp's store
+   start in 8 different bank groups (conflict-free) and every row stays 16-byte aligned. */
+#define SM90_STAGED_ROW 528
+
+/* The warp-specialized ring, per kernel variant (moe_gemm.schedule): S stages; OWN = 1: the output
+   is staged in a buffer of its own after the ring (both computing warpgroups' 64 x 528 bytes), so
+   every stage goes back to the loader as soon as its wgmma retire; OWN = 0: in the tile's last two
+   stages, which the loader gets back only when the bulk stores have read them (held). OWN = 1
+   costs a stage (3 instead of 4) and buys an unbroken prefetch across tile edges: the short
+   reductions (the down projection, the weight grads) change tiles every 8 k-steps. */
+template <int S, int OWN> struct sm90w_ring {
+    static constexpr int OUT_BYTES = OWN ? 2 * 64 * SM90_STAGED_ROW : 0;
+    static constexpr int SMEM = S * SM90_STAGE_BYTES + OUT_BYTES + 1024;
+    static_assert(SMEM + 8 * 1024 <= 232448, "shared memory per block");
+};
+
+
 /* One operand in bytes (struct moe_gemm_op); its majorness is a kernel template parameter. */
 struct sm90_op {
     int rows;
@@ -441,9 +458,6 @@ static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, co
     }
 }
 
-/* A staged output row in shared memory: 512 bytes + 16, so that the 8 rows of a warp's store
-   start in 8 different bank groups (conflict-free) and every row stays 16-byte aligned. */
-#define SM90_STAGED_ROW 528
 
 static __device__ __forceinline__ void bulk_wait_read(void)
 {
@@ -483,9 +497,10 @@ static __device__ __forceinline__ void store_staged(const struct sm90_dst &o, co
 
 /* A tile whose output can go through shared memory: at least two k-steps (its last two stages
    are the buffers) and 16-byte aligned rows (pointer-array bases are only known here). */
-static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const struct sm90_tile &t)
+static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const struct sm90_tile &t,
+                                                int min_kt)
 {
-    return t.KT >= 2 && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
+    return t.KT >= min_kt && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
 }
 
 /* One k-step of warpgroup wg: d (+)= its 64 A rows × the 256 B rows of the stage at stage_addr,
@@ -625,7 +640,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
         const struct sm90_dst o = dst_of(g, t);
-        if (stageable(o, t)) {
+        if (stageable(o, t, 2)) {
             __syncthreads(); /* the other warpgroup's wgmma on both stages has retired too */
             store_staged<T>(o, d, ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES,
                             threadIdx.x);
@@ -676,7 +691,7 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 #define SM90W_THREADS 384
 #define SM90W_LOADERS 128
 
-template <int AMN, int BMN>
+template <int AMN, int BMN, int S>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
                                                   int nt, int total, uint32_t ring, uint32_t full,
                                                   uint32_t empty)
@@ -691,7 +706,7 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
         la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
         lb.plan(g.b, t, t.n0);
         for (int kt = 0; kt < t.KT; kt++, slot++) {
-            const int s = slot % SM90_STAGES, phase = (slot / SM90_STAGES) & 1;
+            const int s = slot % S, phase = (slot / S) & 1;
             mbar_wait(empty + 8 * s, phase ^ 1); /* a fresh barrier: the "previous" phase is done */
             const uint32_t st = ring + s * SM90_STAGE_BYTES;
             la.load(st, kt);
@@ -704,87 +719,106 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
 
 /* A staged tile's two stages (slots h - 2 and h - 1), kept from the loader until this warp's bulk
    stores have read them: then one arrival each on their "empty" barriers. */
-static __device__ __forceinline__ void sm90w_release(uint32_t empty, int h, int lane)
+template <int S> static __device__ __forceinline__ void sm90w_release(uint32_t empty, int h, int lane)
 {
     bulk_wait_read();
     __syncwarp();
     if (lane == 0) {
-        mbar_arrive(empty + 8 * ((h - 2) % SM90_STAGES));
-        mbar_arrive(empty + 8 * ((h - 1) % SM90_STAGES));
+        mbar_arrive(empty + 8 * ((h - 2) % S));
+        mbar_arrive(empty + 8 * ((h - 1) % S));
     }
 }
 
-template <typename T, int AMN, int BMN>
+/* One tile's k-steps for a computing warpgroup: slot counts k-steps over the CTA's tiles. A
+   stage goes back to the loader (one arrival per warp) once this warp's wgmma on it retired,
+   except, without an own output buffer, the tile's last two (they may stage its output). `held`
+   (OWN = 0): the slot after an earlier staged tile whose stages are released after this tile's
+   first wgmma, when the bulk stores have had the most time. */
+template <typename T, int AMN, int BMN, int S, int OWN>
+static __device__ __forceinline__ void sm90w_ksteps(float *d, const struct sm90_tile &t,
+                                                    uint32_t ring, uint32_t full, uint32_t empty,
+                                                    int wg, int lane, int &slot, int &held)
+{
+    for (int kt = 0; kt < t.KT; kt++, slot++) {
+        const int s = slot % S;
+        mbar_wait(full + 8 * s, (slot / S) & 1);
+        /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
+        __syncwarp();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        if (!OWN && kt == 0 && held) {
+            sm90w_release<S>(empty, held, lane);
+            held = 0;
+        }
+        if (kt > 0 && (OWN || kt < t.KT - 1) && lane == 0)
+            mbar_arrive(empty + 8 * ((slot - 1) % S));
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_d(d);
+    if (OWN && lane == 0)
+        mbar_arrive(empty + 8 * ((slot - 1) % S));
+}
+
+template <typename T, int AMN, int BMN, int S, int OWN>
 static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, const int *tiles,
                                                      int nt, int total, uint32_t ring,
                                                      uint32_t full, uint32_t empty)
 {
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
+    const uint32_t own = ring + S * SM90_STAGE_BYTES + wg * 64 * SM90_STAGED_ROW;
     float d[128];
     int slot = 0, held = 0; /* held: the slot after a staged tile whose stages are not released */
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
-            if (held) {
-                sm90w_release(empty, held, lane);
+            if (!OWN && held) {
+                sm90w_release<S>(empty, held, lane);
                 held = 0;
             }
             store_direct<T, 1>(dst_of(g, t), NULL, ctid);
             continue;
         }
-        for (int kt = 0; kt < t.KT; kt++, slot++) {
-            const int s = slot % SM90_STAGES;
-            mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
-            /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
-            __syncwarp();
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
-            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            if (kt == 0 && held) {
-                sm90w_release(empty, held, lane);
-                held = 0;
-            }
-            /* this warp's wgmma on the previous stage has retired: one arrival frees it (not the
-               tile's last two stages: they may stage its output) */
-            if (kt > 0 && kt < t.KT - 1 && lane == 0)
-                mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
-        }
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        fence_d(d);
+        sm90w_ksteps<T, AMN, BMN, S, OWN>(d, t, ring, full, empty, wg, lane, slot, held);
         const struct sm90_dst o = dst_of(g, t);
-        if (stageable(o, t)) {
+        if (OWN && stageable(o, t, 1)) {
+            /* this warp's rows of the previous staged tile have been read (long ago) */
+            bulk_wait_read();
+            __syncwarp();
+            store_staged<T>(o, d, own, ctid);
+        } else if (!OWN && stageable(o, t, 2)) {
             /* both computing warpgroups are past their wgmma on both stages */
             asm volatile("bar.sync 1, %0;\n" ::"n"(SM90W_THREADS - SM90W_LOADERS) : "memory");
-            store_staged<T>(o, d, ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES, ctid);
+            store_staged<T>(o, d, ring + ((slot - 2 + wg) % S) * SM90_STAGE_BYTES, ctid);
             held = slot;
         } else {
             store_direct<T>(o, d, ctid);
-            if (lane == 0) { /* the tile's last stage, and its second last when it has one */
-                mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
+            if (!OWN && lane == 0) { /* the tile's last stage, and its second last if any */
+                mbar_arrive(empty + 8 * ((slot - 1) % S));
                 if (t.KT > 1)
-                    mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
+                    mbar_arrive(empty + 8 * ((slot - 2) % S));
             }
         }
     }
-    if (held)
-        sm90w_release(empty, held, lane);
+    if (!OWN && held)
+        sm90w_release<S>(empty, held, lane);
     asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int S, int OWN>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     sm90w_gemm_kernel(const struct sm90_args g)
 {
     extern __shared__ char smem_raw[];
     __shared__ int tiles[SM90_MAX_E + 1];
     __shared__ int part[SM90_THREADS];
-    __shared__ __align__(8) uint64_t bars[2 * SM90_STAGES];
+    __shared__ __align__(8) uint64_t bars[2 * S];
     const uint32_t ring = (smem_u32(smem_raw) + 1023) & ~1023u;
-    const uint32_t full = smem_u32(bars), empty = full + 8 * SM90_STAGES;
+    const uint32_t full = smem_u32(bars), empty = full + 8 * S;
     const int nt = g.N / SM90_BN;
 
     if (threadIdx.x == 0) {
-        for (int s = 0; s < SM90_STAGES; s++) {
+        for (int s = 0; s < S; s++) {
             mbar_init(full + 8 * s, SM90W_LOADERS);
             mbar_init(empty + 8 * s, (SM90W_THREADS - SM90W_LOADERS) / 32);
         }
@@ -798,9 +832,9 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
         total = tiles[g.E];
     }
     if (threadIdx.x < SM90W_LOADERS)
-        sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
+        sm90w_load<AMN, BMN, S>(g, tiles, nt, total, ring, full, empty);
     else
-        sm90w_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty);
+        sm90w_compute<T, AMN, BMN, S, OWN>(g, tiles, nt, total, ring, full, empty);
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
@@ -811,11 +845,12 @@ static __global__ void sm90_gemm_kernel(const struct sm90_args g)
     (void)g;
 }
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int S, int OWN>
 static __global__ void sm90w_gemm_kernel(const struct sm90_args g)
 {
     (void)g;
 }
+
 
 #define SM90W_THREADS 384
 
@@ -943,7 +978,7 @@ typedef void (*sm90_kernel_fn)(const struct sm90_args);
 
 /* Raises k's dynamic shared-memory limit once per (kernel, device) and thread, not on every
    launch: six launches per layer and step would each pay the driver call. */
-static int sm90_smem_ready(sm90_kernel_fn k)
+static int sm90_smem_ready(sm90_kernel_fn k, int smem)
 {
     static __thread sm90_kernel_fn done[32];
     static __thread int done_dev[32], n_done;
@@ -952,8 +987,7 @@ static int sm90_smem_ready(sm90_kernel_fn k)
     for (int i = 0; i < n_done; i++)
         if (done[i] == k && done_dev[i] == dev)
             return MOE_OK;
-    MOE_CHECK(
-        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SM90_SMEM_BYTES));
+    MOE_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     if (n_done < 32) {
         done[n_done] = k;
         done_dev[n_done++] = dev;
@@ -961,28 +995,49 @@ static int sm90_smem_ready(sm90_kernel_fn k)
     return MOE_OK;
 }
 
-static int sm90_run(sm90_kernel_fn k, int threads, const struct sm90_args &a, unsigned grid,
-                    cudaStream_t st)
+/* A kernel variant (moe_gemm.schedule): 1 all threads load and compute (4 stages); 2 warp-
+   specialized, 4 stages, output staged in the ring; 3 warp-specialized, 3 stages and an output
+   buffer of its own; 0 (the default) picks per form (sm90_default_schedule). */
+struct sm90_variant {
+    sm90_kernel_fn k;
+    int threads, smem;
+};
+
+template <typename T, int AMN, int BMN> static struct sm90_variant sm90_variant_of(int schedule)
 {
-    MOE_TRY(sm90_smem_ready(k));
-    k<<<grid, threads, SM90_SMEM_BYTES, st>>>(a);
-    MOE_CHECK_LAUNCH();
-    return MOE_OK;
+    struct sm90_variant v;
+    if (schedule == 1) {
+        v.k = sm90_gemm_kernel<T, AMN, BMN>;
+        v.threads = SM90_THREADS;
+        v.smem = SM90_SMEM_BYTES;
+    } else if (schedule == 3) {
+        v.k = sm90w_gemm_kernel<T, AMN, BMN, 3, 1>;
+        v.threads = SM90W_THREADS;
+        v.smem = sm90w_ring<3, 1>::SMEM;
+    } else {
+        v.k = sm90w_gemm_kernel<T, AMN, BMN, 4, 0>;
+        v.threads = SM90W_THREADS;
+        v.smem = sm90w_ring<4, 0>::SMEM;
+    }
+    return v;
 }
 
-/* schedule 1: all threads load and compute; anything else (0, the default, and 2): the
-   warp-specialized kernel, faster on every form measured (tests/bench/RESULTS.md) */
+static int sm90_default_schedule(const struct moe_gemm *g)
+{
+    (void)g;
+    return 2;
+}
+
 template <int AMN, int BMN>
 static int sm90_launch(const struct sm90_args &a, moe_dtype dt, int schedule, unsigned grid,
                        cudaStream_t st)
 {
-    const int ws = schedule != 1, threads = ws ? SM90W_THREADS : SM90_THREADS;
-    if (dt == MOE_BF16)
-        return sm90_run(ws ? sm90w_gemm_kernel<__nv_bfloat16, AMN, BMN>
-                           : sm90_gemm_kernel<__nv_bfloat16, AMN, BMN>,
-                        threads, a, grid, st);
-    return sm90_run(ws ? sm90w_gemm_kernel<__half, AMN, BMN> : sm90_gemm_kernel<__half, AMN, BMN>,
-                    threads, a, grid, st);
+    const struct sm90_variant v = dt == MOE_BF16 ? sm90_variant_of<__nv_bfloat16, AMN, BMN>(schedule)
+                                                 : sm90_variant_of<__half, AMN, BMN>(schedule);
+    MOE_TRY(sm90_smem_ready(v.k, v.smem));
+    v.k<<<grid, v.threads, v.smem, st>>>(a);
+    MOE_CHECK_LAUNCH();
+    return MOE_OK;
 }
 
 extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
@@ -1023,9 +1078,10 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
     a.c_split = (int)(g->c_split < INT32_MAX ? g->c_split : INT32_MAX);
     const unsigned grid = (unsigned)(bound < sms ? bound : sms);
     cudaStream_t st = (cudaStream_t)g->stream;
+    const int sched = g->schedule ? g->schedule : sm90_default_schedule(g);
     if (kind == 1)
-        return sm90_launch<0, 0>(a, g->dtype, g->schedule, grid, st);
+        return sm90_launch<0, 0>(a, g->dtype, sched, grid, st);
     if (kind == 2)
-        return sm90_launch<0, 1>(a, g->dtype, g->schedule, grid, st);
-    return sm90_launch<1, 1>(a, g->dtype, g->schedule, grid, st);
+        return sm90_launch<0, 1>(a, g->dtype, sched, grid, st);
+    return sm90_launch<1, 1>(a, g->dtype, sched, grid, st);
 }

@@ -29,6 +29,9 @@ SHAPES = {  # name: E, K, H, I
     "qwen3-30b-a3b": (128, 8, 2048, 768),
 }
 MOE_BF16 = 1
+SCHEDULE_NAMES = {0: "moepatch sm90 default", 1: "moepatch sm90 schedule 1 (all threads)",
+                  2: "moepatch sm90 schedule 2 (ws, ring-staged output)",
+                  3: "moepatch sm90 schedule 3 (ws, 3 stages, own output buffer)"}
 ONE_PART = 1 << 40  # a split past every dimension: one operand part
 
 
@@ -192,7 +195,7 @@ def problems(torch, T, E, K, H, I, gen):
     return [(n, flops * mult.get(n, 1), g, o, an, ag, ck) for n, g, o, an, ag, ck in p], keep, counts
 
 
-def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
+def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None, schedules=(0, 2, 3)):
     plist, keep, counts = problems(torch, T, E, K, H, I, gen)
     results = []
     words = [w.strip() for w in only.split(",")] if only else None
@@ -226,19 +229,23 @@ def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
         def add(impl, ms):
             res["impls"][impl] = {"ms": ms, "tflops": flops / ms / 1e9}
 
-        add("moepatch sm90 schedule 1", median_ms(torch, ours, reps))
-        # schedule 2 (warp-specialized, the default): the same bits as schedule 1, every element written
-        g2 = type(g).from_buffer_copy(g)
-        g2.schedule = 2
-        ws = ours_call(torch, lib, g2)
-        try:
-            out.fill_(float("nan"))
-            ws()
-            torch.cuda.synchronize()
-            res["ws_equal"] = bool(torch.equal(out, first))
-            add("moepatch sm90 warp-specialized (default)", median_ms(torch, ws, reps))
-        except RuntimeError as exc:
-            res["ws_error"] = str(exc)
+        add(SCHEDULE_NAMES[1], median_ms(torch, ours, reps))
+        # the other schedules: the same bits as schedule 1 (same tiles and wgmma order), every element written
+        for sched in schedules:
+            if sched == 1:
+                continue
+            g2 = type(g).from_buffer_copy(g)
+            g2.schedule = sched
+            other = ours_call(torch, lib, g2)
+            try:
+                out.fill_(float("nan"))
+                other()
+                torch.cuda.synchronize()
+                res["schedules_equal"] = res.get("schedules_equal", True) and bool(torch.equal(out, first))
+                add(SCHEDULE_NAMES[sched], median_ms(torch, other, reps))
+            except RuntimeError as exc:
+                res["schedules_equal"] = False
+                res["schedule_error"] = "schedule %d: %s" % (sched, exc)
         if anchor is not None:
             add("torch _grouped_mm", median_ms(torch, anchor, reps))
         if anchor_gather is not None:
@@ -255,6 +262,8 @@ def main():
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
+    p.add_argument("--schedules", default="0,2,3",
+                   help="engine schedules timed after schedule 1 (0 = the library's default per form)")
     p.add_argument("--gemms", help="only the GEMMs whose name contains one of these comma-separated words "
                                    "(e.g. 'fwd gate_up,wgrad gate_up'; for ncu runs)")
     args = p.parse_args()
@@ -267,7 +276,8 @@ def main():
     for T in [int(t) for t in args.tokens.split(",")]:
         for name in args.shapes.split(","):
             E, K, H, I = SHAPES[name]
-            results += bench_shape(torch, lib, name, T, E, K, H, I, args.reps, gen, args.gemms)
+            results += bench_shape(torch, lib, name, T, E, K, H, I, args.reps, gen, args.gemms,
+                                   [int(x) for x in args.schedules.split(",")])
     print("| shape | GEMM | T | rows/expert | implementation | ms | TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -279,11 +289,11 @@ def main():
         if "anchor_error" in r:
             print("%s %s: _grouped_mm anchor unavailable: %s" % (r["shape"], r["gemm"], r["anchor_error"]))
         print("%s %s: err vs _grouped_mm %.2e, vs fp64 %.2e (_grouped_mm vs fp64 %.2e), all written %s, "
-              "graph replay equal %s, warp-specialized equal %s" % (
+              "graph replay equal %s, other schedules equal %s" % (
                   r["shape"], r["gemm"], r["err_vs_grouped_mm"], r["err_vs_fp64"], r["err_grouped_mm_vs_fp64"],
-                  r["all_written"], r["graph_replay_equal"], r.get("ws_equal", r.get("ws_error"))))
+                  r["all_written"], r["graph_replay_equal"], r.get("schedule_error", r.get("schedules_equal"))))
     bad = [r for r in results if not (r["all_written"] and r["graph_replay_equal"] and r["err_vs_fp64"] < 1e-2
-                                      and r["err_vs_grouped_mm"] < 2e-2 and r.get("ws_equal"))]
+                                      and r["err_vs_grouped_mm"] < 2e-2 and r.get("schedules_equal", True))]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,

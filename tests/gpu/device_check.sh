@@ -5,7 +5,7 @@
 #   tests/gpu/device_check.sh devlibs   (here, once) copy the C tests' non-system libraries (Criterion
 #                                       and its dependencies) into .devlibs/: the GPU image has no Criterion
 #   tests/gpu/device_check.sh kernels   C GPU tests (CUDA vs CPU reference, Hopper engine forms and engine-
-#                                       shaped blocks), memcheck of the engine cases, bench_gemm.py
+#                                       shaped blocks), memcheck and racecheck of the engine cases, bench_gemm.py
 #   tests/gpu/device_check.sh python    the GPU pytest modules (fixture families incl. -engine cases,
 #                                       real transformers families, aux-free) and bench_moe.py --engine
 #   tests/gpu/device_check.sh axolotl   examples/ab.sh: Ring-arch and tiny Qwen3 A/B
@@ -16,8 +16,8 @@
 #                                       per-step work amortised over 4x the tokens), 20 steps
 #   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model: default GEMMs, cuBLAS, MOEPATCH=0
 #   tests/gpu/device_check.sh ncu       Nsight Compute sections of five engine GEMMs (NCU_SHAPE=...)
-#   tests/gpu/device_check.sh ncuhot    the default kernel's hottest instructions and stall reasons
-#                                       (ncu source page; NCU_SHAPE, NCU_GEMMS)
+#   tests/gpu/device_check.sh ncuhot    the warp-specialized kernel's hottest instructions and stall
+#                                       reasons (ncu source page; NCU_SHAPE, NCU_GEMMS, NCU_SCHED)
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/device_out}
@@ -54,6 +54,10 @@ kernels)
         --filter='cuda_kernels/grouped*' --jobs 1 >"$OUT/memcheck.log" 2>&1
     tail -3 "$OUT/memcheck.log"
     timeout 200 python3 tests/bench/bench_gemm.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench_gemm.log" | tail -40
+    MOE_TEST_SMALL=1 timeout ${RACE_TIMEOUT:-150} compute-sanitizer --tool racecheck --racecheck-report hazard \
+        ./build/tests/test_cuda_kernels --filter='cuda_kernels/grouped*' --jobs 1 >"$OUT/racecheck.log" 2>&1
+    echo "racecheck rc=$?"
+    tail -3 "$OUT/racecheck.log"
     ;;
 python)
     MOEPATCH_LIB=$LIB timeout 330 python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
@@ -116,13 +120,13 @@ ncuhot)
     IFS=, read -ra gms <<<"${NCU_GEMMS:-fwd gate_up,dgrad down,wgrad gate_up}"
     for gm in "${gms[@]}"; do
         echo "=== $gm" | tee -a "$OUT/ncuhot.txt"
-        ncu --section WarpStateStats --section SourceCounters --import-source no -k regex:sm90w_gemm_kernel \
+        ncu --section SpeedOfLight --section WarpStateStats --section SourceCounters --import-source no -k regex:sm90w_gemm_kernel \
             --launch-count 1 -f -o /tmp/hot python3 tests/bench/bench_gemm.py --shapes "${NCU_SHAPE:-ring-mini-2.0}" \
-            --reps 1 --gemms "$gm" >/tmp/hot.log 2>&1 || tail -5 /tmp/hot.log
+            --reps 1 --gemms "$gm" --schedules "${NCU_SCHED:-0}" >/tmp/hot.log 2>&1 || tail -5 /tmp/hot.log
         ncu --import /tmp/hot.ncu-rep --page source --print-source sass --csv >/tmp/hot.csv 2>&1
-        head -c 600 /tmp/hot.csv >>"$OUT/ncuhot.txt"
+        ncu --import /tmp/hot.ncu-rep --page details 2>&1 | grep -E "Duration|Throughput|Warp Cycles|Stall" >>"$OUT/ncuhot.txt"
         python3 tests/bench/ncu_hotspots.py 25 </tmp/hot.csv 2>&1 | tee -a "$OUT/ncuhot.txt"
-        gzip -c /tmp/hot.csv >"$OUT/hot_${gm// /_}.csv.gz"
+        gzip -c /tmp/hot.csv >"$OUT/hot_${gm// /_}_s${NCU_SCHED:-0}.csv.gz"
     done
     ;;
 profile)
