@@ -250,13 +250,14 @@ static __device__ __forceinline__ int64_t source_row(const int32_t *gather, uint
 }
 
 /* What one of NT loading threads (threadIdx.x < NT) copies of an X-wide operand tile per stage.
-   ROWS: the operand is activation rows (else weights), known per kernel kind (sm90_kind). */
-template <int X, int MN, int NT, int ROWS> struct sm90_loader;
+   ROWS: the operand is activation rows (else weights), known per kernel kind (sm90_kind). AHEAD
+   (MN-major rows, i.e. varlen-K): how many k-steps ahead the gather indices are loaded. */
+template <int X, int MN, int NT, int ROWS, int AHEAD = 1> struct sm90_loader;
 
 /* K-major: chunk (tid % 8) of tile rows tid / 8 + (NT / 8) i; its shared-memory offset in the tile
    is row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
    are x (varlen-M: global rows from x0 = r0, gathered; weights: part by x). */
-template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
+template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 0, NT, ROWS, AHEAD> {
     static constexpr int RSTEP = NT / 8, NR = X / RSTEP;
     static_assert(RSTEP % 8 == 0 && X % RSTEP == 0, "rows of a thread share row % 8");
     const char *p[NR];
@@ -306,32 +307,36 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
 /* MN-major: x-chunk (tid % XC) of the k rows tid / XC + KSTEP j. k rows are global rows of the
    expert (activations, varlen-K: gathered, zero past r_end) or weight rows (part by k). A KSTEP
    below 8 (128 threads on a 256-wide tile) moves a thread's k rows within their 8-row group.
-   Activation rows change every k-step: their gather indices are loaded one k-step ahead (raw), so
-   that a copy never waits for an index. */
-template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
+   Activation rows change every k-step: their gather indices are loaded AHEAD k-steps ahead (raw),
+   so that a copy never waits for an index. One k-step ahead was not enough: the loader then ran
+   one index round trip per k-step, slower than the tensor cores (ncu: the computing warps waited
+   on their "full" barrier, the loader on the index loads). */
+template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 1, NT, ROWS, AHEAD> {
     static constexpr int XC = X / 8, KSTEP = NT / XC, NJ = SM90_BK / KSTEP;
     static_assert(KSTEP >= 1 && SM90_BK % KSTEP == 0 && (KSTEP % 8 == 0 || 8 % KSTEP == 0),
                   "k rows of a thread");
+    static_assert(AHEAD >= 1, "indices at least one k-step ahead");
     const char *xb0, *xb1; /* weights: part 0 / 1 (activations: both the rows' base) */
     int64_t ks0, ks1;
     const int32_t *gather;
     uint32_t div_m;
     int div_s;
     int r0, r_end; /* row counts fit 31 bits (sm90_kind): 32-bit compares in the loop */
-    uint32_t raw[ROWS ? NJ : 1]; /* the next k-step's gather indices (rows: gather_raw) */
+    /* rows: the gather indices of k-steps kt .. kt + AHEAD - 1 (raw[0]: the next load's) */
+    uint32_t raw[ROWS ? AHEAD : 1][ROWS ? NJ : 1];
     int k_first, split;
     /* KSTEP >= 8: where k row k_first goes; below 8, k rows k_first + KSTEP p (p < 8 / KSTEP)
        of the first 8-row group (row k_first + KSTEP j is dst[j % P] + 1024 (j / P)) */
     static constexpr int P = KSTEP >= 8 ? 1 : 8 / KSTEP;
     uint32_t dst[P];
 
-    /* raw[] for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
-    __device__ __forceinline__ void prefetch(int kt)
+    /* raw[a] for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
+    __device__ __forceinline__ void prefetch(int a, int kt)
     {
 #pragma unroll
         for (int j = 0; j < (ROWS ? NJ : 0); j++) {
             const int r = r0 + kt * SM90_BK + k_first + KSTEP * j;
-            raw[j] = gather_raw(gather, r < r_end ? r : r0);
+            raw[a][j] = gather_raw(gather, r < r_end ? r : r0);
         }
     }
 
@@ -356,7 +361,9 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
         if constexpr (ROWS) {
             xb0 = xb1 = o.base + xoff;
             ks0 = ks1 = o.rs;
-            prefetch(0);
+#pragma unroll
+            for (int a = 0; a < AHEAD; a++)
+                prefetch(a, a);
         } else {
             ks0 = o.ks[0];
             ks1 = o.ks[1];
@@ -380,9 +387,14 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 1, NT, ROWS> {
 #pragma unroll
             for (int j = 0; j < NJ; j++)
                 cp_async16(tile + stage_offset(j),
-                           xb0 + source_row(gather, div_m, div_s, raw[j]) * ks0,
+                           xb0 + source_row(gather, div_m, div_s, raw[0][j]) * ks0,
                            r0 + k0 + k_first + KSTEP * j < r_end ? 16 : 0);
-            prefetch(kt + 1);
+#pragma unroll
+            for (int a = 0; a + 1 < AHEAD; a++)
+#pragma unroll
+                for (int j = 0; j < NJ; j++)
+                    raw[a][j] = raw[a + 1][j];
+            prefetch(AHEAD - 1, kt + AHEAD);
         } else {
             /* a k-step lies in one part (split % BK == 0, sm90_kind): one base and step for all j
              */
@@ -691,13 +703,13 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 #define SM90W_THREADS 384
 #define SM90W_LOADERS 128
 
-template <int AMN, int BMN, int S>
+template <int AMN, int BMN, int S, int AHEAD>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
                                                   int nt, int total, uint32_t ring, uint32_t full,
                                                   uint32_t empty)
 {
-    sm90_loader<SM90_BM, AMN, SM90W_LOADERS, 1> la;
-    sm90_loader<SM90_BN, BMN, SM90W_LOADERS, AMN> lb;
+    sm90_loader<SM90_BM, AMN, SM90W_LOADERS, 1, AHEAD> la;
+    sm90_loader<SM90_BN, BMN, SM90W_LOADERS, AMN, AHEAD> lb;
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
@@ -805,7 +817,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
     asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-template <typename T, int AMN, int BMN, int S, int OWN>
+template <typename T, int AMN, int BMN, int S, int OWN, int AHEAD>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     sm90w_gemm_kernel(const struct sm90_args g)
 {
@@ -832,7 +844,7 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
         total = tiles[g.E];
     }
     if (threadIdx.x < SM90W_LOADERS)
-        sm90w_load<AMN, BMN, S>(g, tiles, nt, total, ring, full, empty);
+        sm90w_load<AMN, BMN, S, AHEAD>(g, tiles, nt, total, ring, full, empty);
     else
         sm90w_compute<T, AMN, BMN, S, OWN>(g, tiles, nt, total, ring, full, empty);
 }
@@ -845,7 +857,7 @@ static __global__ void sm90_gemm_kernel(const struct sm90_args g)
     (void)g;
 }
 
-template <typename T, int AMN, int BMN, int S, int OWN>
+template <typename T, int AMN, int BMN, int S, int OWN, int AHEAD>
 static __global__ void sm90w_gemm_kernel(const struct sm90_args g)
 {
     (void)g;
@@ -1003,23 +1015,35 @@ struct sm90_variant {
     int threads, smem;
 };
 
-template <typename T, int AMN, int BMN> static struct sm90_variant sm90_variant_of(int schedule)
+template <typename T, int AMN, int BMN, int S, int OWN, int AHEAD>
+static struct sm90_variant sm90w_variant(void)
 {
     struct sm90_variant v;
-    if (schedule == 1) {
+    v.k = sm90w_gemm_kernel<T, AMN, BMN, S, OWN, AHEAD>;
+    v.threads = SM90W_THREADS;
+    v.smem = sm90w_ring<S, OWN>::SMEM;
+    return v;
+}
+
+template <typename T, int AMN, int BMN> static struct sm90_variant sm90_variant_of(int schedule)
+{
+    switch (schedule) {
+    case 1: {
+        struct sm90_variant v;
         v.k = sm90_gemm_kernel<T, AMN, BMN>;
         v.threads = SM90_THREADS;
         v.smem = SM90_SMEM_BYTES;
-    } else if (schedule == 3) {
-        v.k = sm90w_gemm_kernel<T, AMN, BMN, 3, 1>;
-        v.threads = SM90W_THREADS;
-        v.smem = sm90w_ring<3, 1>::SMEM;
-    } else {
-        v.k = sm90w_gemm_kernel<T, AMN, BMN, 4, 0>;
-        v.threads = SM90W_THREADS;
-        v.smem = sm90w_ring<4, 0>::SMEM;
+        return v;
     }
-    return v;
+    case 3:
+        return sm90w_variant<T, AMN, BMN, 3, 1, 3>();
+    case 4:
+        return sm90w_variant<T, AMN, BMN, 4, 0, 2>();
+    case 5:
+        return sm90w_variant<T, AMN, BMN, 4, 0, 4>();
+    default:
+        return sm90w_variant<T, AMN, BMN, 4, 0, 1>();
+    }
 }
 
 static int sm90_default_schedule(const struct moe_gemm *g)
