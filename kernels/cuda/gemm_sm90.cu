@@ -304,41 +304,20 @@ template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 0, NT, ROWS,
     }
 };
 
-/* MN-major: x-chunk (tid % XC) of the k rows tid / XC + KSTEP j. k rows are global rows of the
-   expert (activations, varlen-K: gathered, zero past r_end) or weight rows (part by k). A KSTEP
-   below 8 (128 threads on a 256-wide tile) moves a thread's k rows within their 8-row group.
-   Activation rows change every k-step: their gather indices are loaded AHEAD k-steps ahead (raw),
-   so that a copy never waits for an index. One k-step ahead was not enough: the loader then ran
-   one index round trip per k-step, slower than the tensor cores (ncu: the computing warps waited
-   on their "full" barrier, the loader on the index loads). */
-template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 1, NT, ROWS, AHEAD> {
+/* MN-major weights: x-chunk (tid % XC) of the weight rows (k) tid / XC + KSTEP j, the part by k.
+   A KSTEP below 8 (128 threads on a 256-wide tile) moves a thread's k rows within their 8-row
+   group. */
+template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 0, AHEAD> {
     static constexpr int XC = X / 8, KSTEP = NT / XC, NJ = SM90_BK / KSTEP;
     static_assert(KSTEP >= 1 && SM90_BK % KSTEP == 0 && (KSTEP % 8 == 0 || 8 % KSTEP == 0),
                   "k rows of a thread");
-    static_assert(AHEAD >= 1, "indices at least one k-step ahead");
-    const char *xb0, *xb1; /* weights: part 0 / 1 (activations: both the rows' base) */
+    const char *xb0, *xb1; /* part 0 / 1 */
     int64_t ks0, ks1;
-    const int32_t *gather;
-    uint32_t div_m;
-    int div_s;
-    int r0, r_end; /* row counts fit 31 bits (sm90_kind): 32-bit compares in the loop */
-    /* rows: the gather indices of k-steps kt .. kt + AHEAD - 1 (raw[0]: the next load's) */
-    uint32_t raw[ROWS ? AHEAD : 1][ROWS ? NJ : 1];
     int k_first, split;
     /* KSTEP >= 8: where k row k_first goes; below 8, k rows k_first + KSTEP p (p < 8 / KSTEP)
        of the first 8-row group (row k_first + KSTEP j is dst[j % P] + 1024 (j / P)) */
     static constexpr int P = KSTEP >= 8 ? 1 : 8 / KSTEP;
     uint32_t dst[P];
-
-    /* raw[a] for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
-    __device__ __forceinline__ void prefetch(int a, int kt)
-    {
-#pragma unroll
-        for (int j = 0; j < (ROWS ? NJ : 0); j++) {
-            const int r = r0 + kt * SM90_BK + k_first + KSTEP * j;
-            raw[a][j] = gather_raw(gather, r < r_end ? r : r0);
-        }
-    }
 
     __device__ __forceinline__ void plan(const struct sm90_op &o, const struct sm90_tile &t,
                                          int64_t x0)
@@ -351,25 +330,12 @@ template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 1, NT, ROWS,
             dst[p] = (uint32_t)((xc >> 3) * SM90_ATOM_STRIDE + (k >> 3) * 1024 + kr * 128 +
                                 (((xc & 7) ^ kr) << 4));
         }
-        gather = o.gather;
-        div_m = o.div_m;
-        div_s = o.div_s;
-        r0 = (int)t.r0;
-        r_end = (int)t.r_end;
         split = o.split;
         const int64_t xoff = (x0 + 8 * xc) * 2;
-        if constexpr (ROWS) {
-            xb0 = xb1 = o.base + xoff;
-            ks0 = ks1 = o.rs;
-#pragma unroll
-            for (int a = 0; a < AHEAD; a++)
-                prefetch(a, a);
-        } else {
-            ks0 = o.ks[0];
-            ks1 = o.ks[1];
-            xb0 = weight_base(o, 0, t.e) + xoff;
-            xb1 = weight_base(o, 1, t.e) + xoff - (int64_t)o.split * o.ks[1];
-        }
+        ks0 = o.ks[0];
+        ks1 = o.ks[1];
+        xb0 = weight_base(o, 0, t.e) + xoff;
+        xb1 = weight_base(o, 1, t.e) + xoff - (int64_t)o.split * o.ks[1];
     }
 
     /* where k row k_first + KSTEP j of this thread's x-chunk goes in the tile */
@@ -382,30 +348,84 @@ template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 1, NT, ROWS,
 
     __device__ __forceinline__ void load(uint32_t tile, int kt)
     {
-        const int k0 = kt * SM90_BK;
-        if constexpr (ROWS) {
+        /* a k-step lies in one part (split % BK == 0, sm90_kind): one base and step for all j */
+        const int k0 = kt * SM90_BK, two = k0 >= split;
+        const int64_t ks = two ? ks1 : ks0;
+        const char *b = (two ? xb1 : xb0) + (int64_t)(k0 + k_first) * ks;
+        const int64_t step = ks * KSTEP;
 #pragma unroll
-            for (int j = 0; j < NJ; j++)
-                cp_async16(tile + stage_offset(j),
-                           xb0 + source_row(gather, div_m, div_s, raw[0][j]) * ks0,
-                           r0 + k0 + k_first + KSTEP * j < r_end ? 16 : 0);
+        for (int j = 0; j < NJ; j++)
+            cp_async16(tile + stage_offset(j), b + j * step, 16);
+    }
+};
+
+/* MN-major activation rows (varlen-K: k rows are the expert's global rows, gathered, zero past
+   r_end): chunk c = tid % 8 of each 64-wide atom m < X / 64, of the k rows tid / 8 + KSTEP i. A
+   thread's NM copies of a row share its one gather index and address: the loader's work per
+   k-step is per row, and rows are few (an earlier mapping, one chunk of many rows per thread,
+   spent ~600 instructions per k-step on row addresses and starved the tensor cores; ncu). Since
+   KSTEP is a multiple of 8, all of a thread's rows sit at the same place in their 8-row groups.
+   The gather indices are loaded AHEAD k-steps ahead (raw), so that a copy never waits for one. */
+template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 1, AHEAD> {
+    static constexpr int KSTEP = NT / 8, NI = SM90_BK / KSTEP, NM = X / 64;
+    static_assert(KSTEP % 8 == 0 && SM90_BK % KSTEP == 0 && X % 64 == 0, "rows of a thread");
+    static_assert(AHEAD >= 1, "indices at least one k-step ahead");
+    const char *xb;
+    int64_t rs;
+    const int32_t *gather;
+    uint32_t div_m;
+    int div_s;
+    int r0, r_end; /* row counts fit 31 bits (sm90_kind): 32-bit compares in the loop */
+    int k_first;
+    uint32_t dst;                /* row k_first, atom 0 */
+    uint32_t raw[AHEAD][NI];     /* the gather indices of k-steps kt .. kt + AHEAD - 1 */
+
+    /* raw[a] for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
+    __device__ __forceinline__ void prefetch(int a, int kt)
+    {
 #pragma unroll
-            for (int a = 0; a + 1 < AHEAD; a++)
-#pragma unroll
-                for (int j = 0; j < NJ; j++)
-                    raw[a][j] = raw[a + 1][j];
-            prefetch(AHEAD - 1, kt + AHEAD);
-        } else {
-            /* a k-step lies in one part (split % BK == 0, sm90_kind): one base and step for all j
-             */
-            const int two = k0 >= split;
-            const int64_t ks = two ? ks1 : ks0;
-            const char *b = (two ? xb1 : xb0) + (int64_t)(k0 + k_first) * ks;
-            const int64_t step = ks * KSTEP;
-#pragma unroll
-            for (int j = 0; j < NJ; j++)
-                cp_async16(tile + stage_offset(j), b + j * step, 16);
+        for (int i = 0; i < NI; i++) {
+            const int r = r0 + kt * SM90_BK + k_first + KSTEP * i;
+            raw[a][i] = gather_raw(gather, r < r_end ? r : r0);
         }
+    }
+
+    __device__ __forceinline__ void plan(const struct sm90_op &o, const struct sm90_tile &t,
+                                         int64_t x0)
+    {
+        const int tid = threadIdx.x, c = tid & 7, kr = (tid >> 3) & 7;
+        k_first = tid >> 3;
+        dst = (uint32_t)((k_first >> 3) * 1024 + kr * 128 + ((c ^ kr) << 4));
+        gather = o.gather;
+        div_m = o.div_m;
+        div_s = o.div_s;
+        r0 = (int)t.r0;
+        r_end = (int)t.r_end;
+        rs = o.rs;
+        xb = o.base + (x0 + 8 * c) * 2;
+#pragma unroll
+        for (int a = 0; a < AHEAD; a++)
+            prefetch(a, a);
+    }
+
+    __device__ __forceinline__ void load(uint32_t tile, int kt)
+    {
+        const int k0 = r0 + kt * SM90_BK + k_first;
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const char *src = xb + source_row(gather, div_m, div_s, raw[0][i]) * rs;
+            const int bytes = k0 + KSTEP * i < r_end ? 16 : 0;
+            const uint32_t at = tile + dst + (uint32_t)(i * (KSTEP / 8) * 1024);
+#pragma unroll
+            for (int m = 0; m < NM; m++)
+                cp_async16(at + m * SM90_ATOM_STRIDE, src + m * 128, bytes);
+        }
+#pragma unroll
+        for (int a = 0; a + 1 < AHEAD; a++)
+#pragma unroll
+            for (int i = 0; i < NI; i++)
+                raw[a][i] = raw[a + 1][i];
+        prefetch(AHEAD - 1, kt + AHEAD);
     }
 };
 
