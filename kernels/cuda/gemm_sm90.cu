@@ -53,17 +53,6 @@
    start in 8 different bank groups (conflict-free) and every row stays 16-byte aligned. */
 #define SM90_STAGED_ROW 528
 
-/* The warp-specialized ring, per kernel variant (moe_gemm.schedule): S stages; OWN = 1: the output
-   is staged in a buffer of its own after the ring (both computing warpgroups' 64 x 528 bytes), so
-   every stage goes back to the loader as soon as its wgmma retire; OWN = 0: in the tile's last two
-   stages, which the loader gets back only when the bulk stores have read them (held). OWN = 1
-   costs a stage (3 instead of 4) and buys an unbroken prefetch across tile edges: the short
-   reductions (the down projection, the weight grads) change tiles every 8 k-steps. */
-template <int S, int OWN> struct sm90w_ring {
-    static constexpr int OUT_BYTES = OWN ? 2 * 64 * SM90_STAGED_ROW : 0;
-    static constexpr int SMEM = S * SM90_STAGE_BYTES + OUT_BYTES + 1024;
-    static_assert(SMEM + 8 * 1024 <= 232448, "shared memory per block");
-};
 
 
 /* One operand in bytes (struct moe_gemm_op); its majorness is a kernel template parameter. */
@@ -250,14 +239,13 @@ static __device__ __forceinline__ int64_t source_row(const int32_t *gather, uint
 }
 
 /* What one of NT loading threads (threadIdx.x < NT) copies of an X-wide operand tile per stage.
-   ROWS: the operand is activation rows (else weights), known per kernel kind (sm90_kind). AHEAD
-   (MN-major rows, i.e. varlen-K): how many k-steps ahead the gather indices are loaded. */
-template <int X, int MN, int NT, int ROWS, int AHEAD = 1> struct sm90_loader;
+   ROWS: the operand is activation rows (else weights), known per kernel kind (sm90_kind). */
+template <int X, int MN, int NT, int ROWS> struct sm90_loader;
 
 /* K-major: chunk (tid % 8) of tile rows tid / 8 + (NT / 8) i; its shared-memory offset in the tile
    is row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
    are x (varlen-M: global rows from x0 = r0, gathered; weights: part by x). */
-template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 0, NT, ROWS, AHEAD> {
+template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
     static constexpr int RSTEP = NT / 8, NR = X / RSTEP;
     static_assert(RSTEP % 8 == 0 && X % RSTEP == 0, "rows of a thread share row % 8");
     const char *p[NR];
@@ -307,7 +295,7 @@ template <int X, int NT, int ROWS, int AHEAD> struct sm90_loader<X, 0, NT, ROWS,
 /* MN-major weights: x-chunk (tid % XC) of the weight rows (k) tid / XC + KSTEP j, the part by k.
    A KSTEP below 8 (128 threads on a 256-wide tile) moves a thread's k rows within their 8-row
    group. */
-template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 0, AHEAD> {
+template <int X, int NT> struct sm90_loader<X, 1, NT, 0> {
     static constexpr int XC = X / 8, KSTEP = NT / XC, NJ = SM90_BK / KSTEP;
     static_assert(KSTEP >= 1 && SM90_BK % KSTEP == 0 && (KSTEP % 8 == 0 || 8 % KSTEP == 0),
                   "k rows of a thread");
@@ -365,11 +353,11 @@ template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 0, AHEAD> {
    k-step is per row, and rows are few (an earlier mapping, one chunk of many rows per thread,
    spent ~600 instructions per k-step on row addresses and starved the tensor cores; ncu). Since
    KSTEP is a multiple of 8, all of a thread's rows sit at the same place in their 8-row groups.
-   The gather indices are loaded AHEAD k-steps ahead (raw), so that a copy never waits for one. */
-template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 1, AHEAD> {
+   The gather indices are loaded a k-step ahead (raw), so that a copy never waits for one (more
+   k-steps ahead measured no faster). */
+template <int X, int NT> struct sm90_loader<X, 1, NT, 1> {
     static constexpr int KSTEP = NT / 8, NI = SM90_BK / KSTEP, NM = X / 64;
     static_assert(KSTEP % 8 == 0 && SM90_BK % KSTEP == 0 && X % 64 == 0, "rows of a thread");
-    static_assert(AHEAD >= 1, "indices at least one k-step ahead");
     const char *xb;
     int64_t rs;
     const int32_t *gather;
@@ -378,15 +366,15 @@ template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 1, AHEAD> {
     int r0, r_end; /* row counts fit 31 bits (sm90_kind): 32-bit compares in the loop */
     int k_first;
     uint32_t dst;                /* row k_first, atom 0 */
-    uint32_t raw[AHEAD][NI];     /* the gather indices of k-steps kt .. kt + AHEAD - 1 */
+    uint32_t raw[NI];            /* the gather indices of the next k-step's rows */
 
-    /* raw[a] for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
-    __device__ __forceinline__ void prefetch(int a, int kt)
+    /* raw for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
+    __device__ __forceinline__ void prefetch(int kt)
     {
 #pragma unroll
         for (int i = 0; i < NI; i++) {
             const int r = r0 + kt * SM90_BK + k_first + KSTEP * i;
-            raw[a][i] = gather_raw(gather, r < r_end ? r : r0);
+            raw[i] = gather_raw(gather, r < r_end ? r : r0);
         }
     }
 
@@ -403,9 +391,7 @@ template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 1, AHEAD> {
         r_end = (int)t.r_end;
         rs = o.rs;
         xb = o.base + (x0 + 8 * c) * 2;
-#pragma unroll
-        for (int a = 0; a < AHEAD; a++)
-            prefetch(a, a);
+        prefetch(0);
     }
 
     __device__ __forceinline__ void load(uint32_t tile, int kt)
@@ -413,19 +399,14 @@ template <int X, int NT, int AHEAD> struct sm90_loader<X, 1, NT, 1, AHEAD> {
         const int k0 = r0 + kt * SM90_BK + k_first;
 #pragma unroll
         for (int i = 0; i < NI; i++) {
-            const char *src = xb + source_row(gather, div_m, div_s, raw[0][i]) * rs;
+            const char *src = xb + source_row(gather, div_m, div_s, raw[i]) * rs;
             const int bytes = k0 + KSTEP * i < r_end ? 16 : 0;
             const uint32_t at = tile + dst + (uint32_t)(i * (KSTEP / 8) * 1024);
 #pragma unroll
             for (int m = 0; m < NM; m++)
                 cp_async16(at + m * SM90_ATOM_STRIDE, src + m * 128, bytes);
         }
-#pragma unroll
-        for (int a = 0; a + 1 < AHEAD; a++)
-#pragma unroll
-            for (int i = 0; i < NI; i++)
-                raw[a][i] = raw[a + 1][i];
-        prefetch(AHEAD - 1, kt + AHEAD);
+        prefetch(kt + 1);
     }
 };
 
@@ -496,14 +477,12 @@ static __device__ __forceinline__ void bulk_wait_read(void)
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
-/* The fast path: each warp writes its 16 rows (of the warpgroup's 64) into buf, a ring stage no
-   copy targets (64 x 528 bytes), and 16 of its lanes each hand one 512-byte row to the bulk-copy
-   engine. The warp goes on at once; a thread must bulk_wait_read() before buf is refilled. */
+/* Each warp writes its 16 rows (of the warpgroup's 64) into buf, a ring stage no copy targets
+   (64 x 528 bytes); the warp's own rows only, so a __syncwarp orders them for the copy out. */
 template <typename T>
-static __device__ __forceinline__ void store_staged(const struct sm90_dst &o, const float *d,
-                                                    uint32_t buf, int tid)
+static __device__ __forceinline__ void stage_rows(const float *d, uint32_t buf, int tid)
 {
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int warp = (tid >> 5) & 3, lane = tid & 31;
     const uint32_t pa =
         buf + (uint32_t)(warp * 16 + (lane >> 2)) * SM90_STAGED_ROW + 4 * (lane & 3);
     const uint32_t pb = pa + 8 * SM90_STAGED_ROW;
@@ -516,6 +495,41 @@ static __device__ __forceinline__ void store_staged(const struct sm90_dst &o, co
                      "r"(pack2(T(), d[4 * j + 2], d[4 * j + 3]))
                      : "memory");
     }
+    __syncwarp();
+}
+
+/* The warp's 16 staged rows to global memory, one 512-byte row per warp instruction (16 bytes a
+   lane). Synchronous: buf can be refilled as soon as the warp is past it. (Handing the rows to
+   the bulk-copy engine instead, schedule 3, costs a serialized per-lane issue loop, ncu: 8 % of
+   the weight-grad kernel's samples, and holds the stages until the copies have read them.) */
+static __device__ __forceinline__ void copy_rows_out(const struct sm90_dst &o, uint32_t buf,
+                                                     int tid)
+{
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const uint32_t src = buf + (uint32_t)(warp * 16) * SM90_STAGED_ROW + 16 * lane;
+    char *dst = o.base + (int64_t)(wg * 64 + warp * 16) * o.rs + 16 * lane;
+    const int64_t rows = o.lim - (wg * 64 + warp * 16);
+#pragma unroll 4
+    for (int i = 0; i < 16; i++) {
+        if (i >= rows)
+            break;
+        uint32_t x, y, z, w;
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(x), "=r"(y), "=r"(z), "=r"(w)
+                     : "r"(src + i * SM90_STAGED_ROW));
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst + i * o.rs), "r"(x),
+                     "r"(y), "r"(z), "r"(w)
+                     : "memory");
+    }
+    __syncwarp(); /* every lane has read buf before one of them hands it back */
+}
+
+/* The rows to the bulk-copy engine: 16 lanes each hand it one 512-byte row; the warp goes on at
+   once, and a thread must bulk_wait_read() before buf is refilled. */
+static __device__ __forceinline__ void copy_rows_bulk(const struct sm90_dst &o, uint32_t buf,
+                                                      int tid)
+{
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* the copy engine reads them */
     __syncwarp();
     const int64_t row = wg * 64 + warp * 16 + lane;
@@ -529,10 +543,9 @@ static __device__ __forceinline__ void store_staged(const struct sm90_dst &o, co
 
 /* A tile whose output can go through shared memory: at least two k-steps (its last two stages
    are the buffers) and 16-byte aligned rows (pointer-array bases are only known here). */
-static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const struct sm90_tile &t,
-                                                int min_kt)
+static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const struct sm90_tile &t)
 {
-    return t.KT >= min_kt && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
+    return t.KT >= 2 && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
 }
 
 /* One k-step of warpgroup wg: d (+)= its 64 A rows × the 256 B rows of the stage at stage_addr,
@@ -646,7 +659,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
     /* slot: the consumer's k-steps so far, over all tiles; its stage is slot % STAGES, filled by
        the producer STAGES - 2 calls earlier. A stage is refilled only after every warpgroup's wgmma
        on it has retired (wait_group 1 of the previous slot, then the barrier of this one), and
-       after the bulk stores of a staged tile have read it (bulk_wait_read before the barrier).
+       after every warp has copied a staged tile's rows out of it (before that barrier).
        After a tile's last k-step the stages of slots slot - 2 and slot - 1 hold nothing in flight
        (the producer is STAGES - 2 ahead): they stage its output, one per warpgroup. */
     int slot = 0;
@@ -658,9 +671,6 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
         }
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
-            /* the fills of this k-step and the next may target a staged tile's stages */
-            if (kt == 0)
-                bulk_wait_read();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads();
             sm90_mma_stage<T, AMN, BMN>(d, ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES, wg,
@@ -672,16 +682,16 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
         const struct sm90_dst o = dst_of(g, t);
-        if (stageable(o, t, 2)) {
+        if (stageable(o, t)) {
             __syncthreads(); /* the other warpgroup's wgmma on both stages has retired too */
-            store_staged<T>(o, d, ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES,
-                            threadIdx.x);
+            const uint32_t buf = ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES;
+            stage_rows<T>(d, buf, threadIdx.x);
+            copy_rows_out(o, buf, threadIdx.x); /* before the next k-step's barrier and fills */
         } else {
             store_direct<T>(o, d, threadIdx.x);
         }
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
-    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
 /* ---- schedule 2: warp-specialized (warpgroup 0 loads, warpgroups 1 and 2 compute) ----
@@ -723,13 +733,13 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 #define SM90W_THREADS 384
 #define SM90W_LOADERS 128
 
-template <int AMN, int BMN, int S, int AHEAD>
+template <int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
                                                   int nt, int total, uint32_t ring, uint32_t full,
                                                   uint32_t empty)
 {
-    sm90_loader<SM90_BM, AMN, SM90W_LOADERS, 1, AHEAD> la;
-    sm90_loader<SM90_BN, BMN, SM90W_LOADERS, AMN, AHEAD> lb;
+    sm90_loader<SM90_BM, AMN, SM90W_LOADERS, 1> la;
+    sm90_loader<SM90_BN, BMN, SM90W_LOADERS, AMN> lb;
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
@@ -738,7 +748,7 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
         la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
         lb.plan(g.b, t, t.n0);
         for (int kt = 0; kt < t.KT; kt++, slot++) {
-            const int s = slot % S, phase = (slot / S) & 1;
+            const int s = slot % SM90_STAGES, phase = (slot / SM90_STAGES) & 1;
             mbar_wait(empty + 8 * s, phase ^ 1); /* a fresh barrier: the "previous" phase is done */
             const uint32_t st = ring + s * SM90_STAGE_BYTES;
             la.load(st, kt);
@@ -750,107 +760,104 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
 }
 
 /* A staged tile's two stages (slots h - 2 and h - 1), kept from the loader until this warp's bulk
-   stores have read them: then one arrival each on their "empty" barriers. */
-template <int S> static __device__ __forceinline__ void sm90w_release(uint32_t empty, int h, int lane)
+   stores have read them (BULK, schedule 3): then one arrival each on their "empty" barriers. */
+static __device__ __forceinline__ void sm90w_release(uint32_t empty, int h, int lane)
 {
     bulk_wait_read();
     __syncwarp();
     if (lane == 0) {
-        mbar_arrive(empty + 8 * ((h - 2) % S));
-        mbar_arrive(empty + 8 * ((h - 1) % S));
+        mbar_arrive(empty + 8 * ((h - 2) % SM90_STAGES));
+        mbar_arrive(empty + 8 * ((h - 1) % SM90_STAGES));
     }
 }
 
-/* One tile's k-steps for a computing warpgroup: slot counts k-steps over the CTA's tiles. A
+/* One tile's k-steps for a computing warpgroup (slot counts k-steps over the CTA's tiles). A
    stage goes back to the loader (one arrival per warp) once this warp's wgmma on it retired,
-   except, without an own output buffer, the tile's last two (they may stage its output). `held`
-   (OWN = 0): the slot after an earlier staged tile whose stages are released after this tile's
-   first wgmma, when the bulk stores have had the most time. */
-template <typename T, int AMN, int BMN, int S, int OWN>
+   except the tile's last two: they may stage its output. `held` (BULK): the slot after an earlier
+   staged tile, whose stages are released after this tile's first wgmma. */
+template <typename T, int AMN, int BMN, int BULK>
 static __device__ __forceinline__ void sm90w_ksteps(float *d, const struct sm90_tile &t,
                                                     uint32_t ring, uint32_t full, uint32_t empty,
                                                     int wg, int lane, int &slot, int &held)
 {
     for (int kt = 0; kt < t.KT; kt++, slot++) {
-        const int s = slot % S;
-        mbar_wait(full + 8 * s, (slot / S) & 1);
+        const int s = slot % SM90_STAGES;
+        mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
         /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
         __syncwarp();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        if (!OWN && kt == 0 && held) {
-            sm90w_release<S>(empty, held, lane);
+        if (BULK && kt == 0 && held) {
+            sm90w_release(empty, held, lane);
             held = 0;
         }
-        if (kt > 0 && (OWN || kt < t.KT - 1) && lane == 0)
-            mbar_arrive(empty + 8 * ((slot - 1) % S));
+        if (kt > 0 && kt < t.KT - 1 && lane == 0)
+            mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fence_d(d);
-    if (OWN && lane == 0)
-        mbar_arrive(empty + 8 * ((slot - 1) % S));
 }
 
-template <typename T, int AMN, int BMN, int S, int OWN>
+template <typename T, int AMN, int BMN, int BULK>
 static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, const int *tiles,
                                                      int nt, int total, uint32_t ring,
                                                      uint32_t full, uint32_t empty)
 {
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
-    const uint32_t own = ring + S * SM90_STAGE_BYTES + wg * 64 * SM90_STAGED_ROW;
     float d[128];
-    int slot = 0, held = 0; /* held: the slot after a staged tile whose stages are not released */
+    int slot = 0, held = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
-            if (!OWN && held) {
-                sm90w_release<S>(empty, held, lane);
+            if (BULK && held) {
+                sm90w_release(empty, held, lane);
                 held = 0;
             }
             store_direct<T, 1>(dst_of(g, t), NULL, ctid);
             continue;
         }
-        sm90w_ksteps<T, AMN, BMN, S, OWN>(d, t, ring, full, empty, wg, lane, slot, held);
+        sm90w_ksteps<T, AMN, BMN, BULK>(d, t, ring, full, empty, wg, lane, slot, held);
         const struct sm90_dst o = dst_of(g, t);
-        if (OWN && stageable(o, t, 1)) {
-            /* this warp's rows of the previous staged tile have been read (long ago) */
-            bulk_wait_read();
-            __syncwarp();
-            store_staged<T>(o, d, own, ctid);
-        } else if (!OWN && stageable(o, t, 2)) {
+        if (stageable(o, t)) {
             /* both computing warpgroups are past their wgmma on both stages */
             asm volatile("bar.sync 1, %0;\n" ::"n"(SM90W_THREADS - SM90W_LOADERS) : "memory");
-            store_staged<T>(o, d, ring + ((slot - 2 + wg) % S) * SM90_STAGE_BYTES, ctid);
-            held = slot;
+            const uint32_t buf = ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES;
+            stage_rows<T>(d, buf, ctid);
+            if (BULK) {
+                copy_rows_bulk(o, buf, ctid);
+                held = slot;
+                continue;
+            }
+            copy_rows_out(o, buf, ctid);
         } else {
             store_direct<T>(o, d, ctid);
-            if (!OWN && lane == 0) { /* the tile's last stage, and its second last if any */
-                mbar_arrive(empty + 8 * ((slot - 1) % S));
-                if (t.KT > 1)
-                    mbar_arrive(empty + 8 * ((slot - 2) % S));
-            }
+        }
+        if (lane == 0) { /* the tile's last stage, and its second last if any */
+            mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
+            if (t.KT > 1)
+                mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
         }
     }
-    if (!OWN && held)
-        sm90w_release<S>(empty, held, lane);
+    if (BULK && held)
+        sm90w_release(empty, held, lane);
     asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-template <typename T, int AMN, int BMN, int S, int OWN, int AHEAD>
+template <typename T, int AMN, int BMN, int BULK>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     sm90w_gemm_kernel(const struct sm90_args g)
 {
     extern __shared__ char smem_raw[];
     __shared__ int tiles[SM90_MAX_E + 1];
     __shared__ int part[SM90_THREADS];
-    __shared__ __align__(8) uint64_t bars[2 * S];
+    __shared__ __align__(8) uint64_t bars[2 * SM90_STAGES];
     const uint32_t ring = (smem_u32(smem_raw) + 1023) & ~1023u;
-    const uint32_t full = smem_u32(bars), empty = full + 8 * S;
+    const uint32_t full = smem_u32(bars), empty = full + 8 * SM90_STAGES;
     const int nt = g.N / SM90_BN;
 
     if (threadIdx.x == 0) {
-        for (int s = 0; s < S; s++) {
+        for (int s = 0; s < SM90_STAGES; s++) {
             mbar_init(full + 8 * s, SM90W_LOADERS);
             mbar_init(empty + 8 * s, (SM90W_THREADS - SM90W_LOADERS) / 32);
         }
@@ -864,9 +871,9 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
         total = tiles[g.E];
     }
     if (threadIdx.x < SM90W_LOADERS)
-        sm90w_load<AMN, BMN, S, AHEAD>(g, tiles, nt, total, ring, full, empty);
+        sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
     else
-        sm90w_compute<T, AMN, BMN, S, OWN>(g, tiles, nt, total, ring, full, empty);
+        sm90w_compute<T, AMN, BMN, BULK>(g, tiles, nt, total, ring, full, empty);
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
@@ -877,7 +884,7 @@ static __global__ void sm90_gemm_kernel(const struct sm90_args g)
     (void)g;
 }
 
-template <typename T, int AMN, int BMN, int S, int OWN, int AHEAD>
+template <typename T, int AMN, int BMN, int BULK>
 static __global__ void sm90w_gemm_kernel(const struct sm90_args g)
 {
     (void)g;
@@ -1035,35 +1042,18 @@ struct sm90_variant {
     int threads, smem;
 };
 
-template <typename T, int AMN, int BMN, int S, int OWN, int AHEAD>
-static struct sm90_variant sm90w_variant(void)
-{
-    struct sm90_variant v;
-    v.k = sm90w_gemm_kernel<T, AMN, BMN, S, OWN, AHEAD>;
-    v.threads = SM90W_THREADS;
-    v.smem = sm90w_ring<S, OWN>::SMEM;
-    return v;
-}
-
 template <typename T, int AMN, int BMN> static struct sm90_variant sm90_variant_of(int schedule)
 {
-    switch (schedule) {
-    case 1: {
-        struct sm90_variant v;
+    struct sm90_variant v;
+    v.smem = SM90_SMEM_BYTES;
+    v.threads = schedule == 1 ? SM90_THREADS : SM90W_THREADS;
+    if (schedule == 1)
         v.k = sm90_gemm_kernel<T, AMN, BMN>;
-        v.threads = SM90_THREADS;
-        v.smem = SM90_SMEM_BYTES;
-        return v;
-    }
-    case 3:
-        return sm90w_variant<T, AMN, BMN, 3, 1, 3>();
-    case 4:
-        return sm90w_variant<T, AMN, BMN, 4, 0, 2>();
-    case 5:
-        return sm90w_variant<T, AMN, BMN, 4, 0, 4>();
-    default:
-        return sm90w_variant<T, AMN, BMN, 4, 0, 1>();
-    }
+    else if (schedule == 3)
+        v.k = sm90w_gemm_kernel<T, AMN, BMN, 1>;
+    else
+        v.k = sm90w_gemm_kernel<T, AMN, BMN, 0>;
+    return v;
 }
 
 static int sm90_default_schedule(const struct moe_gemm *g)
