@@ -13,19 +13,20 @@
  * - Loads are 16-byte cp.async chunks into an S-stage ring; a gathered row costs the same as a
  *   packed one, and rows past an expert's end are zero-filled by the copy. Gather indices are
  *   loaded before they are needed (a tile's rows at once; varlen-K rows one k-step ahead) and
- *   divided by top-k with a multiply and a shift: a copy never waits on an index. Two computing
- *   warpgroups (64 × 256 each, BK = 64). The ring does not drain between tiles: it runs across
- *   this CTA's whole tile list, so short reductions (the down projection, the weight grads) do not
- *   pay a refill per tile. Two schedules (moe_gemm.schedule), the same tiles and wgmma order, so
- *   the same bits: 2 (default) — warp-specialized, a third warpgroup loads up to S k-steps ahead,
- *   mbarriers between them (sm90w_*); 1 — all 256 threads load and compute, the ring runs S - 2
- *   k-steps ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it has
+ *   divided by top-k with a multiply and a shift: a copy never waits on an index. A loading
+ *   thread computes each row's source address once per k-step for all its copies of that row
+ *   (MN-major activations: 8 chunks × the atoms of a row). Two computing warpgroups (64 × 256
+ *   each, BK = 64). The ring does not drain between tiles: it runs across this CTA's whole tile
+ *   list, so short reductions (the down projection, the weight grads) do not pay a refill per
+ *   tile. Two schedules (moe_gemm.schedule), the same tiles and wgmma order, so the same bits:
+ *   2 (default) — warp-specialized, a third warpgroup loads up to S k-steps ahead, mbarriers
+ *   between them (sm90w_*); 1 — all 256 threads load and compute, the ring runs S - 2 k-steps
+ *   ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it has
  *   retired). On an H200 2 is faster on every form (tests/bench/RESULTS.md).
  * - Output: each warp writes its accumulator rows into a ring stage the loads do not use at that
- *   moment (the tile's last two; the warp-specialized loader is kept off them until the stores
- *   have read them) and hands whole 512-byte rows to the bulk-copy engine, which stores them
- *   while the next tile computes. Tiles of one k-step and outputs not 16-byte aligned (pointer
- *   arrays) are stored from the registers instead.
+ *   moment (the tile's last two, handed back to the loader after the tile is out), then copies
+ *   them to global memory one whole 512-byte row per warp store. Tiles of one k-step and outputs
+ *   not 16-byte aligned (pointer arrays) are stored from the registers instead.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
  *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per
@@ -52,8 +53,6 @@
 /* A staged output row in shared memory: 512 bytes + 16, so that the 8 rows of a warp's store
    start in 8 different bank groups (conflict-free) and every row stays 16-byte aligned. */
 #define SM90_STAGED_ROW 528
-
-
 
 /* One operand in bytes (struct moe_gemm_op); its majorness is a kernel template parameter. */
 struct sm90_op {
@@ -365,8 +364,8 @@ template <int X, int NT> struct sm90_loader<X, 1, NT, 1> {
     int div_s;
     int r0, r_end; /* row counts fit 31 bits (sm90_kind): 32-bit compares in the loop */
     int k_first;
-    uint32_t dst;                /* row k_first, atom 0 */
-    uint32_t raw[NI];            /* the gather indices of the next k-step's rows */
+    uint32_t dst;     /* row k_first, atom 0 */
+    uint32_t raw[NI]; /* the gather indices of the next k-step's rows */
 
     /* raw for k-step kt (a row past the expert's end reads row r0: a tile with k-steps has it) */
     __device__ __forceinline__ void prefetch(int kt)
@@ -471,12 +470,6 @@ static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, co
     }
 }
 
-
-static __device__ __forceinline__ void bulk_wait_read(void)
-{
-    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-}
-
 /* Each warp writes its 16 rows (of the warpgroup's 64) into buf, a ring stage no copy targets
    (64 x 528 bytes); the warp's own rows only, so a __syncwarp orders them for the copy out. */
 template <typename T>
@@ -500,8 +493,9 @@ static __device__ __forceinline__ void stage_rows(const float *d, uint32_t buf, 
 
 /* The warp's 16 staged rows to global memory, one 512-byte row per warp instruction (16 bytes a
    lane). Synchronous: buf can be refilled as soon as the warp is past it. (Handing the rows to
-   the bulk-copy engine instead, schedule 3, costs a serialized per-lane issue loop, ncu: 8 % of
-   the weight-grad kernel's samples, and holds the stages until the copies have read them.) */
+   the bulk-copy engine instead, 512 bytes per copy, measured 3-15 % slower on every form: its
+   per-lane issue loop was 8 % of the weight-grad kernel's stall samples in ncu, and the stages
+   stayed held until the copies had read them.) */
 static __device__ __forceinline__ void copy_rows_out(const struct sm90_dst &o, uint32_t buf,
                                                      int tid)
 {
@@ -522,23 +516,6 @@ static __device__ __forceinline__ void copy_rows_out(const struct sm90_dst &o, u
                      : "memory");
     }
     __syncwarp(); /* every lane has read buf before one of them hands it back */
-}
-
-/* The rows to the bulk-copy engine: 16 lanes each hand it one 512-byte row; the warp goes on at
-   once, and a thread must bulk_wait_read() before buf is refilled. */
-static __device__ __forceinline__ void copy_rows_bulk(const struct sm90_dst &o, uint32_t buf,
-                                                      int tid)
-{
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* the copy engine reads them */
-    __syncwarp();
-    const int64_t row = wg * 64 + warp * 16 + lane;
-    if (lane < 16 && row < o.lim)
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 512;\n" ::"l"(
-                         o.base + row * o.rs),
-                     "r"(buf + (uint32_t)(warp * 16 + lane) * SM90_STAGED_ROW)
-                     : "memory");
-    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 
 /* A tile whose output can go through shared memory: at least two k-steps (its last two stages
@@ -759,26 +736,13 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-/* A staged tile's two stages (slots h - 2 and h - 1), kept from the loader until this warp's bulk
-   stores have read them (BULK, schedule 3): then one arrival each on their "empty" barriers. */
-static __device__ __forceinline__ void sm90w_release(uint32_t empty, int h, int lane)
-{
-    bulk_wait_read();
-    __syncwarp();
-    if (lane == 0) {
-        mbar_arrive(empty + 8 * ((h - 2) % SM90_STAGES));
-        mbar_arrive(empty + 8 * ((h - 1) % SM90_STAGES));
-    }
-}
-
 /* One tile's k-steps for a computing warpgroup (slot counts k-steps over the CTA's tiles). A
    stage goes back to the loader (one arrival per warp) once this warp's wgmma on it retired,
-   except the tile's last two: they may stage its output. `held` (BULK): the slot after an earlier
-   staged tile, whose stages are released after this tile's first wgmma. */
-template <typename T, int AMN, int BMN, int BULK>
+   except the tile's last two: they may stage its output. */
+template <typename T, int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_ksteps(float *d, const struct sm90_tile &t,
-                                                    uint32_t ring, uint32_t full, uint32_t empty,
-                                                    int wg, int lane, int &slot, int &held)
+                                                    uint32_t ring, uint32_t full, int wg, int lane,
+                                                    uint32_t empty, int &slot)
 {
     for (int kt = 0; kt < t.KT; kt++, slot++) {
         const int s = slot % SM90_STAGES;
@@ -788,10 +752,6 @@ static __device__ __forceinline__ void sm90w_ksteps(float *d, const struct sm90_
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        if (BULK && kt == 0 && held) {
-            sm90w_release(empty, held, lane);
-            held = 0;
-        }
         if (kt > 0 && kt < t.KT - 1 && lane == 0)
             mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
     }
@@ -799,36 +759,27 @@ static __device__ __forceinline__ void sm90w_ksteps(float *d, const struct sm90_
     fence_d(d);
 }
 
-template <typename T, int AMN, int BMN, int BULK>
+template <typename T, int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, const int *tiles,
                                                      int nt, int total, uint32_t ring,
                                                      uint32_t full, uint32_t empty)
 {
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
     float d[128];
-    int slot = 0, held = 0;
+    int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
-            if (BULK && held) {
-                sm90w_release(empty, held, lane);
-                held = 0;
-            }
             store_direct<T, 1>(dst_of(g, t), NULL, ctid);
             continue;
         }
-        sm90w_ksteps<T, AMN, BMN, BULK>(d, t, ring, full, empty, wg, lane, slot, held);
+        sm90w_ksteps<T, AMN, BMN>(d, t, ring, full, wg, lane, empty, slot);
         const struct sm90_dst o = dst_of(g, t);
         if (stageable(o, t)) {
             /* both computing warpgroups are past their wgmma on both stages */
             asm volatile("bar.sync 1, %0;\n" ::"n"(SM90W_THREADS - SM90W_LOADERS) : "memory");
             const uint32_t buf = ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES;
             stage_rows<T>(d, buf, ctid);
-            if (BULK) {
-                copy_rows_bulk(o, buf, ctid);
-                held = slot;
-                continue;
-            }
             copy_rows_out(o, buf, ctid);
         } else {
             store_direct<T>(o, d, ctid);
@@ -839,12 +790,9 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
                 mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
         }
     }
-    if (BULK && held)
-        sm90w_release(empty, held, lane);
-    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-template <typename T, int AMN, int BMN, int BULK>
+template <typename T, int AMN, int BMN>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     sm90w_gemm_kernel(const struct sm90_args g)
 {
@@ -873,7 +821,7 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     if (threadIdx.x < SM90W_LOADERS)
         sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
     else
-        sm90w_compute<T, AMN, BMN, BULK>(g, tiles, nt, total, ring, full, empty);
+        sm90w_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty);
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
@@ -884,12 +832,11 @@ static __global__ void sm90_gemm_kernel(const struct sm90_args g)
     (void)g;
 }
 
-template <typename T, int AMN, int BMN, int BULK>
+template <typename T, int AMN, int BMN>
 static __global__ void sm90w_gemm_kernel(const struct sm90_args g)
 {
     (void)g;
 }
-
 
 #define SM90W_THREADS 384
 
@@ -1017,7 +964,7 @@ typedef void (*sm90_kernel_fn)(const struct sm90_args);
 
 /* Raises k's dynamic shared-memory limit once per (kernel, device) and thread, not on every
    launch: six launches per layer and step would each pay the driver call. */
-static int sm90_smem_ready(sm90_kernel_fn k, int smem)
+static int sm90_smem_ready(sm90_kernel_fn k)
 {
     static __thread sm90_kernel_fn done[32];
     static __thread int done_dev[32], n_done;
@@ -1026,7 +973,8 @@ static int sm90_smem_ready(sm90_kernel_fn k, int smem)
     for (int i = 0; i < n_done; i++)
         if (done[i] == k && done_dev[i] == dev)
             return MOE_OK;
-    MOE_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    MOE_CHECK(
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SM90_SMEM_BYTES));
     if (n_done < 32) {
         done[n_done] = k;
         done_dev[n_done++] = dev;
@@ -1034,42 +982,21 @@ static int sm90_smem_ready(sm90_kernel_fn k, int smem)
     return MOE_OK;
 }
 
-/* A kernel variant (moe_gemm.schedule): 1 all threads load and compute (4 stages); 2 warp-
-   specialized, 4 stages, output staged in the ring; 3 warp-specialized, 3 stages and an output
-   buffer of its own; 0 (the default) picks per form (sm90_default_schedule). */
-struct sm90_variant {
-    sm90_kernel_fn k;
-    int threads, smem;
-};
-
-template <typename T, int AMN, int BMN> static struct sm90_variant sm90_variant_of(int schedule)
-{
-    struct sm90_variant v;
-    v.smem = SM90_SMEM_BYTES;
-    v.threads = schedule == 1 ? SM90_THREADS : SM90W_THREADS;
-    if (schedule == 1)
-        v.k = sm90_gemm_kernel<T, AMN, BMN>;
-    else if (schedule == 3)
-        v.k = sm90w_gemm_kernel<T, AMN, BMN, 1>;
-    else
-        v.k = sm90w_gemm_kernel<T, AMN, BMN, 0>;
-    return v;
-}
-
-static int sm90_default_schedule(const struct moe_gemm *g)
-{
-    (void)g;
-    return 2;
-}
-
+/* schedule 1: all threads load and compute; anything else (0, the default, and 2): the
+   warp-specialized kernel, faster on every form measured (tests/bench/RESULTS.md) */
 template <int AMN, int BMN>
 static int sm90_launch(const struct sm90_args &a, moe_dtype dt, int schedule, unsigned grid,
                        cudaStream_t st)
 {
-    const struct sm90_variant v = dt == MOE_BF16 ? sm90_variant_of<__nv_bfloat16, AMN, BMN>(schedule)
-                                                 : sm90_variant_of<__half, AMN, BMN>(schedule);
-    MOE_TRY(sm90_smem_ready(v.k, v.smem));
-    v.k<<<grid, v.threads, v.smem, st>>>(a);
+    const int ws = schedule != 1, threads = ws ? SM90W_THREADS : SM90_THREADS;
+    sm90_kernel_fn k;
+    if (dt == MOE_BF16)
+        k = ws ? sm90w_gemm_kernel<__nv_bfloat16, AMN, BMN>
+               : sm90_gemm_kernel<__nv_bfloat16, AMN, BMN>;
+    else
+        k = ws ? sm90w_gemm_kernel<__half, AMN, BMN> : sm90_gemm_kernel<__half, AMN, BMN>;
+    MOE_TRY(sm90_smem_ready(k));
+    k<<<grid, threads, SM90_SMEM_BYTES, st>>>(a);
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }
@@ -1112,10 +1039,9 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
     a.c_split = (int)(g->c_split < INT32_MAX ? g->c_split : INT32_MAX);
     const unsigned grid = (unsigned)(bound < sms ? bound : sms);
     cudaStream_t st = (cudaStream_t)g->stream;
-    const int sched = g->schedule ? g->schedule : sm90_default_schedule(g);
     if (kind == 1)
-        return sm90_launch<0, 0>(a, g->dtype, sched, grid, st);
+        return sm90_launch<0, 0>(a, g->dtype, g->schedule, grid, st);
     if (kind == 2)
-        return sm90_launch<0, 1>(a, g->dtype, sched, grid, st);
-    return sm90_launch<1, 1>(a, g->dtype, sched, grid, st);
+        return sm90_launch<0, 1>(a, g->dtype, g->schedule, grid, st);
+    return sm90_launch<1, 1>(a, g->dtype, g->schedule, grid, st);
 }

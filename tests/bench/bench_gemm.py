@@ -30,8 +30,7 @@ SHAPES = {  # name: E, K, H, I
 }
 MOE_BF16 = 1
 SCHEDULE_NAMES = {0: "moepatch sm90 default (warp-specialized)", 1: "moepatch sm90 schedule 1 (all threads)",
-                  2: "moepatch sm90 schedule 2 (warp-specialized)",
-                  3: "moepatch sm90 schedule 3 (warp-specialized, bulk-copy output)"}
+                  2: "moepatch sm90 schedule 2 (warp-specialized)"}
 ONE_PART = 1 << 40  # a split past every dimension: one operand part
 
 
@@ -195,7 +194,7 @@ def problems(torch, T, E, K, H, I, gen):
     return [(n, flops * mult.get(n, 1), g, o, an, ag, ck) for n, g, o, an, ag, ck in p], keep, counts
 
 
-def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None, schedules=(0, 3)):
+def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None, schedules=(0,)):
     plist, keep, counts = problems(torch, T, E, K, H, I, gen)
     results = []
     words = [w.strip() for w in only.split(",")] if only else None
@@ -262,7 +261,7 @@ def main():
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
-    p.add_argument("--schedules", default="0,3",
+    p.add_argument("--schedules", default="0",
                    help="engine schedules timed after schedule 1 (0 = the library's default per form)")
     p.add_argument("--gemms", help="only the GEMMs whose name contains one of these comma-separated words "
                                    "(e.g. 'fwd gate_up,wgrad gate_up'; for ncu runs)")

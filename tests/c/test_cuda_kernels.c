@@ -945,7 +945,7 @@ static void run_gemm_case(const struct gcase *c)
     }
     /* schedule 1, then schedule 1 again (determinism) and every other schedule: the same tiles in
        the same wgmma order, so the same bits */
-    static const int schedules[] = {1, 1, 2, 3, 0};
+    static const int schedules[] = {1, 1, 2, 0};
     for (int rep = 0; rep < (int)(sizeof schedules / sizeof schedules[0]); rep++) {
         void *dst = rep == 0 ? got : other;
         gg.schedule = schedules[rep];
