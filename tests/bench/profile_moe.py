@@ -1,7 +1,9 @@
 """Where the time of one fused MoE layer goes: torch.profiler over a patched fwd+bwd at the
-Ring-mini-2.0 shape (the Ring remote-code block), printing the kernels by total CUDA time.
+Ring-mini-2.0 shape, printing the kernels by total CUDA time. --block ring (default): the Ring
+remote-code block (ModuleList experts, shared expert, fp32 router); --block tf5: transformers 5's
+Qwen3 class at the Ring shape (3-D experts; the layer issue 4 times).
 
-    LD_PRELOAD=$PWD/build/libmoepatch.so python3 tests/bench/profile_moe.py [--tokens 16384]
+    LD_PRELOAD=$PWD/build/libmoepatch.so python3 tests/bench/profile_moe.py [--tokens 16384] [--block tf5]
 """
 
 import argparse
@@ -16,12 +18,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--block", choices=("ring", "tf5"), default="ring")
     args = ap.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("profile_moe: no CUDA device")
-    block = bench_moe.make_bailing(torch, bench_moe.SHAPES["ring-mini-2.0"], seed=0)
+    shape = bench_moe.SHAPES["ring-mini-2.0"]
+    if args.block == "tf5":
+        block, _ = bench_moe.make_qwen3(torch, bench_moe.qwen3_source(), shape, seed=0)
+    else:
+        block = bench_moe.make_bailing(torch, shape, seed=0)
     if getattr(block, "_moepatch", None) is None:
         sys.exit("profile_moe: the block is not patched (run under LD_PRELOAD)")
     x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -33,7 +40,7 @@ def main():
         for p in block.parameters():
             p.grad = None
         x.grad = None
-        y = block(x)[0]
+        y = bench_moe.first(block(x))
         y.backward(dy)
 
     for _ in range(3):

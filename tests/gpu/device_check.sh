@@ -12,6 +12,7 @@
 #   tests/gpu/device_check.sh axolotl2  examples/ab.sh: Qwen3-30B-A3B-arch A/B, the two LoRA configs
 #   tests/gpu/device_check.sh axprof    Ring-arch under axolotl, patched side, host cProfile of one step
 #                                       (ab_probe.py MOEPATCH_AB_PROFILE); Qwen3-30B-A3B-arch A/B, 30 steps
+#   tests/gpu/device_check.sh axqwen    the two Qwen3 A/Bs (Qwen3-30B-A3B-arch, tiny Qwen3), 30 steps each
 #   tests/gpu/device_check.sh axbig     Ring-arch A/B with 8 x 2048 tokens per step (the Trainer's fixed
 #                                       per-step work amortised over 4x the tokens), 20 steps
 #   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model: default GEMMs, cuBLAS, MOEPATCH=0
@@ -90,6 +91,16 @@ axprof)
         examples/ab.sh $E/ring_mini_arch.yml 8 2>&1 | tee -a "$C" | tail -4
     MODEL=$M/qwen3_30b_arch RUN_TIMEOUT=170 examples/ab.sh $E/qwen3_30b_arch.yml 30 2>&1 | tee -a "$C" |
         grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"
+    tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
+    ;;
+axqwen)
+    axolotl_env || exit 1
+    python3 $E/make_models.py --out $M --only qwen30 2>&1 | tee -a "$C" || exit 1
+    python3 $E/make_models.py --out $M --only qwen 2>&1 | tee -a "$C" || exit 1
+    for m in qwen3_30b_arch qwen3_moe_tiny; do
+        MODEL=$M/$m RUN_TIMEOUT=170 examples/ab.sh $E/$m.yml 30 2>&1 | tee -a "$C" |
+            grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"
+    done
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
 axbig)
