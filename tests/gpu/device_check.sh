@@ -13,6 +13,8 @@
 #   tests/gpu/device_check.sh axprof    Ring-arch under axolotl, patched side, host cProfile of one step
 #                                       (ab_probe.py MOEPATCH_AB_PROFILE); Qwen3-30B-A3B-arch A/B, 30 steps
 #   tests/gpu/device_check.sh axqwen    the two Qwen3 A/Bs (Qwen3-30B-A3B-arch, tiny Qwen3), 30 steps each
+#   tests/gpu/device_check.sh axnoise   Ring-arch, MOEPATCH=0 twice (NOISE_STEPS, default 30): how far
+#                                       two unpatched runs' losses drift apart (the A/B loss yardstick)
 #   tests/gpu/device_check.sh axbig     Ring-arch A/B with 8 x 2048 tokens per step (the Trainer's fixed
 #                                       per-step work amortised over 4x the tokens), 20 steps
 #   tests/gpu/device_check.sh profile   examples/profile_step.py on the Ring-arch model: default GEMMs, cuBLAS, MOEPATCH=0
@@ -101,6 +103,19 @@ axqwen)
         MODEL=$M/$m RUN_TIMEOUT=170 examples/ab.sh $E/$m.yml 30 2>&1 | tee -a "$C" |
             grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"
     done
+    tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
+    ;;
+axnoise)
+    axolotl_env || exit 1
+    python3 $E/make_models.py --out $M --only ring 2>&1 | tee -a "$C" | tail -1 || exit 1
+    for run in 1 2; do
+        CAST_BACK=1 MODEL=$M/ring_mini_arch SIDES=A RUN_TIMEOUT=170 LOGDIR=/tmp/moepatch_ab/ring_noise_$run \
+            examples/ab.sh $E/ring_mini_arch.yml "${NOISE_STEPS:-30}" 2>&1 | tee -a "$C" | grep -E "tokens/s|median step"
+    done
+    python3 $E/ab_report.py --name "ring_mini_arch: MOEPATCH=0 twice" \
+        --a /tmp/moepatch_ab/ring_noise_1/ring_mini_arch.A.jsonl --log-a /tmp/moepatch_ab/ring_noise_1/ring_mini_arch.A.log \
+        --b /tmp/moepatch_ab/ring_noise_2/ring_mini_arch.A.jsonl --log-b /tmp/moepatch_ab/ring_noise_2/ring_mini_arch.A.log \
+        --json /tmp/moepatch_ab/ring_noise.json 2>&1 | tee -a "$C" | tail -40
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
 axbig)
