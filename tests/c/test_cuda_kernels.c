@@ -1034,8 +1034,8 @@ Test(cuda_kernels, grouped_gemm_varlen_k_matches_cpu, .timeout = 180)
                                   8, 1, gemm_counts, 10, 0});
 }
 
-/* The two output paths: a tile of at least two k-steps goes out through shared memory and the
-   bulk-copy engine, others (one k-step; no rows; outputs not 16-byte aligned) straight from the
+/* The two output paths: a tile of at least two k-steps goes out through shared memory (row
+   copies), others (one k-step; no rows; outputs not 16-byte aligned) straight from the
    registers. D = 64 / 128: one / two k-steps; the skewed pointer arrays: 8-byte aligned outputs. */
 Test(cuda_kernels, grouped_gemm_output_paths_match_cpu, .timeout = 180)
 {
