@@ -10,8 +10,10 @@ reads token rows (x or dy: slot -> token = slot / K) our kernel gathers them whi
 needs them gathered first, so it is timed both alone (on pre-gathered rows) and with the `index_select`.
 Every output is checked first (normwise rel err vs `_grouped_mm` and vs float64 on three experts; it is
 NaN-poisoned before the call, so an unwritten element fails), and a CUDA graph capture of our call
-proves that it needs no host synchronisation. TFLOP/s = 2 * rows * N * D / time. Exits non-zero when a
-check fails.
+proves that it needs no host synchronisation. Then the same six GEMMs on a uniform split of the rows
+(T*K/E per expert, no gather): ours against cuBLAS strided-batched (`torch.bmm`), the ceiling of a
+grouped GEMM (skip with --no-uniform). TFLOP/s = 2 * rows * N * D / time. Exits non-zero when a check
+fails.
 """
 
 import argparse
@@ -194,6 +196,73 @@ def problems(torch, T, E, K, H, I, gen):
     return [(n, flops * mult.get(n, 1), g, o, an, ag, ck) for n, g, o, an, ag, ck in p], keep, counts
 
 
+def uniform_problems(torch, E, H, I, m, gen, device="cuda"):
+    """The same six GEMMs on a uniform split, m rows per expert and no gather, each: name, FLOPs, our
+    Gemm, its output, and cuBLAS strided-batched (`torch.bmm`) on the identical problem, whose result has
+    the output's shape. The ceiling for a grouped GEMM: equal experts, one batched call."""
+    rows = E * m
+    offsets = torch.arange(E + 1, device=device, dtype=torch.int64) * m
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).bfloat16()
+
+    x, dy, a, dh = rnd(rows, H), rnd(rows, H), rnd(rows, I), rnd(rows, 2 * I)
+    w_gu, w_dn = rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5)
+
+    def empty(*shape):
+        return torch.empty(*shape, device=device, dtype=torch.bfloat16)
+
+    def per(t):  # [rows, w] as [E, m, w]
+        return t.view(E, m, t.shape[1])
+
+    bmm = torch.bmm
+    p = [("fwd gate_up", 2, varlen_m, (E, 2 * I, H), rows_op(x), weights_op(w_gu, 0), empty(rows, 2 * I),
+          lambda: bmm(per(x), w_gu.transpose(1, 2))),
+         ("fwd down", 1, varlen_m, (E, H, I), rows_op(a), weights_op(w_dn, 0), empty(rows, H),
+          lambda: bmm(per(a), w_dn.transpose(1, 2))),
+         ("bwd dgrad down", 1, varlen_m, (E, I, H), rows_op(dy), weights_op(w_dn, 1), empty(rows, I),
+          lambda: bmm(per(dy), w_dn)),
+         ("bwd dgrad gate_up", 2, varlen_m, (E, H, 2 * I), rows_op(dh), weights_op(w_gu, 1), empty(rows, H),
+          lambda: bmm(per(dh), w_gu)),
+         ("bwd wgrad down", 1, varlen_k, (E, H, I), rows_op(dy), rows_op(a), empty(E, H, I),
+          lambda: bmm(per(dy).transpose(1, 2), per(a))),
+         ("bwd wgrad gate_up", 2, varlen_k, (E, 2 * I, H), rows_op(dh), rows_op(x), empty(E, 2 * I, H),
+          lambda: bmm(per(dh).transpose(1, 2), per(x)))]
+    flops = 2.0 * rows * H * I
+    out = []
+    for name, mult, form, dims, opa, opb, o, anchor in p:
+        g = form(*dims, rows, offsets, opa, opb, o)
+        out.append(("uniform " + name, flops * mult, g, o, anchor))
+    return out, (x, dy, a, dh, w_gu, w_dn, offsets)
+
+
+def bench_uniform(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
+    """Ours and cuBLAS strided-batched on the uniform split of the same T*K rows (T*K % E == 0)."""
+    rows = T * K
+    if rows % E:
+        return []
+    plist, keep = uniform_problems(torch, E, H, I, rows // E, gen)
+    words = [w.strip() for w in only.split(",")] if only else None
+    results = []
+    for pname, flops, g, out, anchor in plist:
+        if words and not any(w in pname for w in words):
+            continue
+        ours = ours_call(torch, lib, g)
+        res = {"shape": name, "gemm": pname, "T": T, "E": E, "min_rows": rows // E, "max_rows": rows // E,
+               "impls": {}, "uniform": True}
+        out.fill_(float("nan"))
+        ours()
+        ref = anchor()
+        res["all_written"] = bool(torch.isfinite(out).all())
+        res["err_vs_bmm"] = rel(out.view(ref.shape), ref)
+        for impl, fn in (("uniform: moepatch sm90 default", ours), ("uniform: cuBLAS strided-batched (bmm)", anchor)):
+            ms = median_ms(torch, fn, reps)
+            res["impls"][impl] = {"ms": ms, "tflops": flops / ms / 1e9}
+        results.append(res)
+    del keep
+    return results
+
+
 def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None, schedules=(0,)):
     plist, keep, counts = problems(torch, T, E, K, H, I, gen)
     results = []
@@ -254,6 +323,14 @@ def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None, schedules
     return results
 
 
+def ok(r):
+    """The correctness gate of one result row."""
+    if r.get("uniform"):
+        return r["all_written"] and r["err_vs_bmm"] < 2e-2
+    return (r["all_written"] and r["graph_replay_equal"] and r["err_vs_fp64"] < 1e-2
+            and r["err_vs_grouped_mm"] < 2e-2 and r.get("schedules_equal", True))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lib", default=os.path.join(REPO, "build", "libmoepatch_cuda.so"))
@@ -263,6 +340,8 @@ def main():
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
     p.add_argument("--schedules", default="0",
                    help="engine schedules timed after schedule 1 (0 = the library's default per form)")
+    p.add_argument("--no-uniform", action="store_true",
+                   help="skip the uniform-split rows (ours and cuBLAS strided-batched, no gather)")
     p.add_argument("--gemms", help="only the GEMMs whose name contains one of these comma-separated words "
                                    "(e.g. 'fwd gate_up,wgrad gate_up'; for ncu runs)")
     args = p.parse_args()
@@ -277,6 +356,8 @@ def main():
             E, K, H, I = SHAPES[name]
             results += bench_shape(torch, lib, name, T, E, K, H, I, args.reps, gen, args.gemms,
                                    [int(x) for x in args.schedules.split(",")])
+            if not args.no_uniform:
+                results += bench_uniform(torch, lib, name, T, E, K, H, I, args.reps, gen, args.gemms)
     print("| shape | GEMM | T | rows/expert | implementation | ms | TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -285,14 +366,17 @@ def main():
                 r["shape"], r["gemm"], r["T"], r["min_rows"], r["max_rows"], impl, v["ms"], v["tflops"]))
     print()
     for r in results:
+        if r.get("uniform"):
+            print("%s %s: err vs bmm %.2e, all written %s" % (r["shape"], r["gemm"], r["err_vs_bmm"],
+                                                            r["all_written"]))
+            continue
         if "anchor_error" in r:
             print("%s %s: _grouped_mm anchor unavailable: %s" % (r["shape"], r["gemm"], r["anchor_error"]))
         print("%s %s: err vs _grouped_mm %.2e, vs fp64 %.2e (_grouped_mm vs fp64 %.2e), all written %s, "
               "graph replay equal %s, other schedules equal %s" % (
                   r["shape"], r["gemm"], r["err_vs_grouped_mm"], r["err_vs_fp64"], r["err_grouped_mm_vs_fp64"],
                   r["all_written"], r["graph_replay_equal"], r.get("schedule_error", r.get("schedules_equal"))))
-    bad = [r for r in results if not (r["all_written"] and r["graph_replay_equal"] and r["err_vs_fp64"] < 1e-2
-                                      and r["err_vs_grouped_mm"] < 2e-2 and r.get("schedules_equal", True))]
+    bad = [r for r in results if not ok(r)]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
