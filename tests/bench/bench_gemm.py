@@ -135,18 +135,32 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def operands(torch, gen, device, E, H, I, x_rows, rows):
+    """Random bf16 operands of one layer's six GEMMs: x, dy [x_rows, H]; a [rows, I]; dh [rows, 2I];
+    w_gu [E, 2I, H], w_dn [E, H, I] scaled by 1/sqrt(fan-in)."""
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).bfloat16()
+
+    return (rnd(x_rows, H), rnd(x_rows, H), rnd(rows, I), rnd(rows, 2 * I),
+            rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5))
+
+
+def bf16_empty(torch, device, *shape):
+    return torch.empty(*shape, device=device, dtype=torch.bfloat16)
+
+
+def selected(only, name):
+    """--gemms: name contains one of the comma-separated words (no filter: every GEMM)."""
+    return not only or any(w.strip() in name for w in only.split(","))
+
+
 def problems(torch, T, E, K, H, I, gen):
     """The six routed-expert GEMMs of one MoE layer (forward gate_up and down; backward input grads
     and weight grads of both), each: name, FLOPs, our Gemm, its output tensor, the `_grouped_mm` anchor
     on pre-gathered rows, the anchor with its gather (or None), an fp64 check per expert."""
     perm, counts, offsets = routing(torch, T, E, K, gen)
     rows, tok, offs32 = T * K, (perm // K).long(), offsets[1:].to(torch.int32)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=gen) * scale).bfloat16()
-
-    x, dy, a, dh = rnd(T, H), rnd(T, H), rnd(rows, I), rnd(rows, 2 * I)
-    w_gu, w_dn = rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5)
+    x, dy, a, dh, w_gu, w_dn = operands(torch, gen, "cuda", E, H, I, T, rows)
     xg, dyg = x.index_select(0, tok), dy.index_select(0, tok)
     lo = offsets.tolist()
 
@@ -160,7 +174,7 @@ def problems(torch, T, E, K, H, I, gen):
         return lambda e, o: (o[e], A[span(e)].double().T @ B[span(e)].double())
 
     def empty(*shape):
-        return torch.empty(*shape, device="cuda", dtype=torch.bfloat16)
+        return bf16_empty(torch, "cuda", *shape)
 
     gm = torch._grouped_mm
     p = []
@@ -202,15 +216,10 @@ def uniform_problems(torch, E, H, I, m, gen, device="cuda"):
     the output's shape. The ceiling for a grouped GEMM: equal experts, one batched call."""
     rows = E * m
     offsets = torch.arange(E + 1, device=device, dtype=torch.int64) * m
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, device=device, generator=gen) * scale).bfloat16()
-
-    x, dy, a, dh = rnd(rows, H), rnd(rows, H), rnd(rows, I), rnd(rows, 2 * I)
-    w_gu, w_dn = rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5)
+    x, dy, a, dh, w_gu, w_dn = operands(torch, gen, device, E, H, I, rows, rows)
 
     def empty(*shape):
-        return torch.empty(*shape, device=device, dtype=torch.bfloat16)
+        return bf16_empty(torch, device, *shape)
 
     def per(t):  # [rows, w] as [E, m, w]
         return t.view(E, m, t.shape[1])
@@ -242,10 +251,9 @@ def bench_uniform(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
     if rows % E:
         return []
     plist, keep = uniform_problems(torch, E, H, I, rows // E, gen)
-    words = [w.strip() for w in only.split(",")] if only else None
     results = []
     for pname, flops, g, out, anchor in plist:
-        if words and not any(w in pname for w in words):
+        if not selected(only, pname):
             continue
         ours = ours_call(torch, lib, g)
         res = {"shape": name, "gemm": pname, "T": T, "E": E, "min_rows": rows // E, "max_rows": rows // E,
@@ -266,9 +274,8 @@ def bench_uniform(torch, lib, name, T, E, K, H, I, reps, gen, only=None):
 def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None, schedules=(0,)):
     plist, keep, counts = problems(torch, T, E, K, H, I, gen)
     results = []
-    words = [w.strip() for w in only.split(",")] if only else None
     for pname, flops, g, out, anchor, anchor_gather, check in plist:
-        if words and not any(w in pname for w in words):
+        if not selected(only, pname):
             continue
         g.schedule = 1
         ours = ours_call(torch, lib, g)

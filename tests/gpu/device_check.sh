@@ -35,6 +35,8 @@ axolotl_env() {
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
     M=/tmp/moe_models E=examples/axolotl C=$OUT/console.log
 }
+# the summary lines of an ab.sh run, for the call's output (the whole run is in $C)
+ab_summary() { grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"; }
 
 case "${1:-}" in
 devlibs)
@@ -92,7 +94,7 @@ axprof)
     MOEPATCH_AB_PROFILE=5 CAST_BACK=1 MODEL=$M/ring_mini_arch SIDES=B RUN_TIMEOUT=200 \
         examples/ab.sh $E/ring_mini_arch.yml 8 2>&1 | tee -a "$C" | tail -4
     MODEL=$M/qwen3_30b_arch RUN_TIMEOUT=170 examples/ab.sh $E/qwen3_30b_arch.yml 30 2>&1 | tee -a "$C" |
-        grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"
+        ab_summary
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
 axqwen)
@@ -101,7 +103,7 @@ axqwen)
     python3 $E/make_models.py --out $M --only qwen 2>&1 | tee -a "$C" || exit 1
     for m in qwen3_30b_arch qwen3_moe_tiny; do
         MODEL=$M/$m RUN_TIMEOUT=170 examples/ab.sh $E/$m.yml 30 2>&1 | tee -a "$C" |
-            grep -E "tokens/s|median step|peak alloc|speed-up|patched|loss rel"
+            ab_summary
     done
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
@@ -123,7 +125,7 @@ axbig)
     python3 $E/make_models.py --out $M --only ring 2>&1 | tee -a "$C" || exit 1
     CAST_BACK=1 MODEL=$M/ring_mini_arch RUN_TIMEOUT=280 LOGDIR=/tmp/moepatch_ab/ring_mini_arch_mb8 \
         examples/ab.sh $E/ring_mini_arch.yml 20 -- --micro-batch-size=8 2>&1 | tee -a "$C" |
-        grep -E "tokens/s|median step|peak|speed-up|patched|loss rel"
+        ab_summary
     tar czf "$OUT/ab_logs.tgz" -C /tmp moepatch_ab
     ;;
 ncu)
