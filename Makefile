@@ -86,11 +86,12 @@ $(BUILD)/libmoepatch_py.so: $(STAGE2_OBJ) $(KERNEL_OBJ) preload/stage2.map
 # CUDA backend: dlopened on the first CUDA tensor. Links cudart/cuBLAS by soname, so the copies torch
 # already loaded are the ones used.
 NVCCFLAGS ?= -O3 -std=c++17 $(NVCC_GENCODE) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -lineinfo
-# ptxas reports (C7515) when it serializes a kernel's wgmma pipeline, a silent 1.5-2x slowdown: fail.
+# ptxas reports (C7515, C7520) when it serializes a kernel's wgmma pipeline, a silent 1.5-2x
+# slowdown: fail.
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@ 2>$@.log || { cat $@.log; rm -f $@; exit 1; }
-	@cat $@.log; if grep -q C7515 $@.log; then echo "$<: ptxas serialized wgmma (C7515)"; rm -f $@; exit 1; fi
+	@cat $@.log; if grep -qE "C7515|C7520" $@.log; then echo "$<: ptxas serialized wgmma (C7515/C7520)"; rm -f $@; exit 1; fi
 
 $(BUILD)/libmoepatch_cuda.so: $(CUDA_OBJ) $(BUILD)/obj/kernels/common.o kernels/cuda/cuda.map
 	$(NVCC) -shared $(NVCC_GENCODE) -Xlinker --version-script=kernels/cuda/cuda.map -o $@ $(CUDA_OBJ) $(BUILD)/obj/kernels/common.o -lcudart -lcublas -lcublasLt

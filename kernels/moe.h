@@ -219,9 +219,14 @@ struct moe_gemm {
     struct moe_mats cm[2]; /* varlen-K: C_e (m, n) in cm[m >= c_split] (m counted from c_split) */
     int64_t c_split;
     void *stream; /* CUDA: cudaStream_t */
-    /* CUDA kernel schedule: 0 the default (2), 1 all threads load and compute, 2 warp-specialized
-       (one warpgroup loads, two compute). Same results; the CPU ignores it. */
+    /* CUDA kernel schedule: 0 the default (warp-specialized, output tiles stored by TMA where
+       the output is one strided tensor), 1 all threads load and compute, 2 warp-specialized (one
+       warpgroup loads, two compute) with every store from the computing warps. Same results;
+       the CPU ignores it. */
     int schedule;
+    /* CUDA: at most this many CTAs in the persistent grid (0: one per SM). Same results; tests
+       use a few, so that each CTA walks many tiles. */
+    int ctas;
 };
 MOE_API int moe_grouped_gemm_cpu(const struct moe_gemm *g);
 

@@ -18,20 +18,28 @@
  *   (MN-major activations: 8 chunks × the atoms of a row). Two computing warpgroups (64 × 256
  *   each, BK = 64). The ring does not drain between tiles: it runs across this CTA's whole tile
  *   list, so short reductions (the down projection, the weight grads) do not pay a refill per
- *   tile. Two schedules (moe_gemm.schedule), the same tiles and wgmma order, so the same bits:
- *   2 (default) — warp-specialized, a third warpgroup loads up to S k-steps ahead, mbarriers
- *   between them (sm90w_*); 1 — all 256 threads load and compute, the ring runs S - 2 k-steps
- *   ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it has
- *   retired). On an H200 2 is faster on every form (tests/bench/RESULTS.md).
- * - Output: each warp writes its accumulator rows into a ring stage the loads do not use at that
- *   moment (the tile's last two, handed back to the loader after the tile is out), then copies
- *   them to global memory one whole 512-byte row per warp store. Tiles of one k-step and outputs
- *   not 16-byte aligned (pointer arrays) are stored from the registers instead.
+ *   tile. Three schedules (moe_gemm.schedule), the same tiles and wgmma order, so the same bits:
+ *   0 (default) and 2 — warp-specialized, a third warpgroup loads up to S k-steps ahead,
+ *   mbarriers between them (sm90w_*); 1 — all 256 threads load and compute, the ring runs S - 2
+ *   k-steps ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it
+ *   has retired). 0 stores through TMA, 2 and 1 do not. On an H200 the warp-specialized kernel is
+ *   faster on every form (tests/bench/RESULTS.md).
+ * - Output: each computing warp writes its 16 accumulator rows out through a 2 KB buffer of its
+ *   own, so the ring's stages all go back to the loader as soon as the tile's wgmma retired and
+ *   the next tile's loads run on while a tile is written out. Schedule 0, output one strided
+ *   tensor (a TMA map): 16 x 32 sub-tiles, double-buffered, one bulk tensor store each, which
+ *   drain while the next tile computes; else (and for a warp with rows past the expert's end)
+ *   64 columns at a time, copied with 128-byte row pieces, four per warp store. Outputs not
+ *   16-byte aligned (pointer arrays) are stored from the registers.
+ * - Wasted work at expert edges: a warpgroup whose 64 rows of a varlen-M tile are all past the
+ *   expert's end skips its wgmma; a weight-grad tile's last k-step runs only its 16-deep slices
+ *   that hold rows.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
- *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory, one CTA per
- * SM.
+ *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory (+ 16 KB of
+ *   output buffers), one CTA per SM.
  */
+#include <cuda.h> /* CUtensorMap and its enums only: the encoder comes through the runtime */
 #include <stdint.h>
 #include <string.h>
 
@@ -48,11 +56,10 @@
 #define SM90_A_BYTES (SM90_BM * SM90_BK * 2)
 #define SM90_B_BYTES (SM90_BN * SM90_BK * 2)
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
-#define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + 1024)
-
-/* A staged output row in shared memory: 512 bytes + 16, so that the 8 rows of a warp's store
-   start in 8 different bank groups (conflict-free) and every row stays 16-byte aligned. */
-#define SM90_STAGED_ROW 528
+/* Each computing warp's own output buffer: 16 rows x 64 columns (one sub-tile), 2 KB. */
+#define SM90_EPI_WARP_BYTES 2048
+#define SM90_EPI_BYTES (8 * SM90_EPI_WARP_BYTES)
+#define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + SM90_EPI_BYTES + 1024)
 
 /* One operand in bytes (struct moe_gemm_op); its majorness is a kernel template parameter. */
 struct sm90_op {
@@ -78,6 +85,10 @@ struct sm90_args {
     char *cbase[2];
     int64_t ces[2], crs[2];
     int c_split;
+    /* TMA store maps of the output (varlen-M: [rows, N]; varlen-K: part p as [E, rows, N]),
+       tma[p] 0 where there is none (pointer arrays, no encoder, schedules that do not use it) */
+    CUtensorMap cmap[2];
+    int tma[2];
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -415,6 +426,8 @@ struct sm90_dst {
     char *base;
     int64_t rs;
     int64_t lim;
+    const CUtensorMap *map; /* NULL: no TMA store; else the tile's rows at (x, y[, z]) in it */
+    int x, y, z, rank3;
 };
 
 static __device__ __forceinline__ struct sm90_dst dst_of(const struct sm90_args &g,
@@ -428,11 +441,20 @@ static __device__ __forceinline__ struct sm90_dst dst_of(const struct sm90_args 
         o.rs = g.crs[part];
         o.base = base + (t.m0 - (part ? g.c_split : 0)) * o.rs + (int64_t)t.n0 * 2;
         o.lim = SM90_BM;
+        o.map = g.tma[part] ? &g.cmap[part] : NULL;
+        o.y = t.m0 - (part ? g.c_split : 0);
+        o.z = t.e;
+        o.rank3 = 1;
     } else {
         o.rs = g.c_rs;
         o.base = g.c + t.r0 * o.rs + (int64_t)t.n0 * 2;
         o.lim = t.r_end - t.r0;
+        o.map = g.tma[0] ? &g.cmap[0] : NULL;
+        o.y = (int)t.r0;
+        o.z = 0;
+        o.rank3 = 0;
     }
+    o.x = t.n0;
     return o;
 }
 
@@ -449,7 +471,7 @@ static __device__ __forceinline__ uint32_t pack2(__half, float x, float y)
 
 /* The accumulator fragment of thread tid (of the 256 computing threads): rows ra = wg * 64 +
    warp * 16 + lane / 4 and ra + 8, columns 2 (lane % 4) + 8 j, j < 32. Written straight to global
-   memory: 16 bytes per row per warp store, so the slow path (tiles that cannot be staged). ZERO:
+   memory: 16 bytes per row per warp store, so the slow path (outputs not 16-byte aligned). ZERO:
    a tile without k-steps (varlen-K, an expert without rows) writes zeros and never touches d:
    ordinary writes to the accumulators can make ptxas serialize every wgmma of the kernel (C7515).
  */
@@ -470,77 +492,213 @@ static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, co
     }
 }
 
-/* Each warp writes its 16 rows (of the warpgroup's 64) into buf, a ring stage no copy targets
-   (64 x 528 bytes); the warp's own rows only, so a __syncwarp orders them for the copy out. */
+/* The tile's output through the warp's own 2 KB buffer (not a ring stage: the loads run on into
+   all stages while the tile is written out, and no barrier but the warp's own is needed). Per
+   64-column sub-tile: the warp's 16 accumulator rows into the buffer (rows of 128 bytes, 16-byte
+   chunk c of row r at c ^ r % 8: conflict-free both ways), then out with 16-byte stores, four
+   whole 128-byte row pieces per warp store. Rows >= o.lim are not written. (Earlier designs
+   staged the whole tile in the tile's last two ring stages: the ring then drained at every tile
+   edge, which cost ~25 % on the 8-k-step tiles against cuBLAS on the same uniform problem.) */
 template <typename T>
-static __device__ __forceinline__ void stage_rows(const float *d, uint32_t buf, int tid)
-{
-    const int warp = (tid >> 5) & 3, lane = tid & 31;
-    const uint32_t pa =
-        buf + (uint32_t)(warp * 16 + (lane >> 2)) * SM90_STAGED_ROW + 4 * (lane & 3);
-    const uint32_t pb = pa + 8 * SM90_STAGED_ROW;
-#pragma unroll
-    for (int j = 0; j < 32; j++) {
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(pa + 16 * j),
-                     "r"(pack2(T(), d[4 * j], d[4 * j + 1]))
-                     : "memory");
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(pb + 16 * j),
-                     "r"(pack2(T(), d[4 * j + 2], d[4 * j + 3]))
-                     : "memory");
-    }
-    __syncwarp();
-}
-
-/* The warp's 16 staged rows to global memory, one 512-byte row per warp instruction (16 bytes a
-   lane). Synchronous: buf can be refilled as soon as the warp is past it. (Handing the rows to
-   the bulk-copy engine instead, 512 bytes per copy, measured 3-15 % slower on every form: its
-   per-lane issue loop was 8 % of the weight-grad kernel's stall samples in ncu, and the stages
-   stayed held until the copies had read them.) */
-static __device__ __forceinline__ void copy_rows_out(const struct sm90_dst &o, uint32_t buf,
-                                                     int tid)
+static __device__ __forceinline__ void store_tile(const struct sm90_dst &o, const float *d,
+                                                  uint32_t epi, int tid)
 {
     const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const uint32_t src = buf + (uint32_t)(warp * 16) * SM90_STAGED_ROW + 16 * lane;
-    char *dst = o.base + (int64_t)(wg * 64 + warp * 16) * o.rs + 16 * lane;
-    const int64_t rows = o.lim - (wg * 64 + warp * 16);
-#pragma unroll 4
-    for (int i = 0; i < 16; i++) {
-        if (i >= rows)
-            break;
-        uint32_t x, y, z, w;
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(x), "=r"(y), "=r"(z), "=r"(w)
-                     : "r"(src + i * SM90_STAGED_ROW));
-        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst + i * o.rs), "r"(x),
-                     "r"(y), "r"(z), "r"(w)
-                     : "memory");
+    const int row0 = wg * 64 + warp * 16;
+    const int64_t rows = o.lim - row0;
+    if (rows <= 0)
+        return; /* also a warpgroup that skipped its wgmma: its d was never computed */
+    const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
+    const int r = lane >> 2; /* writes: rows r and r + 8, 4 bytes at column 2 (lane % 4) + 8 jj */
+    const uint32_t wa = buf + (uint32_t)(r * 128 + 4 * (lane & 3));
+    const int rr = lane >> 3, c = lane & 7; /* reads: chunk c of rows rr + 4 i */
+    char *dst = o.base + (int64_t)(row0 + rr) * o.rs + c * 16;
+#pragma unroll
+    for (int sub = 0; sub < SM90_BN / 64; sub++) {
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++) {
+            const float *v = d + 4 * (sub * 8 + jj);
+            const uint32_t at = wa + (uint32_t)(((jj ^ r) & 7) << 4);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(pack2(T(), v[0], v[1]))
+                         : "memory");
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 128),
+                         "r"(pack2(T(), v[2], v[3]))
+                         : "memory");
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = rr + 4 * i;
+            uint32_t x, y, z, w;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(x), "=r"(y), "=r"(z), "=r"(w)
+                         : "r"(buf + (uint32_t)(row * 128 + ((c ^ (row & 7)) << 4))));
+            if (row < rows)
+                asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(
+                                 dst + (int64_t)(4 * i) * o.rs + sub * 128),
+                             "r"(x), "r"(y), "r"(z), "r"(w)
+                             : "memory");
+        }
+        __syncwarp(); /* every lane has read the buffer before the next sub-tile overwrites it */
     }
-    __syncwarp(); /* every lane has read buf before one of them hands it back */
 }
 
-/* A tile whose output can go through shared memory: at least two k-steps (its last two stages
-   are the buffers) and 16-byte aligned rows (pointer-array bases are only known here). */
-static __device__ __forceinline__ int stageable(const struct sm90_dst &o, const struct sm90_tile &t)
+/* A tile whose output can go through the warp buffers: 16-byte aligned rows (pointer-array bases
+   are only known here). */
+static __device__ __forceinline__ int bufferable(const struct sm90_dst &o)
 {
-    return t.KT >= 2 && (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
+    return (((uintptr_t)o.base | (uintptr_t)o.rs) & 15) == 0;
+}
+
+/* ---- TMA stores: a warp's full 16 rows go out as 8 sub-tiles of 16 x 32 through two 1 KB
+   halves of its buffer (64-byte swizzle: chunk c of row r at c ^ (r / 2) % 4, conflict-free for
+   the accumulator layout), one bulk tensor store each. The warp only waits until the store
+   before last has read its half: the global writes drain while the next tile computes. (With
+   every warp storing synchronously, the stores were ~15-30 % of the 8-k-step GEMMs' time:
+   measured by dropping them.) ---- */
+
+static __device__ __forceinline__ void bulk_wait_read1()
+{
+    asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
+}
+
+static __device__ __forceinline__ void bulk_wait_read0()
+{
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
+static __device__ __forceinline__ void tma_store(const struct sm90_dst &o, uint32_t src, int x,
+                                                 int y)
+{
+    if (o.rank3)
+        asm volatile(
+            "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::
+                "l"(o.map),
+            "r"(src), "r"(x), "r"(y), "r"(o.z)
+            : "memory");
+    else
+        asm volatile(
+            "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+                o.map),
+            "r"(src), "r"(x), "r"(y)
+            : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
+template <typename T>
+static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, const float *d,
+                                                      uint32_t buf, int row0, int lane)
+{
+    const int r = lane >> 2;
+    const uint32_t wa = buf + (uint32_t)(r * 64 + 4 * (lane & 3));
+    const int sw = (r >> 1) & 3; /* rows r and r + 8 share it */
+#pragma unroll
+    for (int sub = 0; sub < SM90_BN / 32; sub++) {
+        const uint32_t half = (uint32_t)((sub & 1) * 1024);
+        if (lane == 0)
+            bulk_wait_read1(); /* the store before last (this half's) has read it */
+        __syncwarp();
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) {
+            const float *v = d + 4 * (sub * 4 + jj);
+            const uint32_t at = wa + half + (uint32_t)((jj ^ sw) << 4);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(pack2(T(), v[0], v[1]))
+                         : "memory");
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 64), "r"(pack2(T(), v[2], v[3]))
+                         : "memory");
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the TMA */
+        __syncwarp();
+        if (lane == 0)
+            tma_store(o, buf + half, o.x + sub * 32, o.y + row0);
+    }
+}
+
+/* The tile's output by the computing thread tid (of 256), decided per warp: TMA stores for a
+   warp with 16 rows to write into a mapped output, else the row copies (or, unaligned, the
+   direct stores), after the warp's earlier TMA stores have read its buffer. */
+template <typename T>
+static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, const float *d,
+                                                  uint32_t epi, int tid)
+{
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int row0 = wg * 64 + warp * 16;
+    if (o.lim <= row0)
+        return; /* also a warpgroup that skipped its wgmma: its d was never computed */
+    const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
+    if (o.map && o.lim >= row0 + 16) {
+        store_tile_tma<T>(o, d, buf, row0, lane);
+        return;
+    }
+    if (lane == 0)
+        bulk_wait_read0();
+    __syncwarp();
+    if (bufferable(o))
+        store_tile<T>(o, d, epi, tid);
+    else
+        store_direct<T>(o, d, tid);
+}
+
+/* Before the kernel ends: every TMA store of this thread has completed. */
+static __device__ __forceinline__ void bulk_wait_all()
+{
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
 /* One k-step of warpgroup wg: d (+)= its 64 A rows × the 256 B rows of the stage at stage_addr,
-   committed as one wgmma group (acc 0 on a tile's first k-step: d is overwritten). */
-template <typename T, int AMN, int BMN>
-static __device__ __forceinline__ void sm90_mma_stage(float *d, uint32_t stage_addr, int wg,
-                                                      int acc)
+   over the first NK of the step's four 16-deep slices, committed as one wgmma group (acc 0 on a
+   tile's first k-step: d is overwritten). */
+template <typename T, int AMN, int BMN, int NK>
+static __device__ __forceinline__ void sm90_mma_slices(float *d, uint32_t stage_addr, int wg,
+                                                       int acc)
 {
     const uint32_t sa = stage_addr, sb = sa + SM90_A_BYTES;
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (int ks = 0; ks < SM90_BK / 16; ks++) {
+    for (int ks = 0; ks < NK; ks++) {
         const uint32_t a_at =
             AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
         const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
         wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), acc || ks > 0);
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+/* The same with the first nk slices only (the rest of a weight-grad tile's last k-step lies past
+   the expert's rows: zeros). Each count is its own straight-line group: a branch between the
+   wgmma of one group makes ptxas serialize every wgmma of the kernel (C7520). */
+template <typename T, int AMN, int BMN>
+static __device__ __forceinline__ void sm90_mma_stage(float *d, uint32_t stage_addr, int wg,
+                                                      int acc, int nk)
+{
+    if (nk >= SM90_BK / 16)
+        sm90_mma_slices<T, AMN, BMN, SM90_BK / 16>(d, stage_addr, wg, acc);
+    else if (nk == 3)
+        sm90_mma_slices<T, AMN, BMN, 3>(d, stage_addr, wg, acc);
+    else if (nk == 2)
+        sm90_mma_slices<T, AMN, BMN, 2>(d, stage_addr, wg, acc);
+    else
+        sm90_mma_slices<T, AMN, BMN, 1>(d, stage_addr, wg, acc);
+}
+
+/* The 16-deep slices of k-step kt that hold rows: all four, except in a weight-grad tile's last
+   k-step. */
+static __device__ __forceinline__ int kslices(const struct sm90_args &g, const struct sm90_tile &t,
+                                              int kt)
+{
+    if (!g.varlen_k)
+        return SM90_BK / 16;
+    const int64_t left = t.r_end - t.r0 - (int64_t)kt * SM90_BK;
+    return left >= SM90_BK ? SM90_BK / 16 : (int)((left + 15) / 16);
+}
+
+/* 0: warpgroup wg's 64 rows of the tile are all past its expert's end (the last tile of a
+   varlen-M expert with at most 64 rows left): the warpgroup skips its wgmma, halving the cost of
+   such tiles; its accumulators are never stored (copies stop at the end). */
+static __device__ __forceinline__ int wg_live(const struct sm90_args &g, const struct sm90_tile &t,
+                                              int wg)
+{
+    return g.varlen_k || t.r_end - t.r0 > (int64_t)wg * 64;
 }
 
 static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_args &g,
@@ -609,12 +767,14 @@ template <int AMN, int BMN> struct sm90_producer {
 };
 
 template <typename T, int AMN, int BMN>
-static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const struct sm90_args g)
+static __global__ void __launch_bounds__(SM90_THREADS, 1)
+    sm90_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     extern __shared__ char smem_raw[];
     __shared__ int tiles[SM90_MAX_E + 1];
     __shared__ int part[SM90_THREADS];
     const uint32_t ring = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const uint32_t epi = ring + SM90_STAGES * SM90_STAGE_BYTES;
     const int nt = g.N / SM90_BN, wg = threadIdx.x >> 7;
     float d[128];
 
@@ -635,10 +795,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
 
     /* slot: the consumer's k-steps so far, over all tiles; its stage is slot % STAGES, filled by
        the producer STAGES - 2 calls earlier. A stage is refilled only after every warpgroup's wgmma
-       on it has retired (wait_group 1 of the previous slot, then the barrier of this one), and
-       after every warp has copied a staged tile's rows out of it (before that barrier).
-       After a tile's last k-step the stages of slots slot - 2 and slot - 1 hold nothing in flight
-       (the producer is STAGES - 2 ahead): they stage its output, one per warpgroup. */
+       on it has retired (wait_group 1 of the previous slot, then the barrier of this one). */
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
@@ -650,25 +807,19 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1) sm90_gemm_kernel(const
             asm volatile("cp.async.wait_group %0;\n" ::"n"(SM90_STAGES - 3));
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads();
-            sm90_mma_stage<T, AMN, BMN>(d, ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES, wg,
-                                        kt > 0);
+            if (wg_live(g, t, wg))
+                sm90_mma_stage<T, AMN, BMN>(d, ring + (slot % SM90_STAGES) * SM90_STAGE_BYTES, wg,
+                                            kt > 0, kslices(g, t, kt));
             /* the refill (maybe of the next tile) goes out while the tensor cores work */
             pr.fill(g, tiles, nt, total, ring);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        const struct sm90_dst o = dst_of(g, t);
-        if (stageable(o, t)) {
-            __syncthreads(); /* the other warpgroup's wgmma on both stages has retired too */
-            const uint32_t buf = ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES;
-            stage_rows<T>(d, buf, threadIdx.x);
-            copy_rows_out(o, buf, threadIdx.x); /* before the next k-step's barrier and fills */
-        } else {
-            store_direct<T>(o, d, threadIdx.x);
-        }
+        write_tile<T>(dst_of(g, t), d, epi, threadIdx.x);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
+    bulk_wait_all();
 }
 
 /* ---- schedule 2: warp-specialized (warpgroup 0 loads, warpgroups 1 and 2 compute) ----
@@ -709,6 +860,7 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 
 #define SM90W_THREADS 384
 #define SM90W_LOADERS 128
+#define SM90W_COMPUTE_WARPS ((SM90W_THREADS - SM90W_LOADERS) / 32)
 
 template <int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
@@ -737,32 +889,37 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
 }
 
 /* One tile's k-steps for a computing warpgroup (slot counts k-steps over the CTA's tiles). A
-   stage goes back to the loader (one arrival per warp) once this warp's wgmma on it retired,
-   except the tile's last two: they may stage its output. */
+   stage goes back to the loader (one arrival per warp) as soon as this warp's wgmma on it
+   retired: the previous k-step's after this one's wait_group 1, the tile's last after the loop. */
 template <typename T, int AMN, int BMN>
-static __device__ __forceinline__ void sm90w_ksteps(float *d, const struct sm90_tile &t,
-                                                    uint32_t ring, uint32_t full, int wg, int lane,
-                                                    uint32_t empty, int &slot)
+static __device__ __forceinline__ void
+sm90w_ksteps(const struct sm90_args &g, float *d, const struct sm90_tile &t, uint32_t ring,
+             uint32_t full, int wg, int lane, uint32_t empty, int &slot)
 {
+    const int live = wg_live(g, t, wg);
     for (int kt = 0; kt < t.KT; kt++, slot++) {
         const int s = slot % SM90_STAGES;
         mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
         /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
         __syncwarp();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0);
+        if (live)
+            sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0,
+                                        kslices(g, t, kt));
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        if (kt > 0 && kt < t.KT - 1 && lane == 0)
+        if (kt > 0 && lane == 0)
             mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fence_d(d);
+    if (lane == 0)
+        mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
 }
 
 template <typename T, int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, const int *tiles,
                                                      int nt, int total, uint32_t ring,
-                                                     uint32_t full, uint32_t empty)
+                                                     uint32_t full, uint32_t empty, uint32_t epi)
 {
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
     float d[128];
@@ -773,41 +930,29 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             store_direct<T, 1>(dst_of(g, t), NULL, ctid);
             continue;
         }
-        sm90w_ksteps<T, AMN, BMN>(d, t, ring, full, wg, lane, empty, slot);
-        const struct sm90_dst o = dst_of(g, t);
-        if (stageable(o, t)) {
-            /* both computing warpgroups are past their wgmma on both stages */
-            asm volatile("bar.sync 1, %0;\n" ::"n"(SM90W_THREADS - SM90W_LOADERS) : "memory");
-            const uint32_t buf = ring + ((slot - 2 + wg) % SM90_STAGES) * SM90_STAGE_BYTES;
-            stage_rows<T>(d, buf, ctid);
-            copy_rows_out(o, buf, ctid);
-        } else {
-            store_direct<T>(o, d, ctid);
-        }
-        if (lane == 0) { /* the tile's last stage, and its second last if any */
-            mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
-            if (t.KT > 1)
-                mbar_arrive(empty + 8 * ((slot - 2) % SM90_STAGES));
-        }
+        sm90w_ksteps<T, AMN, BMN>(g, d, t, ring, full, wg, lane, empty, slot);
+        write_tile<T>(dst_of(g, t), d, epi, ctid);
     }
+    bulk_wait_all();
 }
 
 template <typename T, int AMN, int BMN>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
-    sm90w_gemm_kernel(const struct sm90_args g)
+    sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     extern __shared__ char smem_raw[];
     __shared__ int tiles[SM90_MAX_E + 1];
     __shared__ int part[SM90_THREADS];
     __shared__ __align__(8) uint64_t bars[2 * SM90_STAGES];
     const uint32_t ring = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const uint32_t epi = ring + SM90_STAGES * SM90_STAGE_BYTES;
     const uint32_t full = smem_u32(bars), empty = full + 8 * SM90_STAGES;
     const int nt = g.N / SM90_BN;
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < SM90_STAGES; s++) {
             mbar_init(full + 8 * s, SM90W_LOADERS);
-            mbar_init(empty + 8 * s, (SM90W_THREADS - SM90W_LOADERS) / 32);
+            mbar_init(empty + 8 * s, SM90W_COMPUTE_WARPS);
         }
     }
     int total;
@@ -821,19 +966,19 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     if (threadIdx.x < SM90W_LOADERS)
         sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
     else
-        sm90w_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty);
+        sm90w_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty, epi);
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
 
 template <typename T, int AMN, int BMN>
-static __global__ void sm90_gemm_kernel(const struct sm90_args g)
+static __global__ void sm90_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     (void)g;
 }
 
 template <typename T, int AMN, int BMN>
-static __global__ void sm90w_gemm_kernel(const struct sm90_args g)
+static __global__ void sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     (void)g;
 }
@@ -962,6 +1107,69 @@ static struct sm90_op op_of(const struct moe_gemm_op *o)
 
 typedef void (*sm90_kernel_fn)(const struct sm90_args);
 
+typedef CUresult (*sm90_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                   const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                   const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+/* The driver's tensor-map encoder, looked up through the runtime (the library does not link
+   libcuda); NULL where the driver lacks it: the kernels then store without TMA. */
+static sm90_encode_fn sm90_encoder(void)
+{
+    static __thread int tried;
+    static __thread sm90_encode_fn fn;
+    if (!tried) {
+        void *p = NULL;
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                             &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = (sm90_encode_fn)p;
+        cudaGetLastError();
+        tried = 1;
+    }
+    return fn;
+}
+
+/* m: a TMA store map of [E][rows][cols] elements of dt (E 0: a 2-D [rows][cols]), strides in
+   bytes, boxes of 32 x 16 (x 1) with the 64-byte swizzle of store_tile_tma. 1 done, 0 not
+   possible (alignment, encoder): the caller stores without TMA. */
+static int sm90_out_map(CUtensorMap *m, moe_dtype dt, void *base, int64_t cols, int64_t rows,
+                        int64_t rs, int64_t E, int64_t es)
+{
+    const sm90_encode_fn enc = sm90_encoder();
+    if (!enc || !base || ((uintptr_t)base & 15) || rs % 16 || rows < 1 ||
+        (E > 0 && (es % 16 || es < rows * rs)))
+        return 0;
+    const cuuint64_t dim[3] = {(cuuint64_t)cols, (cuuint64_t)rows, (cuuint64_t)(E > 0 ? E : 1)};
+    const cuuint64_t stride[2] = {(cuuint64_t)rs, (cuuint64_t)es};
+    const cuuint32_t box[3] = {32, 16, 1}, estride[3] = {1, 1, 1};
+    const CUtensorMapDataType ty =
+        dt == MOE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    return enc(m, ty, E > 0 ? 3 : 2, base, dim, stride, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* The output's TMA store maps, for the default schedule (0). */
+static void sm90_out_maps(const struct moe_gemm *g, struct sm90_args *a)
+{
+    if (g->schedule != 0)
+        return;
+    if (!g->varlen_k) {
+        a->tma[0] = sm90_out_map(&a->cmap[0], g->dtype, g->c, g->N, g->rows_max, g->c_rs * 2, 0, 0);
+        return;
+    }
+    const int two = g->c_split < g->M;
+    for (int p = 0; p < (two ? 2 : 1); p++) {
+        const struct moe_mats *m = &g->cm[p];
+        const int64_t rows = two ? (p ? g->M - g->c_split : g->c_split) : g->M;
+        if (!m->ptr)
+            a->tma[p] = sm90_out_map(&a->cmap[p], g->dtype, m->base, g->N, rows, m->rs * 2, g->E,
+                                     m->es * 2);
+    }
+}
+
 /* Raises k's dynamic shared-memory limit once per (kernel, device) and thread, not on every
    launch: six launches per layer and step would each pay the driver call. */
 static int sm90_smem_ready(sm90_kernel_fn k)
@@ -982,21 +1190,24 @@ static int sm90_smem_ready(sm90_kernel_fn k)
     return MOE_OK;
 }
 
-/* schedule 1: all threads load and compute; anything else (0, the default, and 2): the
-   warp-specialized kernel, faster on every form measured (tests/bench/RESULTS.md) */
+/* The kernel of a schedule: 1 all threads load and compute; anything else (0, the default, and
+   2) warp-specialized, faster on every form measured (tests/bench/RESULTS.md). Only 0 stores
+   through TMA (sm90_out_maps). */
+template <typename T, int AMN, int BMN> static sm90_kernel_fn sm90_kernel_of(int schedule)
+{
+    if (schedule == 1)
+        return sm90_gemm_kernel<T, AMN, BMN>;
+    return sm90w_gemm_kernel<T, AMN, BMN>;
+}
+
 template <int AMN, int BMN>
 static int sm90_launch(const struct sm90_args &a, moe_dtype dt, int schedule, unsigned grid,
                        cudaStream_t st)
 {
-    const int ws = schedule != 1, threads = ws ? SM90W_THREADS : SM90_THREADS;
-    sm90_kernel_fn k;
-    if (dt == MOE_BF16)
-        k = ws ? sm90w_gemm_kernel<__nv_bfloat16, AMN, BMN>
-               : sm90_gemm_kernel<__nv_bfloat16, AMN, BMN>;
-    else
-        k = ws ? sm90w_gemm_kernel<__half, AMN, BMN> : sm90_gemm_kernel<__half, AMN, BMN>;
+    const sm90_kernel_fn k = dt == MOE_BF16 ? sm90_kernel_of<__nv_bfloat16, AMN, BMN>(schedule)
+                                            : sm90_kernel_of<__half, AMN, BMN>(schedule);
     MOE_TRY(sm90_smem_ready(k));
-    k<<<grid, threads, SM90_SMEM_BYTES, st>>>(a);
+    k<<<grid, schedule == 1 ? SM90_THREADS : SM90W_THREADS, SM90_SMEM_BYTES, st>>>(a);
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }
@@ -1037,7 +1248,9 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
         a.crs[p] = m->rs * 2;
     }
     a.c_split = (int)(g->c_split < INT32_MAX ? g->c_split : INT32_MAX);
-    const unsigned grid = (unsigned)(bound < sms ? bound : sms);
+    sm90_out_maps(g, &a);
+    const int64_t cap = g->ctas > 0 && g->ctas < sms ? g->ctas : sms;
+    const unsigned grid = (unsigned)(bound < cap ? bound : cap);
     cudaStream_t st = (cudaStream_t)g->stream;
     if (kind == 1)
         return sm90_launch<0, 0>(a, g->dtype, g->schedule, grid, st);

@@ -52,7 +52,8 @@ class Gemm(ctypes.Structure):
                 ("M", ctypes.c_int64), ("N", ctypes.c_int64), ("D", ctypes.c_int64),
                 ("rows_max", ctypes.c_int64), ("offsets", ctypes.c_void_p), ("a", Op), ("b", Op),
                 ("c", ctypes.c_void_p), ("c_rs", ctypes.c_int64), ("cm", Mats * 2),
-                ("c_split", ctypes.c_int64), ("stream", ctypes.c_void_p), ("schedule", ctypes.c_int)]
+                ("c_split", ctypes.c_int64), ("stream", ctypes.c_void_p), ("schedule", ctypes.c_int),
+                ("ctas", ctypes.c_int)]
 
 
 def load_lib(path):

@@ -51,7 +51,40 @@ def main():
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    table = prof.key_averages().table
+    print(table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print("host side (self CPU time):")
+    print(table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    print_gaps(torch, prof, steps=5)
+
+
+def gpu_intervals(torch, prof):
+    """(start_us, end_us, name) of every GPU activity the profiler saw, in start order."""
+    cuda = torch.autograd.DeviceType.CUDA
+    iv = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+          if e.device_type == cuda and e.time_range.end > e.time_range.start]
+    return sorted(iv)
+
+
+def print_gaps(torch, prof, steps, show=8):
+    """Where the GPU idles between kernels: busy time (union of kernel intervals) against the span
+    from the first kernel to the last, per step, and the longest idle gaps with their neighbours."""
+    iv = gpu_intervals(torch, prof)
+    if not iv:
+        print("gaps: the profiler recorded no GPU activity")
+        return
+    busy, gaps, end, prev = 0.0, [], iv[0][0], None
+    for s, e, name in iv:
+        if s > end:
+            gaps.append((s - end, prev, name))
+        busy += max(0.0, e - max(s, end))
+        if e > end:
+            end, prev = e, name
+    span = end - iv[0][0]
+    print("GPU busy %.3f ms of a %.3f ms span per fwd+bwd (%d steps): idle %.3f ms, in %d gaps" % (
+        busy / 1e3 / steps, span / 1e3 / steps, steps, (span - busy) / 1e3 / steps, len(gaps)))
+    for g, before, after in sorted(gaps, key=lambda x: x[0], reverse=True)[:show]:
+        print("  idle %7.1f us  after %-40.40s  before %-40.40s" % (g, before, after))
 
 
 if __name__ == "__main__":

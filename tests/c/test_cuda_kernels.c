@@ -944,11 +944,16 @@ static void run_gemm_case(const struct gcase *c)
         memcpy(want, cv.h, out_bytes);
     }
     /* schedule 1, then schedule 1 again (determinism) and every other schedule: the same tiles in
-       the same wgmma order, so the same bits */
-    static const int schedules[] = {1, 1, 2, 0};
-    for (int rep = 0; rep < (int)(sizeof schedules / sizeof schedules[0]); rep++) {
+       the same wgmma order, so the same bits; then grids of 1-3 CTAs, so that a CTA walks many
+       tiles (the ring and the output buffers across tile edges). Under compute-sanitizer
+       (MOE_TEST_SMALL) three of them. */
+    static const int schedules[][2] = {{1, 0}, {0, 0}, {0, 1}, {1, 0},
+                                       {2, 0}, {2, 3}, {0, 3}, {1, 3}};
+    const int reps = getenv("MOE_TEST_SMALL") ? 3 : (int)(sizeof schedules / sizeof schedules[0]);
+    for (int rep = 0; rep < reps; rep++) {
         void *dst = rep == 0 ? got : other;
-        gg.schedule = schedules[rep];
+        gg.schedule = schedules[rep][0];
+        gg.ctas = schedules[rep][1];
         if (c->varlen_k) {
             etwin_poison(&c0);
             if (c->split < c->M)
@@ -957,7 +962,7 @@ static void run_gemm_case(const struct gcase *c)
             CK(cudaMemset(cv.d, 0xff, cv.bytes)); /* NaN: an unwritten element fails */
         }
         int rc = moe_grouped_gemm_cuda(&gg);
-        cr_assert_eq(rc, MOE_OK, "%s (schedule %d): %s", c->name, gg.schedule,
+        cr_assert_eq(rc, MOE_OK, "%s (schedule %d, %d CTAs): %s", c->name, gg.schedule, gg.ctas,
                      moe_last_error_cuda());
         CK(cudaDeviceSynchronize());
         if (c->varlen_k) {
@@ -968,8 +973,9 @@ static void run_gemm_case(const struct gcase *c)
             CK(cudaMemcpy(dst, cv.d, out_bytes, cudaMemcpyDeviceToHost));
         }
         if (rep > 0)
-            cr_expect(memcmp(got, other, out_bytes) == 0, "%s: schedule %d differs from schedule 1",
-                      c->name, gg.schedule);
+            cr_expect(memcmp(got, other, out_bytes) == 0,
+                      "%s: schedule %d (%d CTAs) differs from schedule 1", c->name, gg.schedule,
+                      gg.ctas);
     }
     const double e = rel_err(c->dt, got, want, out_bytes / es);
     fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, "c", e);
