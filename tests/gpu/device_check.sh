@@ -21,6 +21,13 @@
 #   tests/gpu/device_check.sh ncu       Nsight Compute sections of five engine GEMMs (NCU_SHAPE=...)
 #   tests/gpu/device_check.sh ncuhot    the warp-specialized kernel's hottest instructions and stall
 #                                       reasons (ncu source page; NCU_SHAPE, NCU_GEMMS, NCU_SCHED)
+#   tests/gpu/device_check.sh decode    bench_moe.py at T = 1, 8, 64 (forward replayed from a CUDA graph
+#                                       against the weight-read time: issue 4's decode bound)
+#   tests/gpu/device_check.sh ab        this build against another commit's, alternating in one call:
+#                                       bench_gemm.py and the T=16384 layers of bench_moe.py. PREV (default
+#                                       build/prev) holds that build's .so files, made here with
+#                                       git worktree add /tmp/prev COMMIT && make -C /tmp/prev &&
+#                                       mkdir -p build/prev && cp /tmp/prev/build/*.so build/prev/
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/device_out}
@@ -157,6 +164,29 @@ ncuhot)
         gzip -c /tmp/hot.csv >"$OUT/hot_${gm// /_}_s${NCU_SCHED:-0}.csv.gz"
     done
     ;;
+decode)
+    LD_PRELOAD=$LIB timeout 200 python3 tests/bench/bench_moe.py --tokens 1,8,64 --engine --no-loop \
+        --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -30
+    ;;
+ab)
+    # GPU clocks differ between calls by up to ~10 %: only same-call comparisons mean anything
+    PREV=${PREV:-build/prev}
+    [ -f "$PREV/libmoepatch.so" ] || { echo "ab: no $PREV/libmoepatch.so (see the header)"; exit 2; }
+    for round in 1 2; do
+        for side in new prev; do
+            dir=build
+            [ $side = prev ] && dir=$PREV
+            timeout 100 python3 tests/bench/bench_gemm.py --lib "$dir/libmoepatch_cuda.so" \
+                --out "$OUT/gemm_${side}_$round.json" >"$OUT/gemm_${side}_$round.log" 2>&1
+            echo "== $side round $round: bench_gemm rc=$?"
+            grep -E "sm90 default|_grouped_mm \||bmm" "$OUT/gemm_${side}_$round.log" | grep "^|" |
+                awk -F'|' '{print $2, $3, $6, $7, $8}'
+            LD_PRELOAD=$PWD/$dir/libmoepatch.so timeout 100 python3 tests/bench/bench_moe.py --tokens 16384 \
+                --no-loop --out "$OUT/layer_${side}_$round.json" >"$OUT/layer_${side}_$round.log" 2>&1
+            grep -E "grouped_mm \||moepatch(_tf5)? \|" "$OUT/layer_${side}_$round.log"
+        done
+    done
+    ;;
 profile)
     # where a Ring training step's host and GPU time go (the 10x target of issue 5 is host-bound)
     python3 examples/axolotl/make_models.py --out /tmp/moe_models --only ring >/dev/null 2>&1 || exit 1
@@ -170,7 +200,7 @@ profile)
         --steps 4 --no-profile 2>&1 | tee "$OUT/profile_off.txt" | grep -E "step time|peak"
     ;;
 *)
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
