@@ -1121,9 +1121,14 @@ static sm90_encode_fn sm90_encoder(void)
     if (!tried) {
         void *p = NULL;
         cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
-                                             &q) == cudaSuccess &&
-            q == cudaDriverEntryPointSuccess)
+#if CUDART_VERSION >= 12050 /* the versioned query; the plain one is deprecated from CUDA 13 */
+        const cudaError_t rc = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                                cudaEnableDefault, &q);
+#else
+        const cudaError_t rc =
+            cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q);
+#endif
+        if (rc == cudaSuccess && q == cudaDriverEntryPointSuccess)
             fn = (sm90_encode_fn)p;
         cudaGetLastError();
         tried = 1;
