@@ -555,7 +555,8 @@ static __device__ __forceinline__ int bufferable(const struct sm90_dst &o)
    the accumulator layout), one bulk tensor store each. The warp only waits until the store
    before last has read its half: the global writes drain while the next tile computes. (With
    every warp storing synchronously, the stores were ~15-30 % of the 8-k-step GEMMs' time:
-   measured by dropping them.) ---- */
+   measured by dropping them. Through TMA the long tiles gained 11-15 %, the 8-k-step ones
+   nothing: their cost is the tile-end drain and late loads, tests/bench/RESULTS.md.) ---- */
 
 static __device__ __forceinline__ void bulk_wait_read1()
 {
