@@ -136,7 +136,7 @@ struct moe_problem {
 
     /* CUDA: 1 lets an sm_90 GPU run the routed experts' GEMMs on the Hopper engine
        (moe_grouped_gemm_cuda) where it tiles the shapes, with no host round trip, on its default
-       schedule (warp-specialized; 2 asks for that schedule by name); 0 keeps the cuBLAS path.
+       schedule (moe_gemm.schedule 0, warp-specialized; 2 names the same); 0 keeps the cuBLAS path.
        Forward and backward of one call must pass the same value. */
     int engine;
 

@@ -85,14 +85,6 @@ static int64_t padded_rows_max(const struct moe_problem *p)
 }
 
 /* An activation operand of the engine: rows with stride rs, read through gather[r] / div. */
-/* moe_problem.engine 1 and 2 (the warp-specialized schedule by name) both run the engine's
-   default schedule, which is warp-specialized */
-static int engine_schedule(const struct moe_problem *p)
-{
-    (void)p;
-    return 0;
-}
-
 static struct moe_gemm_op rows_operand(const void *base, int64_t rs, const int32_t *gather, int div)
 {
     struct moe_gemm_op o;
@@ -119,7 +111,6 @@ static void engine_gemms(const struct moe_problem *p, const struct saved_bufs *s
     gu->rows_max = R;
     gu->offsets = s ? s->offsets : NULL;
     gu->stream = p->stream;
-    gu->schedule = engine_schedule(p);
     *dn = *gu;
     gu->N = 2 * I;
     gu->D = H;
@@ -174,7 +165,6 @@ static void engine_bwd_gemms(const struct moe_problem *p, const struct moe_mlp *
     g[0].rows_max = R;
     g[0].offsets = s ? s->offsets : NULL;
     g[0].stream = p->stream;
-    g[0].schedule = engine_schedule(p);
     g[1] = g[2] = g[3] = g[0];
 
     g[0].N = I;

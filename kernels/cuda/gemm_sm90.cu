@@ -505,9 +505,7 @@ static __device__ __forceinline__ void store_tile(const struct sm90_dst &o, cons
 {
     const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int row0 = wg * 64 + warp * 16;
-    const int64_t rows = o.lim - row0;
-    if (rows <= 0)
-        return; /* also a warpgroup that skipped its wgmma: its d was never computed */
+    const int64_t rows = o.lim - row0; /* > 0: write_tile skips warps without rows */
     const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
     const int r = lane >> 2; /* writes: rows r and r + 8, 4 bytes at column 2 (lane % 4) + 8 jj */
     const uint32_t wa = buf + (uint32_t)(r * 128 + 4 * (lane & 3));

@@ -13,6 +13,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_moe  # noqa: E402  (fixtures loader and the Ring block builder)
 
+STEPS = 5  # profiled fwd+bwd steps
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,9 +39,7 @@ def main():
     def step():
         # gradients dropped first, as a training step's zero_grad(set_to_none) does: otherwise the
         # profile shows an add into every parameter's .grad that training does not pay
-        for p in block.parameters():
-            p.grad = None
-        x.grad = None
+        bench_moe.clear_grads(block, [x])
         y = bench_moe.first(block(x))
         y.backward(dy)
 
@@ -48,14 +48,14 @@ def main():
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(5):
+        for _ in range(STEPS):
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table
     print(table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print("host side (self CPU time):")
     print(table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
-    print_gaps(torch, prof, steps=5)
+    print_gaps(torch, prof, steps=STEPS)
 
 
 def gpu_intervals(torch, prof):

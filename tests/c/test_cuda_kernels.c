@@ -749,7 +749,7 @@ struct gcase {
     const int64_t *counts; /* rows per expert */
     int E;
     int skew; /* varlen-K, list: each expert's output 8 bytes past an allocation's start (4- but
-                 not 16-byte aligned: the kernel cannot stage such tiles and stores them directly)
+                 not 16-byte aligned: the kernel cannot buffer such tiles and stores them directly)
                */
 };
 
@@ -1040,9 +1040,9 @@ Test(cuda_kernels, grouped_gemm_varlen_k_matches_cpu, .timeout = 180)
                                   8, 1, gemm_counts, 10, 0});
 }
 
-/* The two output paths: a tile of at least two k-steps goes out through shared memory (row
-   copies), others (one k-step; no rows; outputs not 16-byte aligned) straight from the
-   registers. D = 64 / 128: one / two k-steps; the skewed pointer arrays: 8-byte aligned outputs. */
+/* The output paths on short reductions and unaligned outputs: D = 64 / 128 (one / two k-steps)
+   go out through the warp buffers (TMA stores or row copies), tiles without rows and the skewed
+   pointer arrays (8-byte aligned outputs) straight from the registers. */
 Test(cuda_kernels, grouped_gemm_output_paths_match_cpu, .timeout = 180)
 {
     run_gemm_case(&(struct gcase){"gemm one k-step", MOE_BF16, 0, 0, 256, 64, 0, 256, 0, 4, 0,
