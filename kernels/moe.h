@@ -227,6 +227,13 @@ struct moe_gemm {
     /* CUDA: at most this many CTAs in the persistent grid (0: one per SM). Same results; tests
        use a few, so that each CTA walks many tiles. */
     int ctas;
+    /* (Last, so that benchmarks can drive older builds.) varlen-M, SwiGLU fused into the output:
+       with act set, the B parts are gate and up (b.split = N / 2, K-major weights) and act [rows, N
+       / 2] (row stride act_rs elements) also gets silu(gate) · up of c's two halves as stored: the
+       bits of the unfused SwiGLU on c. CUDA needs N / 2 a multiple of 128 (else unsupported:
+       MOE_EUNSUPPORTED, moe__gemm_sm90_ok 0). */
+    void *act;
+    int64_t act_rs;
 };
 MOE_API int moe_grouped_gemm_cpu(const struct moe_gemm *g);
 

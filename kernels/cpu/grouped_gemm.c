@@ -50,6 +50,18 @@ static void varlen_m(const struct moe_gemm *g)
             }
 }
 
+/* act = silu(gate) · up of c's stored halves (the fused SwiGLU of moe_gemm.act) */
+static void swiglu_rows(const struct moe_gemm *g)
+{
+    const int64_t I = g->N / 2;
+    for (int64_t r = 0; r < g->offsets[g->E]; r++)
+        for (int64_t i = 0; i < I; i++) {
+            const float gv = moe__load(g->dtype, g->c, r * g->c_rs + i);
+            const float uv = moe__load(g->dtype, g->c, r * g->c_rs + I + i);
+            moe__store(g->dtype, g->act, r * g->act_rs + i, gv * moe__sigmoid(gv) * uv);
+        }
+}
+
 static void varlen_k(const struct moe_gemm *g)
 {
     for (int e = 0; e < g->E; e++)
@@ -78,9 +90,11 @@ int moe_grouped_gemm_cpu(const struct moe_gemm *g)
             return MOE_EINVAL;
         varlen_k(g);
     } else {
-        if (g->D < 1 || !g->c)
+        if (g->D < 1 || !g->c || (g->act && (g->N % 2 || g->b.split * 2 != g->N)))
             return MOE_EINVAL;
         varlen_m(g);
+        if (g->act)
+            swiglu_rows(g);
     }
     return MOE_OK;
 }

@@ -129,13 +129,25 @@ static void engine_gemms(const struct moe_problem *p, const struct saved_bufs *s
     dn->c_rs = H;
 }
 
+/* gu with SwiGLU fused into its output: a = silu(gate) · up, [rows, I]. */
+static struct moe_gemm fused_swiglu(const struct moe_gemm *gu, void *a)
+{
+    struct moe_gemm f = *gu;
+    f.act = a;
+    f.act_rs = gu->N / 2;
+    return f;
+}
+
 /* 1: the routed experts' forward runs on the Hopper engine (packed rows, x gathered inside the
    GEMM); else on cuBLAS. */
 static int fwd_engine(const struct moe_problem *p)
 {
     struct moe_gemm gu, dn;
     engine_gemms(p, NULL, NULL, &gu, &dn);
-    return p->engine && p->T > 0 && moe__gemm_sm90_ok(&gu) && moe__gemm_sm90_ok(&dn);
+    /* the fused form, checked with a stand-in for a (sizing: no buffers yet) */
+    const struct moe_gemm fu = fused_swiglu(&gu, (void *)(uintptr_t)256);
+    return p->engine && p->T > 0 && (moe__gemm_sm90_ok(&gu) || moe__gemm_sm90_ok(&fu)) &&
+           moe__gemm_sm90_ok(&dn);
 }
 
 /* Expert weights (element (r, c) of moe_mats m) read as the operand (x = c, k = r): W itself where
@@ -515,6 +527,22 @@ extern "C" MOE_API size_t moe_workspace_bytes_cuda(const struct moe_problem *p, 
     return backward ? plan_bwd(p, NULL, &b) : plan_fwd(p, NULL, &f);
 }
 
+/* h = x [W_gate | W_up]ᵀ, then a = silu(gate) · up by the SwiGLU kernel; where the engine tiles
+   only the fused form (I an odd multiple of 128), SwiGLU fused into the GEMM's output. Same bits
+   either way. The fused form is not the default: its epilogue (an expf and a division per
+   element, half as many stores again) runs while the tensor cores wait, and costs more than the
+   separate kernel (tests/bench/RESULTS.md, seventh session). */
+static int gate_up_swiglu(const struct moe_gemm *gu, void *a, int64_t R)
+{
+    if (!moe__gemm_sm90_ok(gu)) {
+        const struct moe_gemm f = fused_swiglu(gu, a);
+        return moe_grouped_gemm_cuda(&f);
+    }
+    MOE_TRY(moe_grouped_gemm_cuda(gu));
+    return moe__swiglu_cuda(R, gu->N / 2, gu->c, a, NULL, NULL, gu->dtype,
+                            (cudaStream_t)gu->stream);
+}
+
 static int forward(struct moe_problem *p, cudaStream_t st)
 {
     struct saved_bufs s;
@@ -549,8 +577,7 @@ static int forward(struct moe_problem *p, cudaStream_t st)
     if (fwd_engine(p)) {
         struct moe_gemm gu, dn;
         engine_gemms(p, &s, &f, &gu, &dn);
-        MOE_TRY(moe_grouped_gemm_cuda(&gu));
-        MOE_TRY(moe__swiglu_cuda(R, p->experts.I, s.h, f.a, NULL, NULL, p->dtype, st));
+        MOE_TRY(gate_up_swiglu(&gu, f.a, R));
         MOE_TRY(moe_grouped_gemm_cuda(&dn));
     } else if (fwd_padded(p)) {
         const int pad = pad_of(p);

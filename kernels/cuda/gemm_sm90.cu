@@ -56,8 +56,12 @@
 #define SM90_A_BYTES (SM90_BM * SM90_BK * 2)
 #define SM90_B_BYTES (SM90_BN * SM90_BK * 2)
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
-/* Each computing warp's own output buffer: 16 rows x 64 columns (one sub-tile), 2 KB. */
-#define SM90_EPI_WARP_BYTES 2048
+/* Each computing warp's own output buffer: SM90_EPI_SLOTS 1 KB slots, 16 x 32 sub-tiles for the
+   TMA stores (the first two also hold a 16 x 64 sub-tile for the row copies). */
+#ifndef SM90_EPI_SLOTS
+#define SM90_EPI_SLOTS 2
+#endif
+#define SM90_EPI_WARP_BYTES (SM90_EPI_SLOTS * 1024)
 #define SM90_EPI_BYTES (8 * SM90_EPI_WARP_BYTES)
 #define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + SM90_EPI_BYTES + 1024)
 
@@ -73,6 +77,7 @@ struct sm90_op {
     const char *mbase[2];
     int64_t es[2], xs[2], ks[2];
     int split, split_k;
+    int xhi; /* K-major weights: the B tile's upper 128 rows are x + xhi (SwiGLU: the up part) */
 };
 
 struct sm90_args {
@@ -89,6 +94,12 @@ struct sm90_args {
        tma[p] 0 where there is none (pointer arrays, no encoder, schedules that do not use it) */
     CUtensorMap cmap[2];
     int tma[2];
+    /* SwiGLU fused (varlen-M): a tile holds 128 gate and the same 128 up columns (B's upper rows
+       xhi further on), c gets both, act [rows, N / 2] silu(gate) up (TMA map amap if atma) */
+    char *act;
+    int64_t act_rs;
+    CUtensorMap amap;
+    int atma;
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -256,10 +267,15 @@ template <int X, int MN, int NT, int ROWS> struct sm90_loader;
    is row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
    are x (varlen-M: global rows from x0 = r0, gathered; weights: part by x). */
 template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
-    static constexpr int RSTEP = NT / 8, NR = X / RSTEP;
-    static_assert(RSTEP % 8 == 0 && X % RSTEP == 0, "rows of a thread share row % 8");
-    const char *p[NR];
-    int bytes[NR];
+    static constexpr int RSTEP = NT / 8, NR = X / RSTEP, HALF = X == SM90_BN ? NR / 2 : NR;
+    static_assert(RSTEP % 8 == 0 && X % RSTEP == 0 && NR <= 32, "rows of a thread share row % 8");
+    /* Few registers (the loading warpgroup runs on SM90W_LOADER_REGS): rows keep 32-bit source
+       rows and a bit per row that holds data; weights, whose tile halves each lie in one part
+       (split on a tile edge, sm90_kind), a pointer per half and the step between rows. */
+    const char *p0, *p1;
+    int64_t step, step1;
+    uint32_t src[ROWS ? NR : 1];
+    uint32_t live;
     uint32_t dst;
 
     __device__ __forceinline__ void plan(const struct sm90_op &o, const struct sm90_tile &t,
@@ -276,20 +292,23 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
                 const int64_t x = x0 + row + RSTEP * i;
                 raw[i] = gather_raw(o.gather, x < t.r_end ? x : t.r0);
             }
+            live = 0;
 #pragma unroll
             for (int i = 0; i < NR; i++) {
-                bytes[i] = x0 + row + RSTEP * i < t.r_end ? 16 : 0;
-                p[i] = o.base + source_row(o.gather, o.div_m, o.div_s, raw[i]) * o.rs + chunk * 16;
+                live |= (x0 + row + RSTEP * i < t.r_end ? 1u : 0u) << i;
+                src[i] = (uint32_t)source_row(o.gather, o.div_m, o.div_s, raw[i]);
             }
+            p0 = p1 = o.base + chunk * 16;
+            step = step1 = o.rs;
         } else {
-#pragma unroll
-            for (int i = 0; i < NR; i++) {
-                const int64_t x = x0 + row + RSTEP * i;
-                const int part = x >= o.split;
-                p[i] = weight_base(o, part, t.e) + (x - (part ? o.split : 0)) * o.xs[part] +
-                       chunk * 16;
-                bytes[i] = 16;
-            }
+            const int64_t x1 = x0 + RSTEP * HALF + o.xhi; /* the upper half's first row */
+            const int part = x0 >= o.split, part1 = x1 >= o.split;
+            p0 = weight_base(o, part, t.e) + (x0 + row - (part ? o.split : 0)) * o.xs[part] +
+                 chunk * 16;
+            p1 = weight_base(o, part1, t.e) + (x1 + row - (part1 ? o.split : 0)) * o.xs[part1] +
+                 chunk * 16;
+            step = RSTEP * o.xs[part];
+            step1 = RSTEP * o.xs[part1];
         }
     }
 
@@ -297,8 +316,15 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
     {
         const int64_t k = (int64_t)kt * SM90_BK * 2;
 #pragma unroll
-        for (int i = 0; i < NR; i++)
-            cp_async16(tile + dst + i * RSTEP * 128, p[i] + k, bytes[i]);
+        for (int i = 0; i < NR; i++) {
+            if constexpr (ROWS)
+                cp_async16(tile + dst + i * RSTEP * 128, p0 + k + (int64_t)src[i] * step,
+                           (live >> i) & 1 ? 16 : 0);
+            else if (i < HALF)
+                cp_async16(tile + dst + i * RSTEP * 128, p0 + k + i * step, 16);
+            else
+                cp_async16(tile + dst + i * RSTEP * 128, p1 + k + (i - HALF) * step1, 16);
+        }
     }
 };
 
@@ -428,6 +454,7 @@ struct sm90_dst {
     int64_t lim;
     const CUtensorMap *map; /* NULL: no TMA store; else the tile's rows at (x, y[, z]) in it */
     int x, y, z, rank3;
+    int xhi; /* the tile's columns from 128 on go xhi columns further (SwiGLU: the up half) */
 };
 
 static __device__ __forceinline__ struct sm90_dst dst_of(const struct sm90_args &g,
@@ -455,6 +482,19 @@ static __device__ __forceinline__ struct sm90_dst dst_of(const struct sm90_args 
         o.rank3 = 0;
     }
     o.x = t.n0;
+    o.xhi = g.b.xhi;
+    return o;
+}
+
+/* The activation tile of a fused SwiGLU: the tile's rows of act, its 128 columns from n0. */
+static __device__ __forceinline__ struct sm90_dst act_of(const struct sm90_args &g,
+                                                         const struct sm90_tile &t)
+{
+    struct sm90_dst o = dst_of(g, t);
+    o.rs = g.act_rs;
+    o.base = g.act + t.r0 * o.rs + (int64_t)t.n0 * 2;
+    o.map = g.atma ? &g.amap : NULL;
+    o.xhi = 0;
     return o;
 }
 
@@ -469,13 +509,44 @@ static __device__ __forceinline__ uint32_t pack2(__half, float x, float y)
     return *(const uint32_t *)&v;
 }
 
+static __device__ __forceinline__ float round_to(__nv_bfloat16, float x)
+{
+    return __bfloat162float(__float2bfloat16_rn(x));
+}
+static __device__ __forceinline__ float round_to(__half, float x)
+{
+    return __half2float(__float2half_rn(x));
+}
+
+/* silu(g) u of the two halves as stored (rounded to T): the bits moe__swiglu_cuda computes from
+   them (the same expression, expf and IEEE division) */
+template <typename T> static __device__ __forceinline__ float swiglu_of(float g, float u)
+{
+    const float gr = round_to(T(), g);
+    return gr / (1.f + expf(-gr)) * round_to(T(), u);
+}
+
+/* Output columns per tile: all 256, or with SwiGLU's activation (ACT) the 128 of the gate half. */
+#define SM90_OUT_COLS(ACT) ((ACT) ? SM90_BN / 2 : SM90_BN)
+
+/* The pair of outputs at fragment element i (even; columns c, c + 1 of one row) as two T: the
+   accumulators, or (ACT) SwiGLU of the gate pair at i and the up pair 64 elements (128 columns)
+   further on. */
+template <typename T, int ACT>
+static __device__ __forceinline__ uint32_t out_pair(const float *d, int i)
+{
+    if (ACT)
+        return pack2(T(), swiglu_of<T>(d[i], d[i + 64]), swiglu_of<T>(d[i + 1], d[i + 65]));
+    return pack2(T(), d[i], d[i + 1]);
+}
+
 /* The accumulator fragment of thread tid (of the 256 computing threads): rows ra = wg * 64 +
    warp * 16 + lane / 4 and ra + 8, columns 2 (lane % 4) + 8 j, j < 32. Written straight to global
    memory: 16 bytes per row per warp store, so the slow path (outputs not 16-byte aligned). ZERO:
    a tile without k-steps (varlen-K, an expert without rows) writes zeros and never touches d:
    ordinary writes to the accumulators can make ptxas serialize every wgmma of the kernel (C7515).
  */
-template <typename T, int ZERO = 0>
+template <typename T, int ZERO = 0, int ACT = 0>
 static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, const float *d,
                                                     int tid)
 {
@@ -484,11 +555,12 @@ static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, co
     uint32_t *pa = (uint32_t *)(o.base + ra * o.rs) + (lane & 3);
     uint32_t *pb = (uint32_t *)(o.base + rb * o.rs) + (lane & 3);
 #pragma unroll
-    for (int j = 0; j < 32; j++) {
+    for (int j = 0; j < SM90_OUT_COLS(ACT) / 8; j++) {
+        const int hi = j >= 16 ? o.xhi / 2 : 0; /* in pairs */
         if (ra < o.lim)
-            pa[4 * j] = ZERO ? 0u : pack2(T(), d[4 * j], d[4 * j + 1]);
+            pa[4 * j + hi] = ZERO ? 0u : out_pair<T, ACT>(d, 4 * j);
         if (rb < o.lim)
-            pb[4 * j] = ZERO ? 0u : pack2(T(), d[4 * j + 2], d[4 * j + 3]);
+            pb[4 * j + hi] = ZERO ? 0u : out_pair<T, ACT>(d, 4 * j + 2);
     }
 }
 
@@ -499,7 +571,7 @@ static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, co
    whole 128-byte row pieces per warp store. Rows >= o.lim are not written. (Earlier designs
    staged the whole tile in the tile's last two ring stages: the ring then drained at every tile
    edge, which cost ~25 % on the 8-k-step tiles against cuBLAS on the same uniform problem.) */
-template <typename T>
+template <typename T, int ACT>
 static __device__ __forceinline__ void store_tile(const struct sm90_dst &o, const float *d,
                                                   uint32_t epi, int tid)
 {
@@ -512,15 +584,15 @@ static __device__ __forceinline__ void store_tile(const struct sm90_dst &o, cons
     const int rr = lane >> 3, c = lane & 7; /* reads: chunk c of rows rr + 4 i */
     char *dst = o.base + (int64_t)(row0 + rr) * o.rs + c * 16;
 #pragma unroll
-    for (int sub = 0; sub < SM90_BN / 64; sub++) {
+    for (int sub = 0; sub < SM90_OUT_COLS(ACT) / 64; sub++) {
 #pragma unroll
         for (int jj = 0; jj < 8; jj++) {
-            const float *v = d + 4 * (sub * 8 + jj);
+            const int i = 4 * (sub * 8 + jj);
             const uint32_t at = wa + (uint32_t)(((jj ^ r) & 7) << 4);
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(pack2(T(), v[0], v[1]))
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(out_pair<T, ACT>(d, i))
                          : "memory");
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 128),
-                         "r"(pack2(T(), v[2], v[3]))
+                         "r"(out_pair<T, ACT>(d, i + 2))
                          : "memory");
         }
         __syncwarp();
@@ -532,10 +604,11 @@ static __device__ __forceinline__ void store_tile(const struct sm90_dst &o, cons
                          : "=r"(x), "=r"(y), "=r"(z), "=r"(w)
                          : "r"(buf + (uint32_t)(row * 128 + ((c ^ (row & 7)) << 4))));
             if (row < rows)
-                asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(
-                                 dst + (int64_t)(4 * i) * o.rs + sub * 128),
-                             "r"(x), "r"(y), "r"(z), "r"(w)
-                             : "memory");
+                asm volatile(
+                    "st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(
+                        dst + (int64_t)(4 * i) * o.rs + sub * 128 + (sub >= 2 ? o.xhi * 2 : 0)),
+                    "r"(x), "r"(y), "r"(z), "r"(w)
+                    : "memory");
         }
         __syncwarp(); /* every lane has read the buffer before the next sub-tile overwrites it */
     }
@@ -556,9 +629,10 @@ static __device__ __forceinline__ int bufferable(const struct sm90_dst &o)
    measured by dropping them. Through TMA the long tiles gained 11-15 %, the 8-k-step ones
    nothing: their cost is the tile-end drain and late loads, tests/bench/RESULTS.md.) ---- */
 
-static __device__ __forceinline__ void bulk_wait_read1()
+/* the warp's stores but the last SM90_EPI_SLOTS - 1 have read their slots */
+static __device__ __forceinline__ void bulk_wait_slot()
 {
-    asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(SM90_EPI_SLOTS - 1) : "memory");
 }
 
 static __device__ __forceinline__ void bulk_wait_read0()
@@ -584,41 +658,43 @@ static __device__ __forceinline__ void tma_store(const struct sm90_dst &o, uint3
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 
-template <typename T>
+template <typename T, int ACT>
 static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, const float *d,
-                                                      uint32_t buf, int row0, int lane)
+                                                      uint32_t buf, int row0, int lane,
+                                                      uint32_t &es)
 {
     const int r = lane >> 2;
     const uint32_t wa = buf + (uint32_t)(r * 64 + 4 * (lane & 3));
     const int sw = (r >> 1) & 3; /* rows r and r + 8 share it */
 #pragma unroll
-    for (int sub = 0; sub < SM90_BN / 32; sub++) {
-        const uint32_t half = (uint32_t)((sub & 1) * 1024);
+    for (int sub = 0; sub < SM90_OUT_COLS(ACT) / 32; sub++, es++) {
+        const uint32_t slot = (es % SM90_EPI_SLOTS) * 1024;
         if (lane == 0)
-            bulk_wait_read1(); /* the store before last (this half's) has read it */
+            bulk_wait_slot(); /* the store that last used this slot has read it */
         __syncwarp();
 #pragma unroll
         for (int jj = 0; jj < 4; jj++) {
-            const float *v = d + 4 * (sub * 4 + jj);
-            const uint32_t at = wa + half + (uint32_t)((jj ^ sw) << 4);
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(pack2(T(), v[0], v[1]))
+            const int i = 4 * (sub * 4 + jj);
+            const uint32_t at = wa + slot + (uint32_t)((jj ^ sw) << 4);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(out_pair<T, ACT>(d, i))
                          : "memory");
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 64), "r"(pack2(T(), v[2], v[3]))
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 64),
+                         "r"(out_pair<T, ACT>(d, i + 2))
                          : "memory");
         }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the TMA */
         __syncwarp();
         if (lane == 0)
-            tma_store(o, buf + half, o.x + sub * 32, o.y + row0);
+            tma_store(o, buf + slot, o.x + sub * 32 + (sub >= 4 ? o.xhi : 0), o.y + row0);
     }
 }
 
 /* The tile's output by the computing thread tid (of 256), decided per warp: TMA stores for a
    warp with 16 rows to write into a mapped output, else the row copies (or, unaligned, the
    direct stores), after the warp's earlier TMA stores have read its buffer. */
-template <typename T>
+template <typename T, int ACT>
 static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, const float *d,
-                                                  uint32_t epi, int tid)
+                                                  uint32_t epi, int tid, uint32_t &es)
 {
     const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int row0 = wg * 64 + warp * 16;
@@ -626,16 +702,28 @@ static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, cons
         return; /* also a warpgroup that skipped its wgmma: its d was never computed */
     const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
     if (o.map && o.lim >= row0 + 16) {
-        store_tile_tma<T>(o, d, buf, row0, lane);
+        store_tile_tma<T, ACT>(o, d, buf, row0, lane, es);
         return;
     }
     if (lane == 0)
         bulk_wait_read0();
     __syncwarp();
     if (bufferable(o))
-        store_tile<T>(o, d, epi, tid);
+        store_tile<T, ACT>(o, d, epi, tid);
     else
-        store_direct<T>(o, d, tid);
+        store_direct<T, 0, ACT>(o, d, tid);
+}
+
+/* A finished tile's outputs: c, and with SwiGLU fused (only the K/K kernel: the forward's gate|up
+   GEMM) its activation. */
+template <typename T, int AMN, int BMN>
+static __device__ __forceinline__ void write_out(const struct sm90_args &g,
+                                                 const struct sm90_tile &t, const float *d,
+                                                 uint32_t epi, int tid, uint32_t &es)
+{
+    write_tile<T, 0>(dst_of(g, t), d, epi, tid, es);
+    if (AMN == 0 && BMN == 0 && g.act)
+        write_tile<T, 1>(act_of(g, t), d, epi, tid, es);
 }
 
 /* Before the kernel ends: every TMA store of this thread has completed. */
@@ -716,7 +804,7 @@ static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_arg
         t.e = tile_expert(tiles, g.E, q);
         const int local = q - tiles[t.e];
         t.m0 = 0;
-        t.n0 = (local % nt) * SM90_BN;
+        t.n0 = (local % nt) * (g.act ? SM90_BN / 2 : SM90_BN); /* SwiGLU: gate columns */
         t.r0 = g.offsets[t.e] + (int64_t)(local / nt) * SM90_BM;
         t.r_end = g.offsets[t.e + 1];
         t.KT = g.D / SM90_BK;
@@ -776,6 +864,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
     const uint32_t epi = ring + SM90_STAGES * SM90_STAGE_BYTES;
     const int nt = g.N / SM90_BN, wg = threadIdx.x >> 7;
     float d[128];
+    uint32_t es = 0;
 
     int total;
     if (g.varlen_k) {
@@ -815,7 +904,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        write_tile<T>(dst_of(g, t), d, epi, threadIdx.x);
+        write_out<T, AMN, BMN>(g, t, d, epi, threadIdx.x, es);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
     bulk_wait_all();
@@ -860,6 +949,12 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 #define SM90W_THREADS 384
 #define SM90W_LOADERS 128
 #define SM90W_COMPUTE_WARPS ((SM90W_THREADS - SM90W_LOADERS) / 32)
+/* Registers per thread after setmaxnreg (0: none): the pool of 168 x 384 allows 128 (168 - L) >=
+   256 (C - 168). */
+#ifndef SM90W_LOADER_REGS
+#define SM90W_LOADER_REGS 104
+#define SM90W_COMPUTE_REGS 200
+#endif
 
 template <int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
@@ -923,6 +1018,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
     float d[128];
     int slot = 0;
+    uint32_t es = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
@@ -930,7 +1026,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             continue;
         }
         sm90w_ksteps<T, AMN, BMN>(g, d, t, ring, full, wg, lane, empty, slot);
-        write_tile<T>(dst_of(g, t), d, epi, ctid);
+        write_out<T, AMN, BMN>(g, t, d, epi, ctid, es);
     }
     bulk_wait_all();
 }
@@ -962,10 +1058,15 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
         tile_prefix(g.offsets, g.E, nt, tiles, part); /* ends with a barrier */
         total = tiles[g.E];
     }
-    if (threadIdx.x < SM90W_LOADERS)
+    if (threadIdx.x < SM90W_LOADERS) {
+        if (SM90W_LOADER_REGS)
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(SM90W_LOADER_REGS));
         sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
-    else
+    } else {
+        if (SM90W_LOADER_REGS)
+            asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(SM90W_COMPUTE_REGS));
         sm90w_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty, epi);
+    }
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
@@ -1060,6 +1161,12 @@ static int sm90_kind(const struct moe_gemm *g)
     }
     if (g->D % SM90_BK || g->D > INT32_MAX || !rows_ok(&g->a) || !aligned16(g->c, g->c_rs * 2))
         return 0;
+    if (g->act) /* SwiGLU fused: gate and up K-major, tiles of 128 columns of each */
+        return g->b.split * 2 == g->N && g->b.split % (SM90_BN / 2) == 0 &&
+                       aligned16(g->act, g->act_rs * 2) &&
+                       weights_ok(&g->b, 0, g->N, g->D, SM90_BN / 2)
+                   ? 1
+                   : 0;
     if (weights_ok(&g->b, 0, g->N, g->D, SM90_BN))
         return 1;
     return weights_ok(&g->b, 1, g->N, g->D, SM90_BN) ? 2 : 0;
@@ -1162,6 +1269,9 @@ static void sm90_out_maps(const struct moe_gemm *g, struct sm90_args *a)
         return;
     if (!g->varlen_k) {
         a->tma[0] = sm90_out_map(&a->cmap[0], g->dtype, g->c, g->N, g->rows_max, g->c_rs * 2, 0, 0);
+        if (g->act)
+            a->atma = sm90_out_map(&a->amap, g->dtype, g->act, g->N / 2, g->rows_max, g->act_rs * 2,
+                                   0, 0);
         return;
     }
     const int two = g->c_split < g->M;
@@ -1252,6 +1362,11 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
         a.crs[p] = m->rs * 2;
     }
     a.c_split = (int)(g->c_split < INT32_MAX ? g->c_split : INT32_MAX);
+    if (g->act) {
+        a.act = (char *)g->act;
+        a.act_rs = g->act_rs * 2;
+        a.b.xhi = (int)(g->b.split - SM90_BN / 2);
+    }
     sm90_out_maps(g, &a);
     const int64_t cap = g->ctas > 0 && g->ctas < sms ? g->ctas : sms;
     const unsigned grid = (unsigned)(bound < cap ? bound : cap);

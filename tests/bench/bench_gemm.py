@@ -14,6 +14,10 @@ proves that it needs no host synchronisation. Then the same six GEMMs on a unifo
 (T*K/E per expert, no gather): ours against cuBLAS strided-batched (`torch.bmm`), the ceiling of a
 grouped GEMM (skip with --no-uniform). TFLOP/s = 2 * rows * N * D / time. Exits non-zero when a check
 fails.
+
+A seventh row, "fwd gate_up + SwiGLU", is the forward's gate_up GEMM as the layer runs it: SwiGLU fused
+into its output (c and act = silu(gate) up); its anchor is `_grouped_mm` followed by torch's silu * up.
+The layer's six GEMMs are the other six rows (old builds passed with --lib just fail the seventh).
 """
 
 import argparse
@@ -53,7 +57,7 @@ class Gemm(ctypes.Structure):
                 ("rows_max", ctypes.c_int64), ("offsets", ctypes.c_void_p), ("a", Op), ("b", Op),
                 ("c", ctypes.c_void_p), ("c_rs", ctypes.c_int64), ("cm", Mats * 2),
                 ("c_split", ctypes.c_int64), ("stream", ctypes.c_void_p), ("schedule", ctypes.c_int),
-                ("ctas", ctypes.c_int)]
+                ("ctas", ctypes.c_int), ("act", ctypes.c_void_p), ("act_rs", ctypes.c_int64)]
 
 
 def load_lib(path):
@@ -184,6 +188,17 @@ def problems(torch, T, E, K, H, I, gen):
                                                    weights_op(w_gu, 0), o), o,
               lambda: gm(xg, w_gu.transpose(1, 2), offs=offs32),
               lambda: gm(x.index_select(0, tok), w_gu.transpose(1, 2), offs=offs32), check_m(xg, w_gu)))
+    # the same GEMM with SwiGLU in its output (what the layer runs): gate and up as two parts
+    o, act = empty(rows, 2 * I), empty(rows, I)
+    g = varlen_m(E, 2 * I, H, rows, offsets, rows_op(x, perm, K), weights_op(w_gu, 0), o)
+    g.b.m[1] = Mats(None, w_gu.data_ptr() + I * H * w_gu.element_size(), 2 * I * H, H, 1)
+    g.b.split, g.act, g.act_rs = I, act.data_ptr(), I
+    g.act_tensor = act
+
+    def unfused():
+        h = gm(xg, w_gu.transpose(1, 2), offs=offs32)
+        return h, torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+    p.append(("fwd gate_up + SwiGLU (x gathered)", g, o, lambda: unfused()[0], None, check_m(xg, w_gu)))
     o = empty(rows, H)
     p.append(("fwd down", varlen_m(E, H, I, rows, offsets, rows_op(a), weights_op(w_dn, 0), o), o,
               lambda: gm(a, w_dn.transpose(1, 2), offs=offs32), None, check_m(a, w_dn)))
@@ -206,7 +221,8 @@ def problems(torch, T, E, K, H, I, gen):
               lambda: gm(dh.T, xg, offs=offs32), lambda: gm(dh.T, x.index_select(0, tok), offs=offs32),
               check_k(dh, xg)))
     flops = 2.0 * rows * H * I
-    mult = {"fwd gate_up (x gathered)": 2, "bwd dgrad gate_up": 2, "bwd wgrad gate_up (x gathered)": 2}
+    mult = {"fwd gate_up (x gathered)": 2, "fwd gate_up + SwiGLU (x gathered)": 2, "bwd dgrad gate_up": 2,
+            "bwd wgrad gate_up (x gathered)": 2}
     keep = (x, dy, a, dh, w_gu, w_dn, perm, offsets, offs32, xg, dyg)
     return [(n, flops * mult.get(n, 1), g, o, an, ag, ck) for n, g, o, an, ag, ck in p], keep, counts
 
@@ -294,6 +310,11 @@ def bench_shape(torch, lib, name, T, E, K, H, I, reps, gen, only=None, schedules
         res["err_vs_fp64"] = max(rel(*check(e, out)) for e in experts)
         res["err_vs_grouped_mm"] = rel(out, ref) if ref is not None else 0.0
         res["err_grouped_mm_vs_fp64"] = max(rel(*check(e, ref)) for e in experts) if ref is not None else 0.0
+        if g.act:  # SwiGLU of our own stored halves, in fp32, against the fused output
+            half = out.shape[1] // 2
+            want = (torch.nn.functional.silu(out[:, :half].float()) * out[:, half:].float()).to(out.dtype)
+            res["act_err"] = rel(g.act_tensor, want)
+            res["all_written"] = res["all_written"] and bool(torch.isfinite(g.act_tensor).all())
         graph, first = torch.cuda.CUDAGraph(), out.clone()
         with torch.cuda.graph(graph):
             ours()
@@ -336,7 +357,7 @@ def ok(r):
     if r.get("uniform"):
         return r["all_written"] and r["err_vs_bmm"] < 2e-2
     return (r["all_written"] and r["graph_replay_equal"] and r["err_vs_fp64"] < 1e-2
-            and r["err_vs_grouped_mm"] < 2e-2 and r.get("schedules_equal", True))
+            and r["err_vs_grouped_mm"] < 2e-2 and r.get("schedules_equal", True) and r.get("act_err", 0) < 1e-2)
 
 
 def main():
@@ -383,7 +404,8 @@ def main():
         print("%s %s: err vs _grouped_mm %.2e, vs fp64 %.2e (_grouped_mm vs fp64 %.2e), all written %s, "
               "graph replay equal %s, other schedules equal %s" % (
                   r["shape"], r["gemm"], r["err_vs_grouped_mm"], r["err_vs_fp64"], r["err_grouped_mm_vs_fp64"],
-                  r["all_written"], r["graph_replay_equal"], r.get("schedule_error", r.get("schedules_equal"))))
+                  r["all_written"], r["graph_replay_equal"], r.get("schedule_error", r.get("schedules_equal")))
+              + (", act vs silu(c) %.2e" % r["act_err"] if "act_err" in r else ""))
     bad = [r for r in results if not ok(r)]
     if args.out:
         with open(args.out, "w") as f:

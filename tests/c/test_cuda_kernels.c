@@ -413,10 +413,12 @@ static void run_case_on(const struct tcase *c, int engine)
     /* GPU */
     struct moe_problem pg = pc;
     pg.engine = engine;
-    /* the engine runs these shapes on sm_90 only; elsewhere the flag falls back to cuBLAS */
+    /* the engine runs these shapes on sm_90 only; elsewhere the flag falls back to cuBLAS. Both
+       passes need I and H multiples of 256; with I an odd multiple of 128 only the forward runs
+       there (SwiGLU fused into gate|up), the backward on cuBLAS, from host counts. */
     int major = 0;
     CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
-    const int on_engine = engine && major == 9;
+    const int on_engine = engine && major == 9 && c->I % 256 == 0 && c->H % 256 == 0;
     struct pair y = pair_new((size_t)(T * H) * es), dx = pair_new((size_t)(T * H) * es);
     struct pair idx = pair_new(4 * (size_t)(T * K)), w = pair_new(4 * (size_t)(T * K));
     struct pair dl = pair_new(4 * (size_t)(T * E)), dsg = pair_new((size_t)H * es);
@@ -751,6 +753,8 @@ struct gcase {
     int skew; /* varlen-K, list: each expert's output 8 bytes past an allocation's start (4- but
                  not 16-byte aligned: the kernel cannot buffer such tiles and stores them directly)
                */
+    int act;  /* varlen-M gate|up (split = N / 2): SwiGLU fused, act [R, N / 2] of row stride
+                 N / 2 + 8 */
 };
 
 /* E experts' [rows, cols] matrices (row-major), host copy contiguous, device copy 3-D or one
@@ -853,6 +857,45 @@ static void atwin_new(struct atwin *t, moe_dtype dt, int64_t src_rows, int64_t w
     pair_up(&t->v);
 }
 
+/* rows x cols elements of dt at row stride rs, packed (malloc'd) */
+static void *packed_rows(moe_dtype dt, const void *src, int64_t rows, int64_t cols, int64_t rs)
+{
+    const size_t es = moe_dtype_size(dt);
+    char *out = malloc((size_t)(rows * cols) * es + 1);
+    for (int64_t r = 0; r < rows; r++)
+        memcpy(out + (size_t)(r * cols) * es, (const char *)src + (size_t)(r * rs) * es,
+               (size_t)cols * es);
+    return out;
+}
+
+/* The fused SwiGLU's act [R, I] (packed) against the CPU's, and element by element against
+   silu(gate) up computed here, in the kernel's expression, from the GPU's own c [R, 2 I]: the
+   column mapping exactly; host and device expf may differ in the last fp32 bit, so an element
+   may differ by one unit of the 16-bit type, rarely. */
+static void check_act(const struct gcase *c, const void *c_gpu, const void *act_gpu,
+                      const void *act_cpu, int64_t R)
+{
+    const int64_t I = c->N / 2;
+    const double e = rel_err(c->dt, act_gpu, act_cpu, (size_t)(R * I));
+    fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, "act", e);
+    cr_expect(e <= moe_tol(c->dt), "%s: act rel err %g", c->name, e);
+    int64_t off = 0, worst_ulp = 0;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < I; i++) {
+            const float g = (float)elem(c->dt, c_gpu, (size_t)(r * c->N + i));
+            const float u = (float)elem(c->dt, c_gpu, (size_t)(r * c->N + I + i));
+            uint16_t want[2], got; /* set_elem of an fp32 would write 4 bytes */
+            set_elem(c->dt, want, 0, g / (1.f + expf(-g)) * u);
+            memcpy(&got, (const char *)act_gpu + (size_t)(r * I + i) * 2, 2);
+            const int64_t d = llabs((int64_t)(int16_t)want[0] - (int64_t)(int16_t)got);
+            off += d != 0;
+            worst_ulp = d > worst_ulp ? d : worst_ulp;
+        }
+    fprintf(stderr, "  %-28s act vs silu(c): %lld of %lld differ, by <= %lld unit\n", c->name,
+            (long long)off, (long long)(R * I), (long long)worst_ulp);
+    cr_expect(worst_ulp <= 1 && off * 1000 <= R * I, "%s: act is not silu(gate) up of c", c->name);
+}
+
 static void run_gemm_case(const struct gcase *c)
 {
     need_sm90();
@@ -888,7 +931,8 @@ static void run_gemm_case(const struct gcase *c)
 
     struct atwin a, b;
     struct etwin w0, w1, c0, c1;
-    struct pair cv = {0};
+    struct pair cv = {0}, av = {0};
+    const int64_t act_rs = c->N / 2 + 8;
     size_t out_bytes;
     const int gather_a = c->topk && !(c->varlen_k && c->gather_b);
     atwin_new(&a, c->dt, gather_a ? src_rows : R, c->varlen_k ? c->M : c->D);
@@ -931,6 +975,12 @@ static void run_gemm_case(const struct gcase *c)
         gg.c = cv.d;
         gc.c_rs = gg.c_rs = c->N;
         out_bytes = (size_t)(R * c->N) * es;
+        if (c->act) {
+            av = pair_new((size_t)(R * act_rs) * es);
+            gc.act = av.h;
+            gg.act = av.d;
+            gc.act_rs = gg.act_rs = act_rs;
+        }
     }
     void *want = calloc(out_bytes + 1, 1), *got = calloc(out_bytes + 1, 1),
          *other = calloc(out_bytes + 1, 1);
@@ -943,6 +993,7 @@ static void run_gemm_case(const struct gcase *c)
     } else {
         memcpy(want, cv.h, out_bytes);
     }
+    void *want_act = c->act ? packed_rows(c->dt, av.h, R, c->N / 2, act_rs) : NULL, *got_act = NULL;
     /* schedule 1, then schedule 1 again (determinism) and every other schedule: the same tiles in
        the same wgmma order, so the same bits; then grids of 1-3 CTAs, so that a CTA walks many
        tiles (the ring and the output buffers across tile edges). Under compute-sanitizer
@@ -960,6 +1011,8 @@ static void run_gemm_case(const struct gcase *c)
                 etwin_poison(&c1);
         } else {
             CK(cudaMemset(cv.d, 0xff, cv.bytes)); /* NaN: an unwritten element fails */
+            if (c->act)
+                CK(cudaMemset(av.d, 0xff, av.bytes));
         }
         int rc = moe_grouped_gemm_cuda(&gg);
         cr_assert_eq(rc, MOE_OK, "%s (schedule %d, %d CTAs): %s", c->name, gg.schedule, gg.ctas,
@@ -976,10 +1029,39 @@ static void run_gemm_case(const struct gcase *c)
             cr_expect(memcmp(got, other, out_bytes) == 0,
                       "%s: schedule %d (%d CTAs) differs from schedule 1", c->name, gg.schedule,
                       gg.ctas);
+        if (c->act) {
+            CK(cudaMemcpy(av.h, av.d, av.bytes, cudaMemcpyDeviceToHost));
+            void *a = packed_rows(c->dt, av.h, R, c->N / 2, act_rs);
+            if (rep == 0)
+                got_act = a;
+            else {
+                cr_expect(memcmp(got_act, a, (size_t)(R * c->N / 2) * es) == 0,
+                          "%s: act of schedule %d (%d CTAs) differs from schedule 1", c->name,
+                          gg.schedule, gg.ctas);
+                free(a);
+            }
+        }
     }
     const double e = rel_err(c->dt, got, want, out_bytes / es);
     fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, "c", e);
     cr_expect(e <= moe_tol(c->dt), "%s: rel err %g", c->name, e);
+    /* c as the unfused GEMM writes it, bit for bit (where it tiles the parts) */
+    if (c->act && c->split % 256 == 0) {
+        struct moe_gemm plain = gg;
+        plain.act = NULL;
+        plain.schedule = plain.ctas = 0;
+        CK(cudaMemset(cv.d, 0xff, cv.bytes));
+        cr_assert_eq(moe_grouped_gemm_cuda(&plain), MOE_OK, "%s: unfused", c->name);
+        CK(cudaMemcpy(other, cv.d, out_bytes, cudaMemcpyDeviceToHost));
+        cr_expect(memcmp(got, other, out_bytes) == 0, "%s: c differs from the unfused GEMM's",
+                  c->name);
+    }
+    if (c->act) {
+        check_act(c, got, got_act, want_act, R);
+        free(want_act);
+        free(got_act);
+        pair_free(&av);
+    }
 
     if (c->varlen_k) {
         pair_free(&b.v);
@@ -1007,37 +1089,37 @@ static const int64_t gemm_counts[] = {0, 1, 128, 129, 300, 0, 64, 513, 255, 7};
 Test(cuda_kernels, grouped_gemm_gathered_3d_bf16_matches_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm gather 3-D bf16", MOE_BF16, 0, 0, 512, 256, 0, 256, 0, 4, 0,
-                                  gemm_counts, 10, 0});
+                                  gemm_counts, 10, 0, 0});
 }
 
 Test(cuda_kernels, grouped_gemm_pointer_arrays_two_parts_match_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm list gate|up bf16", MOE_BF16, 0, 0, 768, 192, 0, 256, 1, 8,
-                                  0, gemm_counts, 10, 0});
+                                  0, gemm_counts, 10, 0, 0});
 }
 
 Test(cuda_kernels, grouped_gemm_packed_fp16_matches_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm packed fp16", MOE_F16, 0, 0, 256, 512, 0, 256, 0, 0, 0,
-                                  gemm_counts, 10, 0});
+                                  gemm_counts, 10, 0, 0});
 }
 
 /* The input-grad form: weights read MN-major (W, not Wᵀ), split along the reduction. */
 Test(cuda_kernels, grouped_gemm_mn_major_weights_match_cpu, .timeout = 120)
 {
     run_gemm_case(&(struct gcase){"gemm MN weights split-k", MOE_BF16, 0, 0, 256, 384, 1, 128, 1, 4,
-                                  0, gemm_counts, 10, 0});
+                                  0, gemm_counts, 10, 0, 0});
     run_gemm_case(&(struct gcase){"gemm MN weights 3-D", MOE_BF16, 0, 0, 512, 256, 1, 256, 0, 2, 0,
-                                  gemm_counts, 10, 0});
+                                  gemm_counts, 10, 0, 0});
 }
 
 /* The weight-grad form: the experts' rows are the reduction; experts without rows get zeros. */
 Test(cuda_kernels, grouped_gemm_varlen_k_matches_cpu, .timeout = 180)
 {
     run_gemm_case(&(struct gcase){"gemm varlen-K gather A", MOE_BF16, 1, 256, 256, 0, 0, 128, 0, 4,
-                                  0, gemm_counts, 10, 0});
+                                  0, gemm_counts, 10, 0, 0});
     run_gemm_case(&(struct gcase){"gemm varlen-K gather B list", MOE_F16, 1, 384, 512, 0, 0, 256, 1,
-                                  8, 1, gemm_counts, 10, 0});
+                                  8, 1, gemm_counts, 10, 0, 0});
 }
 
 /* The output paths on short reductions and unaligned outputs: D = 64 / 128 (one / two k-steps)
@@ -1046,11 +1128,22 @@ Test(cuda_kernels, grouped_gemm_varlen_k_matches_cpu, .timeout = 180)
 Test(cuda_kernels, grouped_gemm_output_paths_match_cpu, .timeout = 180)
 {
     run_gemm_case(&(struct gcase){"gemm one k-step", MOE_BF16, 0, 0, 256, 64, 0, 256, 0, 4, 0,
-                                  gemm_counts, 10, 0});
+                                  gemm_counts, 10, 0, 0});
     run_gemm_case(&(struct gcase){"gemm two k-steps", MOE_BF16, 0, 0, 512, 128, 1, 128, 0, 0, 0,
-                                  gemm_counts, 10, 0});
+                                  gemm_counts, 10, 0, 0});
     run_gemm_case(&(struct gcase){"gemm varlen-K skewed list", MOE_BF16, 1, 256, 256, 0, 0, 128, 1,
-                                  4, 0, gemm_counts, 10, 8});
+                                  4, 0, gemm_counts, 10, 8, 0});
+}
+
+/* The forward's gate|up GEMM with SwiGLU fused: a tile holds 128 gate and the same 128 up
+   columns; c as without it, act = silu(gate) up of c. Pointer arrays and one 3-D tensor, bf16
+   and fp16, rows gathered. */
+Test(cuda_kernels, grouped_gemm_fused_swiglu_matches_cpu, .timeout = 180)
+{
+    run_gemm_case(&(struct gcase){"gemm SwiGLU list bf16", MOE_BF16, 0, 0, 512, 256, 0, 256, 1, 4,
+                                  0, gemm_counts, 10, 0, 1});
+    run_gemm_case(&(struct gcase){"gemm SwiGLU 3-D fp16", MOE_F16, 0, 0, 768, 192, 0, 384, 0, 8, 0,
+                                  gemm_counts, 10, 0, 1});
 }
 
 Test(cuda_kernels, grouped_gemm_refuses_what_it_does_not_tile)
@@ -1074,6 +1167,11 @@ Test(cuda_kernels, grouped_gemm_refuses_what_it_does_not_tile)
     g.N = 200;
     g.b.split = 200;
     cr_expect_eq(moe_grouped_gemm_cuda(&g), MOE_EUNSUPPORTED, "N not a multiple of 256");
+    g.N = 512;
+    g.b.split = 128;
+    g.act = (void *)16;
+    g.act_rs = 256;
+    cr_expect_eq(moe_grouped_gemm_cuda(&g), MOE_EUNSUPPORTED, "SwiGLU with parts not N / 2");
 }
 
 /* Shapes the Hopper engine tiles (2I, H multiples of 256): with moe_problem.engine on an sm_90 GPU
@@ -1089,6 +1187,8 @@ Test(cuda_kernels, engine_shapes_match_cpu, .timeout = 300)
          0, 0, 0.0f},
         {"engine fp16 3-D", MOE_F16, 129, 512, 256, 0, 6, 3, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
         {"engine bf16 T=1", MOE_BF16, 1, 256, 256, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+        {"engine fwd I=384 bf16", MOE_BF16, 300, 256, 384, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
+         0.0f},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         for (int engine = 0; engine < 3; engine++) /* cuBLAS, engine, engine warp-specialized */

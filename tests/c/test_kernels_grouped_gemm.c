@@ -199,6 +199,56 @@ Test(kernels_grouped_gemm, varlen_k_weight_grads_match_fp64_and_zero_empty_exper
     }
 }
 
+/* SwiGLU fused (moe_gemm.act): act[r, i] = silu(c[r, i]) c[r, I + i] of the stored
+   halves (I = N / 2, the weight split), act at its own row stride. */
+static void check_swiglu(moe_dtype dt)
+{
+    uint64_t seed = 0x5e1u + (uint64_t)dt;
+    enum { I = N / 2, ARS = I + 2 };
+    const int64_t R = offsets[E];
+    double *s;
+    void *sb = activations(dt, &seed, D, &s);
+    struct wparts w;
+    struct moe_gemm g;
+    memset(&g, 0, sizeof g);
+    weights(&w, dt, &seed, N, D, 0, I, &g.b);
+    void *c = ref_alloc((size_t)(R * N) * moe_dtype_size(dt));
+    void *act = ref_alloc((size_t)(R * ARS) * moe_dtype_size(dt));
+    g.dtype = dt;
+    g.E = E;
+    g.N = N;
+    g.D = D;
+    g.rows_max = R;
+    g.offsets = offsets;
+    g.a = (struct moe_gemm_op){1, sb, D + RPAD, gather, TOPK, {{0}, {0}}, 0, 0};
+    g.c = c;
+    g.c_rs = N;
+    g.act = act;
+    g.act_rs = ARS;
+    cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
+    struct err m = {0, 0};
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < I; i++) {
+            const double gv = ref_get(dt, c, r * N + i), uv = ref_get(dt, c, r * N + I + i);
+            note(&m, ref_get(dt, act, r * ARS + i), gv / (1.0 + exp(-gv)) * uv);
+        }
+    cr_expect(m.worst / m.scale <= moe_tol(dt), "%s: act rel err %g", ref_dtype_name(dt),
+              m.worst / m.scale);
+    g.b.split = 2; /* the halves must be the two parts */
+    cr_expect_eq(moe_grouped_gemm_cpu(&g), MOE_EINVAL, "act with parts not N / 2");
+    weights_free(&w);
+    free(s);
+    free(sb);
+    free(c);
+    free(act);
+}
+
+Test(kernels_grouped_gemm, fused_swiglu_is_silu_of_the_stored_halves)
+{
+    for (int dt = MOE_F32; dt <= MOE_F16; dt++)
+        check_swiglu((moe_dtype)dt);
+}
+
 Test(kernels_grouped_gemm, bad_arguments_are_refused)
 {
     struct moe_gemm g;
