@@ -31,6 +31,11 @@
  *   drain while the next tile computes; else (and for a warp with rows past the expert's end)
  *   64 columns at a time, copied with 128-byte row pieces, four per warp store. Outputs not
  *   16-byte aligned (pointer arrays) are stored from the registers.
+ * - SwiGLU fused (moe_gemm.act, its own kernel instantiation, ACT): a tile holds 128 gate and the
+ *   same 128 up columns (B's upper rows from the up part), c gets both halves as stored, act
+ *   silu(gate) up of the rounded halves (the unfused SwiGLU kernel's bits). Its epilogue runs while
+ *   the tensor cores wait, so it costs more than the separate kernel; the block uses it only where
+ *   the plain GEMM cannot tile the parts (I an odd multiple of 128).
  * - Wasted work at expert edges: a warpgroup whose 64 rows of a varlen-M tile are all past the
  *   expert's end skips its wgmma; a weight-grad tile's last k-step runs only its 16-deep slices
  *   that hold rows.
@@ -267,15 +272,10 @@ template <int X, int MN, int NT, int ROWS> struct sm90_loader;
    is row * 128 + ((chunk ^ row % 8) * 16), and row % 8 is the same for all of a thread's rows. Rows
    are x (varlen-M: global rows from x0 = r0, gathered; weights: part by x). */
 template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
-    static constexpr int RSTEP = NT / 8, NR = X / RSTEP, HALF = X == SM90_BN ? NR / 2 : NR;
-    static_assert(RSTEP % 8 == 0 && X % RSTEP == 0 && NR <= 32, "rows of a thread share row % 8");
-    /* Few registers (the loading warpgroup runs on SM90W_LOADER_REGS): rows keep 32-bit source
-       rows and a bit per row that holds data; weights, whose tile halves each lie in one part
-       (split on a tile edge, sm90_kind), a pointer per half and the step between rows. */
-    const char *p0, *p1;
-    int64_t step, step1;
-    uint32_t src[ROWS ? NR : 1];
-    uint32_t live;
+    static constexpr int RSTEP = NT / 8, NR = X / RSTEP;
+    static_assert(RSTEP % 8 == 0 && X % RSTEP == 0, "rows of a thread share row % 8");
+    const char *p[NR];
+    int bytes[NR];
     uint32_t dst;
 
     __device__ __forceinline__ void plan(const struct sm90_op &o, const struct sm90_tile &t,
@@ -292,23 +292,21 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
                 const int64_t x = x0 + row + RSTEP * i;
                 raw[i] = gather_raw(o.gather, x < t.r_end ? x : t.r0);
             }
-            live = 0;
 #pragma unroll
             for (int i = 0; i < NR; i++) {
-                live |= (x0 + row + RSTEP * i < t.r_end ? 1u : 0u) << i;
-                src[i] = (uint32_t)source_row(o.gather, o.div_m, o.div_s, raw[i]);
+                bytes[i] = x0 + row + RSTEP * i < t.r_end ? 16 : 0;
+                p[i] = o.base + source_row(o.gather, o.div_m, o.div_s, raw[i]) * o.rs + chunk * 16;
             }
-            p0 = p1 = o.base + chunk * 16;
-            step = step1 = o.rs;
         } else {
-            const int64_t x1 = x0 + RSTEP * HALF + o.xhi; /* the upper half's first row */
-            const int part = x0 >= o.split, part1 = x1 >= o.split;
-            p0 = weight_base(o, part, t.e) + (x0 + row - (part ? o.split : 0)) * o.xs[part] +
-                 chunk * 16;
-            p1 = weight_base(o, part1, t.e) + (x1 + row - (part1 ? o.split : 0)) * o.xs[part1] +
-                 chunk * 16;
-            step = RSTEP * o.xs[part];
-            step1 = RSTEP * o.xs[part1];
+#pragma unroll
+            for (int i = 0; i < NR; i++) {
+                /* SwiGLU: the tile's upper 128 rows are the up part's (o.xhi further on) */
+                const int64_t x = x0 + row + RSTEP * i + (X == SM90_BN && i >= NR / 2 ? o.xhi : 0);
+                const int part = x >= o.split;
+                p[i] = weight_base(o, part, t.e) + (x - (part ? o.split : 0)) * o.xs[part] +
+                       chunk * 16;
+                bytes[i] = 16;
+            }
         }
     }
 
@@ -316,15 +314,8 @@ template <int X, int NT, int ROWS> struct sm90_loader<X, 0, NT, ROWS> {
     {
         const int64_t k = (int64_t)kt * SM90_BK * 2;
 #pragma unroll
-        for (int i = 0; i < NR; i++) {
-            if constexpr (ROWS)
-                cp_async16(tile + dst + i * RSTEP * 128, p0 + k + (int64_t)src[i] * step,
-                           (live >> i) & 1 ? 16 : 0);
-            else if (i < HALF)
-                cp_async16(tile + dst + i * RSTEP * 128, p0 + k + i * step, 16);
-            else
-                cp_async16(tile + dst + i * RSTEP * 128, p1 + k + (i - HALF) * step1, 16);
-        }
+        for (int i = 0; i < NR; i++)
+            cp_async16(tile + dst + i * RSTEP * 128, p[i] + k, bytes[i]);
     }
 };
 
@@ -716,13 +707,13 @@ static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, cons
 
 /* A finished tile's outputs: c, and with SwiGLU fused (only the K/K kernel: the forward's gate|up
    GEMM) its activation. */
-template <typename T, int AMN, int BMN>
+template <typename T, int ACT>
 static __device__ __forceinline__ void write_out(const struct sm90_args &g,
                                                  const struct sm90_tile &t, const float *d,
                                                  uint32_t epi, int tid, uint32_t &es)
 {
     write_tile<T, 0>(dst_of(g, t), d, epi, tid, es);
-    if (AMN == 0 && BMN == 0 && g.act)
+    if (ACT)
         write_tile<T, 1>(act_of(g, t), d, epi, tid, es);
 }
 
@@ -853,7 +844,7 @@ template <int AMN, int BMN> struct sm90_producer {
     }
 };
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int ACT>
 static __global__ void __launch_bounds__(SM90_THREADS, 1)
     sm90_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
@@ -904,7 +895,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        write_out<T, AMN, BMN>(g, t, d, epi, threadIdx.x, es);
+        write_out<T, ACT>(g, t, d, epi, threadIdx.x, es);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
     bulk_wait_all();
@@ -949,12 +940,12 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 #define SM90W_THREADS 384
 #define SM90W_LOADERS 128
 #define SM90W_COMPUTE_WARPS ((SM90W_THREADS - SM90W_LOADERS) / 32)
-/* Registers per thread after setmaxnreg (0: none): the pool of 168 x 384 allows 128 (168 - L) >=
-   256 (C - 168). */
-#ifndef SM90W_LOADER_REGS
-#define SM90W_LOADER_REGS 104
-#define SM90W_COMPUTE_REGS 200
-#endif
+/* The fused SwiGLU kernel's registers per thread after setmaxnreg (the others keep 168 each): the
+   pool of 168 x 384 allows 128 (168 - L) >= 256 (C - 168). ptxas still spills ~28 bytes there (the
+   loader's row pointers); a leaner loader (32-bit rows, one pointer per half) removed that but
+   cost the plain forward GEMM ~8 % at the Qwen3 shape, so the common kernels keep theirs. */
+#define SM90W_LOADER_REGS 136
+#define SM90W_COMPUTE_REGS 184
 
 template <int AMN, int BMN>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
@@ -1010,7 +1001,7 @@ sm90w_ksteps(const struct sm90_args &g, float *d, const struct sm90_tile &t, uin
         mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
 }
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int ACT>
 static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, const int *tiles,
                                                      int nt, int total, uint32_t ring,
                                                      uint32_t full, uint32_t empty, uint32_t epi)
@@ -1026,12 +1017,12 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             continue;
         }
         sm90w_ksteps<T, AMN, BMN>(g, d, t, ring, full, wg, lane, empty, slot);
-        write_out<T, AMN, BMN>(g, t, d, epi, ctid, es);
+        write_out<T, ACT>(g, t, d, epi, ctid, es);
     }
     bulk_wait_all();
 }
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int ACT>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
@@ -1058,26 +1049,27 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
         tile_prefix(g.offsets, g.E, nt, tiles, part); /* ends with a barrier */
         total = tiles[g.E];
     }
+    /* the fused SwiGLU's epilogue needs more registers than the computing warps' share of 168 */
     if (threadIdx.x < SM90W_LOADERS) {
-        if (SM90W_LOADER_REGS)
+        if (ACT)
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(SM90W_LOADER_REGS));
         sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
     } else {
-        if (SM90W_LOADER_REGS)
+        if (ACT)
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(SM90W_COMPUTE_REGS));
-        sm90w_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty, epi);
+        sm90w_compute<T, AMN, BMN, ACT>(g, tiles, nt, total, ring, full, empty, epi);
     }
 }
 
 #else /* not sm_90a: never launched (moe_grouped_gemm_cuda checks the device first) */
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int ACT>
 static __global__ void sm90_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     (void)g;
 }
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int ACT>
 static __global__ void sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     (void)g;
@@ -1102,7 +1094,7 @@ static int sm90_ready(int *sms)
             cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
             major == 9 && minor == 0 &&
             cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-            cudaFuncGetAttributes(&fa, sm90_gemm_kernel<__nv_bfloat16, 0, 0>) == cudaSuccess &&
+            cudaFuncGetAttributes(&fa, sm90_gemm_kernel<__nv_bfloat16, 0, 0, 0>) == cudaSuccess &&
             fa.binaryVersion == 90;
         cudaGetLastError();
     }
@@ -1139,7 +1131,8 @@ static int weights_ok(const struct moe_gemm_op *o, int mn, int64_t x_len, int64_
     return 1;
 }
 
-/* Which kernel runs g: 0 none (unsupported), 1 K/K, 2 K/MN, 3 MN/MN (A/B majorness). */
+/* Which kernel runs g: 0 none (unsupported), 1 K/K, 2 K/MN, 3 MN/MN (A/B majorness), 4 K/K with
+   SwiGLU fused. */
 static int sm90_kind(const struct moe_gemm *g)
 {
     if (g->dtype != MOE_BF16 && g->dtype != MOE_F16)
@@ -1165,7 +1158,7 @@ static int sm90_kind(const struct moe_gemm *g)
         return g->b.split * 2 == g->N && g->b.split % (SM90_BN / 2) == 0 &&
                        aligned16(g->act, g->act_rs * 2) &&
                        weights_ok(&g->b, 0, g->N, g->D, SM90_BN / 2)
-                   ? 1
+                   ? 4
                    : 0;
     if (weights_ok(&g->b, 0, g->N, g->D, SM90_BN))
         return 1;
@@ -1307,19 +1300,19 @@ static int sm90_smem_ready(sm90_kernel_fn k)
 /* The kernel of a schedule: 1 all threads load and compute; anything else (0, the default, and
    2) warp-specialized, faster on every form measured (tests/bench/RESULTS.md). Only 0 stores
    through TMA (sm90_out_maps). */
-template <typename T, int AMN, int BMN> static sm90_kernel_fn sm90_kernel_of(int schedule)
+template <typename T, int AMN, int BMN, int ACT> static sm90_kernel_fn sm90_kernel_of(int schedule)
 {
     if (schedule == 1)
-        return sm90_gemm_kernel<T, AMN, BMN>;
-    return sm90w_gemm_kernel<T, AMN, BMN>;
+        return sm90_gemm_kernel<T, AMN, BMN, ACT>;
+    return sm90w_gemm_kernel<T, AMN, BMN, ACT>;
 }
 
-template <int AMN, int BMN>
+template <int AMN, int BMN, int ACT>
 static int sm90_launch(const struct sm90_args &a, moe_dtype dt, int schedule, unsigned grid,
                        cudaStream_t st)
 {
-    const sm90_kernel_fn k = dt == MOE_BF16 ? sm90_kernel_of<__nv_bfloat16, AMN, BMN>(schedule)
-                                            : sm90_kernel_of<__half, AMN, BMN>(schedule);
+    const sm90_kernel_fn k = dt == MOE_BF16 ? sm90_kernel_of<__nv_bfloat16, AMN, BMN, ACT>(schedule)
+                                            : sm90_kernel_of<__half, AMN, BMN, ACT>(schedule);
     MOE_TRY(sm90_smem_ready(k));
     k<<<grid, schedule == 1 ? SM90_THREADS : SM90W_THREADS, SM90_SMEM_BYTES, st>>>(a);
     MOE_CHECK_LAUNCH();
@@ -1372,8 +1365,10 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
     const unsigned grid = (unsigned)(bound < cap ? bound : cap);
     cudaStream_t st = (cudaStream_t)g->stream;
     if (kind == 1)
-        return sm90_launch<0, 0>(a, g->dtype, g->schedule, grid, st);
+        return sm90_launch<0, 0, 0>(a, g->dtype, g->schedule, grid, st);
     if (kind == 2)
-        return sm90_launch<0, 1>(a, g->dtype, g->schedule, grid, st);
-    return sm90_launch<1, 1>(a, g->dtype, g->schedule, grid, st);
+        return sm90_launch<0, 1, 0>(a, g->dtype, g->schedule, grid, st);
+    if (kind == 4)
+        return sm90_launch<0, 0, 1>(a, g->dtype, g->schedule, grid, st);
+    return sm90_launch<1, 1, 0>(a, g->dtype, g->schedule, grid, st);
 }
