@@ -942,8 +942,10 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 #define SM90W_COMPUTE_WARPS ((SM90W_THREADS - SM90W_LOADERS) / 32)
 /* The fused SwiGLU kernel's registers per thread after setmaxnreg (the others keep 168 each): the
    pool of 168 x 384 allows 128 (168 - L) >= 256 (C - 168). ptxas still spills ~28 bytes there (the
-   loader's row pointers); a leaner loader (32-bit rows, one pointer per half) removed that but
-   cost the plain forward GEMM ~8 % at the Qwen3 shape, so the common kernels keep theirs. */
+   loader's row pointers). A build with a leaner loader (32-bit rows, one pointer per half),
+   setmaxnreg and the SwiGLU epilogue all in the common K/K kernel spilled nothing but ran the plain
+   forward GEMM ~8 % slower at the Qwen3 shape (which of the three cost it was not isolated), so
+   the common kernels stay as they were. */
 #define SM90W_LOADER_REGS 136
 #define SM90W_COMPUTE_REGS 184
 
