@@ -385,11 +385,6 @@ int moe__zero_empty_cuda(const struct moe_mats *m, int n, int64_t R, int64_t C,
 
 /* ---- SwiGLU ---- */
 
-static __device__ __forceinline__ float silu(float g)
-{
-    return g / (1.f + expf(-g));
-}
-
 /* V consecutive columns per thread (16-byte accesses where I and the buffers allow, else 1) */
 template <typename T, int V>
 static __global__ void swiglu_kernel(int64_t R, int64_t I, const T *h, T *a)
@@ -403,7 +398,7 @@ static __global__ void swiglu_kernel(int64_t R, int64_t I, const T *h, T *a)
         moe__ldv<V>(u, h + r * 2 * I + I + c);
 #pragma unroll
         for (int j = 0; j < V; j++)
-            g[j] = silu(g[j]) * u[j];
+            g[j] = moe__silu(g[j]) * u[j];
         moe__stv<V>(a + r * I + c, g);
     }
 }
@@ -440,7 +435,7 @@ static __global__ void swiglu_padded_kernel(int64_t R, int64_t I, const T *h, T 
                 continue;
             }
             const T gv = hq[c], uv = hq[I + c];
-            a[q * I + c] = moe__from_f<T>(silu(moe__to_f(gv)) * moe__to_f(uv));
+            a[q * I + c] = moe__from_f<T>(moe__silu(moe__to_f(gv)) * moe__to_f(uv));
             h_pack[r * 2 * I + c] = gv;
             h_pack[r * 2 * I + I + c] = uv;
         }

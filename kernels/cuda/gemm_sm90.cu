@@ -61,12 +61,8 @@
 #define SM90_A_BYTES (SM90_BM * SM90_BK * 2)
 #define SM90_B_BYTES (SM90_BN * SM90_BK * 2)
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
-/* Each computing warp's own output buffer: SM90_EPI_SLOTS 1 KB slots, 16 x 32 sub-tiles for the
-   TMA stores (the first two also hold a 16 x 64 sub-tile for the row copies). */
-#ifndef SM90_EPI_SLOTS
-#define SM90_EPI_SLOTS 2
-#endif
-#define SM90_EPI_WARP_BYTES (SM90_EPI_SLOTS * 1024)
+/* Each computing warp's own output buffer: 16 rows x 64 columns (one sub-tile), 2 KB. */
+#define SM90_EPI_WARP_BYTES 2048
 #define SM90_EPI_BYTES (8 * SM90_EPI_WARP_BYTES)
 #define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + SM90_EPI_BYTES + 1024)
 
@@ -500,21 +496,10 @@ static __device__ __forceinline__ uint32_t pack2(__half, float x, float y)
     return *(const uint32_t *)&v;
 }
 
-static __device__ __forceinline__ float round_to(__nv_bfloat16, float x)
-{
-    return __bfloat162float(__float2bfloat16_rn(x));
-}
-static __device__ __forceinline__ float round_to(__half, float x)
-{
-    return __half2float(__float2half_rn(x));
-}
-
-/* silu(g) u of the two halves as stored (rounded to T): the bits moe__swiglu_cuda computes from
-   them (the same expression, expf and IEEE division) */
+/* silu(g) u of the two halves as stored (rounded to T): moe__swiglu_cuda's bits */
 template <typename T> static __device__ __forceinline__ float swiglu_of(float g, float u)
 {
-    const float gr = round_to(T(), g);
-    return gr / (1.f + expf(-gr)) * round_to(T(), u);
+    return moe__silu(moe__to_f(moe__from_f<T>(g))) * moe__to_f(moe__from_f<T>(u));
 }
 
 /* Output columns per tile: all 256, or with SwiGLU's activation (ACT) the 128 of the gate half. */
@@ -620,10 +605,9 @@ static __device__ __forceinline__ int bufferable(const struct sm90_dst &o)
    measured by dropping them. Through TMA the long tiles gained 11-15 %, the 8-k-step ones
    nothing: their cost is the tile-end drain and late loads, tests/bench/RESULTS.md.) ---- */
 
-/* the warp's stores but the last SM90_EPI_SLOTS - 1 have read their slots */
-static __device__ __forceinline__ void bulk_wait_slot()
+static __device__ __forceinline__ void bulk_wait_read1()
 {
-    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(SM90_EPI_SLOTS - 1) : "memory");
+    asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
 }
 
 static __device__ __forceinline__ void bulk_wait_read0()
@@ -651,22 +635,23 @@ static __device__ __forceinline__ void tma_store(const struct sm90_dst &o, uint3
 
 template <typename T, int ACT>
 static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, const float *d,
-                                                      uint32_t buf, int row0, int lane,
-                                                      uint32_t &es)
+                                                      uint32_t buf, int row0, int lane)
 {
     const int r = lane >> 2;
     const uint32_t wa = buf + (uint32_t)(r * 64 + 4 * (lane & 3));
     const int sw = (r >> 1) & 3; /* rows r and r + 8 share it */
 #pragma unroll
-    for (int sub = 0; sub < SM90_OUT_COLS(ACT) / 32; sub++, es++) {
-        const uint32_t slot = (es % SM90_EPI_SLOTS) * 1024;
+    /* an even count of sub-tiles per call (8, or 4 of the activation): the half that sub-tile sub
+       uses is sub % 2 across tiles and calls as well */
+    for (int sub = 0; sub < SM90_OUT_COLS(ACT) / 32; sub++) {
+        const uint32_t half = (uint32_t)((sub & 1) * 1024);
         if (lane == 0)
-            bulk_wait_slot(); /* the store that last used this slot has read it */
+            bulk_wait_read1(); /* the store before last (this half's) has read it */
         __syncwarp();
 #pragma unroll
         for (int jj = 0; jj < 4; jj++) {
             const int i = 4 * (sub * 4 + jj);
-            const uint32_t at = wa + slot + (uint32_t)((jj ^ sw) << 4);
+            const uint32_t at = wa + half + (uint32_t)((jj ^ sw) << 4);
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(out_pair<T, ACT>(d, i))
                          : "memory");
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 64),
@@ -676,7 +661,7 @@ static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, 
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the TMA */
         __syncwarp();
         if (lane == 0)
-            tma_store(o, buf + slot, o.x + sub * 32 + (sub >= 4 ? o.xhi : 0), o.y + row0);
+            tma_store(o, buf + half, o.x + sub * 32 + (sub >= 4 ? o.xhi : 0), o.y + row0);
     }
 }
 
@@ -685,7 +670,7 @@ static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, 
    direct stores), after the warp's earlier TMA stores have read its buffer. */
 template <typename T, int ACT>
 static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, const float *d,
-                                                  uint32_t epi, int tid, uint32_t &es)
+                                                  uint32_t epi, int tid)
 {
     const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int row0 = wg * 64 + warp * 16;
@@ -693,7 +678,7 @@ static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, cons
         return; /* also a warpgroup that skipped its wgmma: its d was never computed */
     const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
     if (o.map && o.lim >= row0 + 16) {
-        store_tile_tma<T, ACT>(o, d, buf, row0, lane, es);
+        store_tile_tma<T, ACT>(o, d, buf, row0, lane);
         return;
     }
     if (lane == 0)
@@ -710,11 +695,11 @@ static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, cons
 template <typename T, int ACT>
 static __device__ __forceinline__ void write_out(const struct sm90_args &g,
                                                  const struct sm90_tile &t, const float *d,
-                                                 uint32_t epi, int tid, uint32_t &es)
+                                                 uint32_t epi, int tid)
 {
-    write_tile<T, 0>(dst_of(g, t), d, epi, tid, es);
+    write_tile<T, 0>(dst_of(g, t), d, epi, tid);
     if (ACT)
-        write_tile<T, 1>(act_of(g, t), d, epi, tid, es);
+        write_tile<T, 1>(act_of(g, t), d, epi, tid);
 }
 
 /* Before the kernel ends: every TMA store of this thread has completed. */
@@ -855,7 +840,6 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
     const uint32_t epi = ring + SM90_STAGES * SM90_STAGE_BYTES;
     const int nt = g.N / SM90_BN, wg = threadIdx.x >> 7;
     float d[128];
-    uint32_t es = 0;
 
     int total;
     if (g.varlen_k) {
@@ -895,7 +879,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        write_out<T, ACT>(g, t, d, epi, threadIdx.x, es);
+        write_out<T, ACT>(g, t, d, epi, threadIdx.x);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
     bulk_wait_all();
@@ -1011,7 +995,6 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
     float d[128];
     int slot = 0;
-    uint32_t es = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
@@ -1019,7 +1002,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             continue;
         }
         sm90w_ksteps<T, AMN, BMN>(g, d, t, ring, full, wg, lane, empty, slot);
-        write_out<T, ACT>(g, t, d, epi, ctid, es);
+        write_out<T, ACT>(g, t, d, epi, ctid);
     }
     bulk_wait_all();
 }

@@ -42,6 +42,13 @@ template <> __device__ __forceinline__ __half moe__from_f<__half>(float v)
     return __float2half_rn(v);
 }
 
+/* SwiGLU's activation, one expression for the SwiGLU kernel and the GEMM epilogue that fuses it
+   (the same bits from both) */
+static __device__ __forceinline__ float moe__silu(float g)
+{
+    return g / (1.f + expf(-g));
+}
+
 /* Runs body with T bound to the element type of dtype dt; an unknown dtype returns MOE_EINVAL. */
 #define MOE_DISPATCH(dt, body)                                                                     \
     do {                                                                                           \

@@ -83,6 +83,21 @@ static void note(struct err *m, double got, double want)
     m->scale = fabs(want) > m->scale ? fabs(want) : m->scale;
 }
 
+/* The varlen-M fields of g (its weights g->b set apart): the fixture's rows of sb, gathered or not,
+   into c [R, N]. */
+static void varlen_m_of(struct moe_gemm *g, moe_dtype dt, void *sb, int gathered, void *c)
+{
+    g->dtype = dt;
+    g->E = E;
+    g->N = N;
+    g->D = D;
+    g->rows_max = offsets[E];
+    g->offsets = offsets;
+    g->a = (struct moe_gemm_op){1, sb, D + RPAD, gathered ? gather : NULL, TOPK, {{0}, {0}}, 0, 0};
+    g->c = c;
+    g->c_rs = N;
+}
+
 /* varlen-M: c[r, n] = Σ_k S[src(r), k] W_e[n, k]. */
 static void check_varlen_m(moe_dtype dt, int gathered, int mn)
 {
@@ -95,15 +110,7 @@ static void check_varlen_m(moe_dtype dt, int gathered, int mn)
     memset(&g, 0, sizeof g);
     weights(&w, dt, &seed, N, D, mn, mn ? 3 : SPLIT, &g.b);
     void *c = ref_alloc((size_t)(R * N) * moe_dtype_size(dt));
-    g.dtype = dt;
-    g.E = E;
-    g.N = N;
-    g.D = D;
-    g.rows_max = R;
-    g.offsets = offsets;
-    g.a = (struct moe_gemm_op){1, sb, D + RPAD, gathered ? gather : NULL, TOPK, {{0}, {0}}, 0, 0};
-    g.c = c;
-    g.c_rs = N;
+    varlen_m_of(&g, dt, sb, gathered, c);
     cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
     struct err m = {0, 0};
     for (int e = 0; e < E; e++)
@@ -214,15 +221,7 @@ static void check_swiglu(moe_dtype dt)
     weights(&w, dt, &seed, N, D, 0, I, &g.b);
     void *c = ref_alloc((size_t)(R * N) * moe_dtype_size(dt));
     void *act = ref_alloc((size_t)(R * ARS) * moe_dtype_size(dt));
-    g.dtype = dt;
-    g.E = E;
-    g.N = N;
-    g.D = D;
-    g.rows_max = R;
-    g.offsets = offsets;
-    g.a = (struct moe_gemm_op){1, sb, D + RPAD, gather, TOPK, {{0}, {0}}, 0, 0};
-    g.c = c;
-    g.c_rs = N;
+    varlen_m_of(&g, dt, sb, 1, c);
     g.act = act;
     g.act_rs = ARS;
     cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
