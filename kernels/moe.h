@@ -219,10 +219,12 @@ struct moe_gemm {
     struct moe_mats cm[2]; /* varlen-K: C_e (m, n) in cm[m >= c_split] (m counted from c_split) */
     int64_t c_split;
     void *stream; /* CUDA: cudaStream_t */
-    /* CUDA kernel schedule: 0 the default (warp-specialized, output tiles stored by TMA where
-       the output is one strided tensor), 1 all threads load and compute, 2 warp-specialized (one
-       warpgroup loads, two compute) with every store from the computing warps. Same results;
-       the CPU ignores it. */
+    /* CUDA kernel schedule: 4 warp-specialized (one warpgroup loads, two compute on 128 x 256
+       tiles), output tiles stored by TMA where the output is one strided tensor; 2 the same with
+       every store from the computing warps; 3 warp-specialized ping-pong (each computing
+       warpgroup on its own 128 x 128 tiles; not with act, which runs as 4); 1 all threads load
+       and compute; 0 the default: 4, or 3 where 4's tiles would be fewer than the SMs (varlen-M
+       decode sizes). Same results; the CPU ignores it. */
     int schedule;
     /* CUDA: at most this many CTAs in the persistent grid (0: one per SM). Same results; tests
        use a few, so that each CTA walks many tiles. */

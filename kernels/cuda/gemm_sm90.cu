@@ -18,15 +18,17 @@
  *   (MN-major activations: 8 chunks × the atoms of a row). Two computing warpgroups (64 × 256
  *   each, BK = 64). The ring does not drain between tiles: it runs across this CTA's whole tile
  *   list, so short reductions (the down projection, the weight grads) do not pay a refill per
- *   tile. Three schedules (moe_gemm.schedule), the same tiles and wgmma order, so the same bits:
- *   0 (default) and 2 — warp-specialized, a third warpgroup loads up to S k-steps ahead,
- *   mbarriers between them (sm90w_*); 1 — all 256 threads load and compute, the ring runs S - 2
- *   k-steps ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on it
- *   has retired). 0 stores through TMA, 2 and 1 do not. On an H200 the warp-specialized kernel is
- *   faster on every form (tests/bench/RESULTS.md).
+ *   tile. Schedules (moe_gemm.schedule), all with the same per-element wgmma order, so the same
+ *   bits: 4 and 2 — warp-specialized cooperative, a third warpgroup loads up to S k-steps ahead,
+ *   mbarriers between them (sm90w_*); 3 — the same loader, ping-pong: 128 x 128 tiles, each
+ *   computing warpgroup on its own (sm90p_*); 1 — all 256 threads load and compute, the ring runs
+ *   S - 2 k-steps ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on
+ *   it has retired). 4 and 3 store through TMA, 2 and 1 do not. 0, the default, is 4, or 3 where
+ *   4's tiles would leave SMs idle (decode). On an H200 the cooperative warp-specialized kernel is
+ *   the fastest on every form of the training shapes (tests/bench/RESULTS.md).
  * - Output: each computing warp writes its 16 accumulator rows out through a 2 KB buffer of its
  *   own, so the ring's stages all go back to the loader as soon as the tile's wgmma retired and
- *   the next tile's loads run on while a tile is written out. Schedule 0, output one strided
+ *   the next tile's loads run on while a tile is written out. Schedules 0/3/4, output one strided
  *   tensor (a TMA map): 16 x 32 sub-tiles, double-buffered, one bulk tensor store each, which
  *   drain while the next tile computes; else (and for a warp with rows past the expert's end)
  *   64 columns at a time, copied with 128-byte row pieces, four per warp store. Outputs not
@@ -41,8 +43,8 @@
  *   that hold rows.
  * - Tile layouts: K-major = rows of 64 k (128 bytes, chunk c of row r at c ^ r % 8); MN-major =
  *   atoms of 8 k × 64 x (1024 bytes), the 8 k-groups of an atom column contiguous, atoms along x
- *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages: 192 KB of shared memory (+ 16 KB of
- *   output buffers), one CTA per SM.
+ *   SM90_ATOM_STRIDE apart. 128 × 256 × 64 tiles, 4 stages (ping-pong: 128 × 128 × 64, 6): 192 KB
+ *   of shared memory (+ 16 KB of output buffers), one CTA per SM.
  */
 #include <cuda.h> /* CUtensorMap and its enums only: the encoder comes through the runtime */
 #include <stdint.h>
@@ -178,6 +180,34 @@ static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db,
         SM90_WGMMA("f16");
     else
         SM90_WGMMA("bf16");
+}
+
+#define D64_REGS                                                                                   \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, "                                                            \
+    "%8, %9, %10, %11, %12, %13, %14, %15, "                                                       \
+    "%16, %17, %18, %19, %20, %21, %22, %23, "                                                     \
+    "%24, %25, %26, %27, %28, %29, %30, %31, "                                                     \
+    "%32, %33, %34, %35, %36, %37, %38, %39, "                                                     \
+    "%40, %41, %42, %43, %44, %45, %46, %47, "                                                     \
+    "%48, %49, %50, %51, %52, %53, %54, %55, "                                                     \
+    "%56, %57, %58, %59, %60, %61, %62, %63}"
+#define D64_OPERANDS D8(0), D8(8), D8(16), D8(24), D8(32), D8(40), D8(48), D8(56)
+
+/* The ping-pong schedule's half: d[64 x 128] (+)= A[64 x 16] · B[128 x 16]ᵀ. */
+#define SM90_WGMMA128(TY)                                                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                      \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " D64_REGS             \
+                 ", %64, %65, p, 1, 1, %67, %68;\n}\n"                                             \
+                 : D64_OPERANDS                                                                    \
+                 : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB))
+
+template <typename T, int TA, int TB>
+static __device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db, int accumulate)
+{
+    if constexpr (std::is_same<T, __half>::value)
+        SM90_WGMMA128("f16");
+    else
+        SM90_WGMMA128("bf16");
 }
 
 /* tiles[e] = first tile of expert e (exclusive prefix), tiles[E] = all tiles. 256 threads, each
@@ -502,8 +532,9 @@ template <typename T> static __device__ __forceinline__ float swiglu_of(float g,
     return moe__silu(moe__to_f(moe__from_f<T>(g))) * moe__to_f(moe__from_f<T>(u));
 }
 
-/* Output columns per tile: all 256, or with SwiGLU's activation (ACT) the 128 of the gate half. */
-#define SM90_OUT_COLS(ACT) ((ACT) ? SM90_BN / 2 : SM90_BN)
+/* Output columns of a COLS-wide accumulator fragment: all, or with SwiGLU's activation (ACT) the
+   gate half's. */
+#define SM90_OUT_COLS(ACT, COLS) ((ACT) ? (COLS) / 2 : (COLS))
 
 /* The pair of outputs at fragment element i (even; columns c, c + 1 of one row) as two T: the
    accumulators, or (ACT) SwiGLU of the gate pair at i and the up pair 64 elements (128 columns)
@@ -516,22 +547,21 @@ static __device__ __forceinline__ uint32_t out_pair(const float *d, int i)
     return pack2(T(), d[i], d[i + 1]);
 }
 
-/* The accumulator fragment of thread tid (of the 256 computing threads): rows ra = wg * 64 +
-   warp * 16 + lane / 4 and ra + 8, columns 2 (lane % 4) + 8 j, j < 32. Written straight to global
-   memory: 16 bytes per row per warp store, so the slow path (outputs not 16-byte aligned). ZERO:
-   a tile without k-steps (varlen-K, an expert without rows) writes zeros and never touches d:
-   ordinary writes to the accumulators can make ptxas serialize every wgmma of the kernel (C7515).
- */
-template <typename T, int ZERO = 0, int ACT = 0>
+/* A warp's accumulator fragment of a 64 x COLS wgmma: rows ra = row0 + lane / 4 and ra + 8 of the
+   tile (row0: the warp's first), columns 2 (lane % 4) + 8 j, j < COLS / 8. Written straight to
+   global memory: 16 bytes per row per warp store, so the slow path (outputs not 16-byte aligned).
+   ZERO: a tile without k-steps (varlen-K, an expert without rows) writes zeros and never touches
+   d: ordinary writes to the accumulators can make ptxas serialize every wgmma of the kernel
+   (C7515). */
+template <typename T, int ZERO = 0, int ACT = 0, int COLS = SM90_BN>
 static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, const float *d,
-                                                    int tid)
+                                                    int row0, int lane)
 {
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int64_t ra = wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8;
+    const int64_t ra = row0 + (lane >> 2), rb = ra + 8;
     uint32_t *pa = (uint32_t *)(o.base + ra * o.rs) + (lane & 3);
     uint32_t *pb = (uint32_t *)(o.base + rb * o.rs) + (lane & 3);
 #pragma unroll
-    for (int j = 0; j < SM90_OUT_COLS(ACT) / 8; j++) {
+    for (int j = 0; j < SM90_OUT_COLS(ACT, COLS) / 8; j++) {
         const int hi = j >= 16 ? o.xhi / 2 : 0; /* in pairs */
         if (ra < o.lim)
             pa[4 * j + hi] = ZERO ? 0u : out_pair<T, ACT>(d, 4 * j);
@@ -547,20 +577,17 @@ static __device__ __forceinline__ void store_direct(const struct sm90_dst &o, co
    whole 128-byte row pieces per warp store. Rows >= o.lim are not written. (Earlier designs
    staged the whole tile in the tile's last two ring stages: the ring then drained at every tile
    edge, which cost ~25 % on the 8-k-step tiles against cuBLAS on the same uniform problem.) */
-template <typename T, int ACT>
+template <typename T, int ACT, int COLS>
 static __device__ __forceinline__ void store_tile(const struct sm90_dst &o, const float *d,
-                                                  uint32_t epi, int tid)
+                                                  uint32_t buf, int row0, int lane)
 {
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int row0 = wg * 64 + warp * 16;
     const int64_t rows = o.lim - row0; /* > 0: write_tile skips warps without rows */
-    const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
     const int r = lane >> 2; /* writes: rows r and r + 8, 4 bytes at column 2 (lane % 4) + 8 jj */
     const uint32_t wa = buf + (uint32_t)(r * 128 + 4 * (lane & 3));
     const int rr = lane >> 3, c = lane & 7; /* reads: chunk c of rows rr + 4 i */
     char *dst = o.base + (int64_t)(row0 + rr) * o.rs + c * 16;
 #pragma unroll
-    for (int sub = 0; sub < SM90_OUT_COLS(ACT) / 64; sub++) {
+    for (int sub = 0; sub < SM90_OUT_COLS(ACT, COLS) / 64; sub++) {
 #pragma unroll
         for (int jj = 0; jj < 8; jj++) {
             const int i = 4 * (sub * 8 + jj);
@@ -633,7 +660,7 @@ static __device__ __forceinline__ void tma_store(const struct sm90_dst &o, uint3
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 
-template <typename T, int ACT>
+template <typename T, int ACT, int COLS>
 static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, const float *d,
                                                       uint32_t buf, int row0, int lane)
 {
@@ -641,9 +668,9 @@ static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, 
     const uint32_t wa = buf + (uint32_t)(r * 64 + 4 * (lane & 3));
     const int sw = (r >> 1) & 3; /* rows r and r + 8 share it */
 #pragma unroll
-    /* an even count of sub-tiles per call (8, or 4 of the activation): the half that sub-tile sub
-       uses is sub % 2 across tiles and calls as well */
-    for (int sub = 0; sub < SM90_OUT_COLS(ACT) / 32; sub++) {
+    /* an even count of sub-tiles per call (8, or 4 of the activation or a 128-wide fragment): the
+       half that sub-tile sub uses is sub % 2 across tiles and calls as well */
+    for (int sub = 0; sub < SM90_OUT_COLS(ACT, COLS) / 32; sub++) {
         const uint32_t half = (uint32_t)((sub & 1) * 1024);
         if (lane == 0)
             bulk_wait_read1(); /* the store before last (this half's) has read it */
@@ -665,29 +692,39 @@ static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, 
     }
 }
 
-/* The tile's output by the computing thread tid (of 256), decided per warp: TMA stores for a
-   warp with 16 rows to write into a mapped output, else the row copies (or, unaligned, the
-   direct stores), after the warp's earlier TMA stores have read its buffer. */
-template <typename T, int ACT>
+/* A warp's fragment (64 x COLS wgmma, rows from row0) out, through buf, its own buffer: TMA
+   stores for a warp with 16 rows to write into a mapped output, else the row copies (or,
+   unaligned, the direct stores), after the warp's earlier TMA stores have read its buffer. */
+template <typename T, int ACT, int COLS>
 static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, const float *d,
-                                                  uint32_t epi, int tid)
+                                                  uint32_t buf, int row0, int lane)
 {
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int row0 = wg * 64 + warp * 16;
     if (o.lim <= row0)
         return; /* also a warpgroup that skipped its wgmma: its d was never computed */
-    const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
     if (o.map && o.lim >= row0 + 16) {
-        store_tile_tma<T, ACT>(o, d, buf, row0, lane);
+        store_tile_tma<T, ACT, COLS>(o, d, buf, row0, lane);
         return;
     }
     if (lane == 0)
         bulk_wait_read0();
     __syncwarp();
     if (bufferable(o))
-        store_tile<T, ACT>(o, d, epi, tid);
+        store_tile<T, ACT, COLS>(o, d, buf, row0, lane);
     else
-        store_direct<T, 0, ACT>(o, d, tid);
+        store_direct<T, 0, ACT, COLS>(o, d, row0, lane);
+}
+
+/* The cooperative schedules' fragment of computing thread tid (of 256): warpgroup wg's 64 rows
+   of the tile, the warp's 16 of them from row0, its output buffer. */
+struct sm90_frag {
+    int row0, lane;
+    uint32_t buf;
+};
+
+static __device__ __forceinline__ struct sm90_frag frag_of(int tid, uint32_t epi)
+{
+    const int wg = tid >> 7, warp = (tid >> 5) & 3;
+    return {wg * 64 + warp * 16, tid & 31, epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES)};
 }
 
 /* A finished tile's outputs: c, and with SwiGLU fused (only the K/K kernel: the forward's gate|up
@@ -697,9 +734,10 @@ static __device__ __forceinline__ void write_out(const struct sm90_args &g,
                                                  const struct sm90_tile &t, const float *d,
                                                  uint32_t epi, int tid)
 {
-    write_tile<T, 0>(dst_of(g, t), d, epi, tid);
+    const struct sm90_frag f = frag_of(tid, epi);
+    write_tile<T, 0, SM90_BN>(dst_of(g, t), d, f.buf, f.row0, f.lane);
     if (ACT)
-        write_tile<T, 1>(act_of(g, t), d, epi, tid);
+        write_tile<T, 1, SM90_BN>(act_of(g, t), d, f.buf, f.row0, f.lane);
 }
 
 /* Before the kernel ends: every TMA store of this thread has completed. */
@@ -744,6 +782,47 @@ static __device__ __forceinline__ void sm90_mma_stage(float *d, uint32_t stage_a
         sm90_mma_slices<T, AMN, BMN, 1>(d, stage_addr, wg, acc);
 }
 
+/* Ping-pong (schedule 3): one k-step of a warpgroup's own 128 x 128 tile, as NH halves of 64 rows
+   (d and d + 64, m64n128 each; NH 1: the tile's rows 64.. are all past the expert's end) over the
+   first NK slices, one wgmma group. The same per-element k order as sm90_mma_slices: the bits of
+   the other schedules. */
+template <typename T, int AMN, int BMN, int NK, int NH>
+static __device__ __forceinline__ void sm90p_mma_slices(float *d, uint32_t stage_addr, int acc)
+{
+    const uint32_t sa = stage_addr, sb = sa + SM90_A_BYTES;
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int ks = 0; ks < NK; ks++) {
+        const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+            const uint32_t a_at =
+                AMN ? sa + h * SM90_ATOM_STRIDE + ks * 2048 : sa + h * 64 * 128 + ks * 32;
+            wgmma128<T, AMN, BMN>(d + 64 * h, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
+                                  acc || ks > 0);
+        }
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+/* varlen-M: all four slices, one or two halves; varlen-K: both halves, nk slices (each its own
+   straight-line group, as in sm90_mma_stage) */
+template <typename T, int AMN, int BMN>
+static __device__ __forceinline__ void sm90p_mma_stage(float *d, uint32_t stage_addr, int acc,
+                                                       int nk, int nh)
+{
+    if (nh == 1)
+        sm90p_mma_slices<T, AMN, BMN, SM90_BK / 16, 1>(d, stage_addr, acc);
+    else if (nk >= SM90_BK / 16)
+        sm90p_mma_slices<T, AMN, BMN, SM90_BK / 16, 2>(d, stage_addr, acc);
+    else if (nk == 3)
+        sm90p_mma_slices<T, AMN, BMN, 3, 2>(d, stage_addr, acc);
+    else if (nk == 2)
+        sm90p_mma_slices<T, AMN, BMN, 2, 2>(d, stage_addr, acc);
+    else
+        sm90p_mma_slices<T, AMN, BMN, 1, 2>(d, stage_addr, acc);
+}
+
 /* The 16-deep slices of k-step kt that hold rows: all four, except in a weight-grad tile's last
    k-step. */
 static __device__ __forceinline__ int kslices(const struct sm90_args &g, const struct sm90_tile &t,
@@ -764,6 +843,7 @@ static __device__ __forceinline__ int wg_live(const struct sm90_args &g, const s
     return g.varlen_k || t.r_end - t.r0 > (int64_t)wg * 64;
 }
 
+template <int BN = SM90_BN>
 static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_args &g,
                                                            const int *tiles, int nt, int q)
 {
@@ -772,7 +852,7 @@ static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_arg
         const int per = (g.M / SM90_BM) * nt, local = q % per;
         t.e = q / per;
         t.m0 = (local / nt) * SM90_BM;
-        t.n0 = (local % nt) * SM90_BN;
+        t.n0 = (local % nt) * BN;
         t.r0 = g.offsets[t.e];
         t.r_end = g.offsets[t.e + 1];
         t.KT = (int)((t.r_end - t.r0 + SM90_BK - 1) / SM90_BK);
@@ -780,7 +860,7 @@ static __device__ __forceinline__ struct sm90_tile tile_of(const struct sm90_arg
         t.e = tile_expert(tiles, g.E, q);
         const int local = q - tiles[t.e];
         t.m0 = 0;
-        t.n0 = (local % nt) * (g.act ? SM90_BN / 2 : SM90_BN); /* SwiGLU: gate columns */
+        t.n0 = (local % nt) * (g.act ? BN / 2 : BN); /* SwiGLU: gate columns */
         t.r0 = g.offsets[t.e] + (int64_t)(local / nt) * SM90_BM;
         t.r_end = g.offsets[t.e + 1];
         t.KT = g.D / SM90_BK;
@@ -863,7 +943,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
-            store_direct<T, 1>(dst_of(g, t), NULL, threadIdx.x);
+            store_direct<T, 1>(dst_of(g, t), NULL, frag_of(threadIdx.x, 0).row0, threadIdx.x & 31);
             continue;
         }
         for (int kt = 0; kt < t.KT; kt++, slot++) {
@@ -933,24 +1013,38 @@ static __device__ __forceinline__ void mbar_arrive_on_copies(uint32_t bar)
 #define SM90W_LOADER_REGS 136
 #define SM90W_COMPUTE_REGS 184
 
-template <int AMN, int BMN>
+/* The warp-specialized kernel's tiles: cooperative (PP 0; schedules 4 and 2) 128 x 256, both
+   computing warpgroups on one tile, 4 stages; ping-pong (PP 1; schedule 3) 128 x 128, each
+   computing warpgroup on its own tiles (the CTA's even and odd ones), so that one's drain and
+   stores overlap the other's wgmma, 6 stages of the same bytes. */
+template <int PP> struct sm90w_cfg {
+    static constexpr int BN = PP ? 128 : SM90_BN;
+    static constexpr int STAGES = PP ? 6 : SM90_STAGES;
+    static constexpr int STAGE_BYTES = SM90_A_BYTES + BN * SM90_BK * 2;
+    /* arrivals that free a stage: the warps that computed on it */
+    static constexpr int USERS = PP ? SM90W_COMPUTE_WARPS / 2 : SM90W_COMPUTE_WARPS;
+    static_assert(STAGES * STAGE_BYTES <= SM90_STAGES * SM90_STAGE_BYTES, "shared memory");
+};
+
+template <int AMN, int BMN, int PP>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
                                                   int nt, int total, uint32_t ring, uint32_t full,
                                                   uint32_t empty)
 {
+    typedef sm90w_cfg<PP> C;
     sm90_loader<SM90_BM, AMN, SM90W_LOADERS, 1> la;
-    sm90_loader<SM90_BN, BMN, SM90W_LOADERS, AMN> lb;
+    sm90_loader<C::BN, BMN, SM90W_LOADERS, AMN> lb;
     int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
-        const struct sm90_tile t = tile_of(g, tiles, nt, q);
+        const struct sm90_tile t = tile_of<C::BN>(g, tiles, nt, q);
         if (t.KT == 0)
             continue;
         la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
         lb.plan(g.b, t, t.n0);
         for (int kt = 0; kt < t.KT; kt++, slot++) {
-            const int s = slot % SM90_STAGES, phase = (slot / SM90_STAGES) & 1;
+            const int s = slot % C::STAGES, phase = (slot / C::STAGES) & 1;
             mbar_wait(empty + 8 * s, phase ^ 1); /* a fresh barrier: the "previous" phase is done */
-            const uint32_t st = ring + s * SM90_STAGE_BYTES;
+            const uint32_t st = ring + s * C::STAGE_BYTES;
             la.load(st, kt);
             lb.load(st + SM90_A_BYTES, kt);
             mbar_arrive_on_copies(full + 8 * s);
@@ -998,7 +1092,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
-            store_direct<T, 1>(dst_of(g, t), NULL, ctid);
+            store_direct<T, 1>(dst_of(g, t), NULL, frag_of(ctid, 0).row0, ctid & 31);
             continue;
         }
         sm90w_ksteps<T, AMN, BMN>(g, d, t, ring, full, wg, lane, empty, slot);
@@ -1007,24 +1101,102 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
     bulk_wait_all();
 }
 
-template <typename T, int AMN, int BMN, int ACT>
+/* ---- schedule 3, ping-pong: warpgroup w computes the CTA's tiles j with j % 2 == w (j counts
+   the CTA's tiles), the whole 128 x 128 tile, and skips the other's k-steps in the ring. Its
+   mainloop of tile j begins only when the other warpgroup, on tile j - 1, has seen a stage
+   arrive that is at most STAGES slots before tile j's first ("turn" barriers, one per
+   warpgroup): the loader fills slots in order, so every fill a "full" phase of tile j could be
+   mistaken for has landed by then (an mbarrier's parity tells only two phases apart; for the
+   turns themselves, a warpgroup meets at a named barrier after each wait). While one
+   warpgroup drains and stores a tile, the other's wgmma keep the tensor cores busy. ---- */
+
+template <typename T, int AMN, int BMN>
+static __device__ __forceinline__ void
+sm90p_ksteps(const struct sm90_args &g, float *d, const struct sm90_tile &t, uint32_t ring,
+             uint32_t full, uint32_t empty, uint32_t turn_other, int leader, int &slot)
+{
+    typedef sm90w_cfg<1> C;
+    const int nh = g.varlen_k || t.r_end - t.r0 > 64 ? 2 : 1;
+    const int sig = t.KT > C::STAGES ? t.KT - C::STAGES : 0;
+    for (int kt = 0; kt < t.KT; kt++, slot++) {
+        const int s = slot % C::STAGES;
+        mbar_wait(full + 8 * s, (slot / C::STAGES) & 1);
+        if (kt == sig && leader)
+            mbar_arrive(turn_other);
+        __syncwarp();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        sm90p_mma_stage<T, AMN, BMN>(d, ring + s * C::STAGE_BYTES, kt > 0, kslices(g, t, kt), nh);
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        if (kt > 0 && (threadIdx.x & 31) == 0)
+            mbar_arrive(empty + 8 * ((slot - 1) % C::STAGES));
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_d(d);
+    if ((threadIdx.x & 31) == 0)
+        mbar_arrive(empty + 8 * ((slot - 1) % C::STAGES));
+}
+
+template <typename T, int AMN, int BMN>
+static __device__ __forceinline__ void
+sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, uint32_t ring,
+              uint32_t full, uint32_t empty, uint32_t turn, uint32_t epi)
+{
+    const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, warp = (ctid >> 5) & 3;
+    const int lane = ctid & 31, leader = (ctid & 127) == 0;
+    const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
+    const uint32_t mine = turn + 8 * wg, other = turn + 8 * (wg ^ 1);
+    float d[128];
+    int slot = 0;
+    for (int q = blockIdx.x, j = 0; q < total; q += gridDim.x, j++) {
+        const struct sm90_tile t = tile_of<128>(g, tiles, nt, q);
+        if ((j & 1) != wg) {
+            slot += t.KT;
+            continue;
+        }
+        if (j > 0)
+            mbar_wait(mine, ((j - 1) >> 1) & 1);
+        /* every warp of the warpgroup past the wait before its leader lets the other go on: else
+           the other could turn this barrier twice (tiles without k-steps take no time) while a
+           warp still waits for the first, and the parity would hide that phase from it */
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+        const struct sm90_dst o = dst_of(g, t);
+        if (t.KT == 0) {
+            if (leader)
+                mbar_arrive(other);
+            for (int h = 0; h < 2; h++)
+                store_direct<T, 1, 0, 128>(o, NULL, h * 64 + warp * 16, lane);
+            continue;
+        }
+        sm90p_ksteps<T, AMN, BMN>(g, d, t, ring, full, empty, other, leader, slot);
+        write_tile<T, 0, 128>(o, d, buf, warp * 16, lane);
+        write_tile<T, 0, 128>(o, d + 64, buf, 64 + warp * 16, lane);
+    }
+    bulk_wait_all();
+}
+
+template <typename T, int AMN, int BMN, int ACT, int PP>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
+    typedef sm90w_cfg<PP> C;
+    static_assert(!(PP && ACT), "the fused SwiGLU runs on the cooperative tiles");
     extern __shared__ char smem_raw[];
     __shared__ int tiles[SM90_MAX_E + 1];
     __shared__ int part[SM90_THREADS];
-    __shared__ __align__(8) uint64_t bars[2 * SM90_STAGES];
+    __shared__ __align__(8) uint64_t bars[2 * C::STAGES + 2];
     const uint32_t ring = (smem_u32(smem_raw) + 1023) & ~1023u;
     const uint32_t epi = ring + SM90_STAGES * SM90_STAGE_BYTES;
-    const uint32_t full = smem_u32(bars), empty = full + 8 * SM90_STAGES;
-    const int nt = g.N / SM90_BN;
+    const uint32_t full = smem_u32(bars), empty = full + 8 * C::STAGES;
+    const uint32_t turn = empty + 8 * C::STAGES;
+    const int nt = g.N / C::BN;
 
     if (threadIdx.x == 0) {
-        for (int s = 0; s < SM90_STAGES; s++) {
+        for (int s = 0; s < C::STAGES; s++) {
             mbar_init(full + 8 * s, SM90W_LOADERS);
-            mbar_init(empty + 8 * s, SM90W_COMPUTE_WARPS);
+            mbar_init(empty + 8 * s, C::USERS);
         }
+        mbar_init(turn, 1);
+        mbar_init(turn + 8, 1);
     }
     int total;
     if (g.varlen_k) {
@@ -1038,11 +1210,14 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     if (threadIdx.x < SM90W_LOADERS) {
         if (ACT)
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(SM90W_LOADER_REGS));
-        sm90w_load<AMN, BMN>(g, tiles, nt, total, ring, full, empty);
+        sm90w_load<AMN, BMN, PP>(g, tiles, nt, total, ring, full, empty);
     } else {
         if (ACT)
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(SM90W_COMPUTE_REGS));
-        sm90w_compute<T, AMN, BMN, ACT>(g, tiles, nt, total, ring, full, empty, epi);
+        if (PP)
+            sm90p_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty, turn, epi);
+        else
+            sm90w_compute<T, AMN, BMN, ACT>(g, tiles, nt, total, ring, full, empty, epi);
     }
 }
 
@@ -1054,7 +1229,7 @@ static __global__ void sm90_gemm_kernel(const __grid_constant__ struct sm90_args
     (void)g;
 }
 
-template <typename T, int AMN, int BMN, int ACT>
+template <typename T, int AMN, int BMN, int ACT, int PP>
 static __global__ void sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     (void)g;
@@ -1240,10 +1415,10 @@ static int sm90_out_map(CUtensorMap *m, moe_dtype dt, void *base, int64_t cols, 
                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* The output's TMA store maps, for the default schedule (0). */
+/* The output's TMA store maps, for the schedules that store through them (all but 1 and 2). */
 static void sm90_out_maps(const struct moe_gemm *g, struct sm90_args *a)
 {
-    if (g->schedule != 0)
+    if (g->schedule == 1 || g->schedule == 2)
         return;
     if (!g->varlen_k) {
         a->tma[0] = sm90_out_map(&a->cmap[0], g->dtype, g->c, g->N, g->rows_max, g->c_rs * 2, 0, 0);
@@ -1282,22 +1457,47 @@ static int sm90_smem_ready(sm90_kernel_fn k)
     return MOE_OK;
 }
 
-/* The kernel of a schedule: 1 all threads load and compute; anything else (0, the default, and
-   2) warp-specialized, faster on every form measured (tests/bench/RESULTS.md). Only 0 stores
-   through TMA (sm90_out_maps). */
-template <typename T, int AMN, int BMN, int ACT> static sm90_kernel_fn sm90_kernel_of(int schedule)
+/* At most this many output tiles BN wide (varlen-M: each expert with rows has at most one partial
+   tile, and at most rows_max experts have rows). */
+static int64_t sm90_tile_bound(const struct moe_gemm *g, int bn)
+{
+    const int64_t nt = g->N / bn, busy = g->rows_max < g->E ? g->rows_max : g->E;
+    return g->varlen_k ? g->E * (g->M / SM90_BM) * nt : (g->rows_max / SM90_BM + busy) * nt;
+}
+
+/* 1: g runs on the ping-pong tiles (128 x 128; the fused SwiGLU has only the cooperative ones):
+   schedule 3, or the default where the cooperative tiles would leave SMs idle (decode: at one
+   token, Ring's gate|up has 32 of them). Ping-pong's mainloop is slower (one warpgroup at a time
+   on the tensor cores, a third more bytes per MAC through the loader), its twice as many tiles
+   only pay when there are fewer than SMs (tests/bench/RESULTS.md). */
+static int sm90_pingpong(const struct moe_gemm *g, int sms)
+{
+    if (g->act)
+        return 0;
+    return g->schedule == 3 ||
+           (g->schedule == 0 && !g->varlen_k && sm90_tile_bound(g, SM90_BN) < sms);
+}
+
+/* The kernel of a schedule: 1 all threads load and compute; else warp-specialized, ping-pong (pp)
+   or cooperative (tests/bench/RESULTS.md). 0, 3 and 4 store through TMA (sm90_out_maps). */
+template <typename T, int AMN, int BMN, int ACT>
+static sm90_kernel_fn sm90_kernel_of(int schedule, int pp)
 {
     if (schedule == 1)
         return sm90_gemm_kernel<T, AMN, BMN, ACT>;
-    return sm90w_gemm_kernel<T, AMN, BMN, ACT>;
+    if (!ACT && pp)
+        return sm90w_gemm_kernel<T, AMN, BMN, 0, 1>;
+    return sm90w_gemm_kernel<T, AMN, BMN, ACT, 0>;
 }
 
 template <int AMN, int BMN, int ACT>
-static int sm90_launch(const struct sm90_args &a, moe_dtype dt, int schedule, unsigned grid,
-                       cudaStream_t st)
+static int sm90_launch(const struct sm90_args &a, const struct moe_gemm *g, int pp, unsigned grid)
 {
-    const sm90_kernel_fn k = dt == MOE_BF16 ? sm90_kernel_of<__nv_bfloat16, AMN, BMN, ACT>(schedule)
-                                            : sm90_kernel_of<__half, AMN, BMN, ACT>(schedule);
+    const int schedule = g->schedule;
+    const sm90_kernel_fn k = g->dtype == MOE_BF16
+                                 ? sm90_kernel_of<__nv_bfloat16, AMN, BMN, ACT>(schedule, pp)
+                                 : sm90_kernel_of<__half, AMN, BMN, ACT>(schedule, pp);
+    cudaStream_t st = (cudaStream_t)g->stream;
     MOE_TRY(sm90_smem_ready(k));
     k<<<grid, schedule == 1 ? SM90_THREADS : SM90W_THREADS, SM90_SMEM_BYTES, st>>>(a);
     MOE_CHECK_LAUNCH();
@@ -1315,9 +1515,8 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
     if (!kind)
         return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "moe_grouped_gemm_cuda",
                          "dtype, shape, layout or alignment not tiled by the sm_90 kernel");
-    const int64_t nt = g->N / SM90_BN;
-    const int64_t bound =
-        g->varlen_k ? g->E * (g->M / SM90_BM) * nt : (g->rows_max / SM90_BM + g->E) * nt;
+    const int pp = sm90_pingpong(g, sms);
+    const int64_t bound = sm90_tile_bound(g, pp ? 128 : SM90_BN);
     if (bound == 0 || (!g->varlen_k && g->rows_max == 0))
         return MOE_OK;
     struct sm90_args a;
@@ -1348,12 +1547,11 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
     sm90_out_maps(g, &a);
     const int64_t cap = g->ctas > 0 && g->ctas < sms ? g->ctas : sms;
     const unsigned grid = (unsigned)(bound < cap ? bound : cap);
-    cudaStream_t st = (cudaStream_t)g->stream;
     if (kind == 1)
-        return sm90_launch<0, 0, 0>(a, g->dtype, g->schedule, grid, st);
+        return sm90_launch<0, 0, 0>(a, g, pp, grid);
     if (kind == 2)
-        return sm90_launch<0, 1, 0>(a, g->dtype, g->schedule, grid, st);
+        return sm90_launch<0, 1, 0>(a, g, pp, grid);
     if (kind == 4)
-        return sm90_launch<0, 0, 1>(a, g->dtype, g->schedule, grid, st);
-    return sm90_launch<1, 1, 0>(a, g->dtype, g->schedule, grid, st);
+        return sm90_launch<0, 0, 1>(a, g, pp, grid);
+    return sm90_launch<1, 1, 0>(a, g, pp, grid);
 }

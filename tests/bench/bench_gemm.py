@@ -36,7 +36,8 @@ SHAPES = {  # name: E, K, H, I
 }
 MOE_BF16 = 1
 SCHEDULE_NAMES = {0: "moepatch sm90 default (warp-specialized)", 1: "moepatch sm90 schedule 1 (all threads)",
-                  2: "moepatch sm90 schedule 2 (warp-specialized)"}
+                  2: "moepatch sm90 schedule 2 (warp-specialized)", 3: "moepatch sm90 schedule 3 (ping-pong)",
+                  4: "moepatch sm90 schedule 4 (cooperative, TMA stores)"}
 ONE_PART = 1 << 40  # a split past every dimension: one operand part
 
 

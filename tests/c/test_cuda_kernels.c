@@ -757,6 +757,24 @@ struct gcase {
                  N / 2 + 8 */
 };
 
+/* The schedule list from MOE_TEST_SCHEDULES ("s:ctas,s:ctas,...", at most 16): its length, else
+   (unset or malformed) reps, the list untouched. */
+static int schedules_from_env(int (*out)[2], int reps)
+{
+    const char *e = getenv("MOE_TEST_SCHEDULES");
+    int got[16][2], n = 0, used = 0;
+    while (e && *e && n < 16 && sscanf(e, "%d:%d%n", &got[n][0], &got[n][1], &used) == 2) {
+        n++;
+        e += used;
+        if (*e == ',')
+            e++;
+    }
+    if (!e || *e || n == 0)
+        return reps;
+    memcpy(out, got, sizeof got[0] * (size_t)n);
+    return n;
+}
+
 /* E experts' [rows, cols] matrices (row-major), host copy contiguous, device copy 3-D or one
    allocation per expert; mats for both sides with strides (xs, ks) = (cols, 1) or, transposed,
    (1, cols). */
@@ -994,17 +1012,24 @@ static void run_gemm_case(const struct gcase *c)
         memcpy(want, cv.h, out_bytes);
     }
     void *want_act = c->act ? packed_rows(c->dt, av.h, R, c->N / 2, act_rs) : NULL, *got_act = NULL;
-    /* schedule 1, then schedule 1 again (determinism) and every other schedule: the same tiles in
-       the same wgmma order, so the same bits; then grids of 1-3 CTAs, so that a CTA walks many
-       tiles (the ring and the output buffers across tile edges). Under compute-sanitizer
-       (MOE_TEST_SMALL) three of them. */
-    static const int schedules[][2] = {{1, 0}, {0, 0}, {0, 1}, {1, 0},
-                                       {2, 0}, {2, 3}, {0, 3}, {1, 3}};
-    const int reps = getenv("MOE_TEST_SMALL") ? 3 : (int)(sizeof schedules / sizeof schedules[0]);
+    /* schedule 1, then schedule 1 again (determinism) and every other schedule: the same
+       per-element wgmma order (ping-pong's narrower tiles too), so the same bits; then grids of
+       1-3 CTAs, so that a CTA walks many tiles (the ring, the output buffers and ping-pong's turns
+       across tile edges). Under compute-sanitizer (MOE_TEST_SMALL) the first three;
+       MOE_TEST_SCHEDULES="s:ctas,..." runs those instead (the first is the reference). */
+    static const int all_schedules[][2] = {{1, 0}, {4, 1}, {3, 1}, {0, 0}, {1, 0}, {2, 0}, {2, 3},
+                                           {4, 0}, {4, 3}, {0, 1}, {3, 0}, {3, 3}, {3, 2}, {1, 3}};
+    int schedules[16][2], reps = (int)(sizeof all_schedules / sizeof all_schedules[0]);
+    memcpy(schedules, all_schedules, sizeof all_schedules);
+    if (getenv("MOE_TEST_SMALL"))
+        reps = 3;
+    reps = schedules_from_env(schedules, reps);
     for (int rep = 0; rep < reps; rep++) {
         void *dst = rep == 0 ? got : other;
         gg.schedule = schedules[rep][0];
         gg.ctas = schedules[rep][1];
+        if (getenv("MOE_TEST_TRACE"))
+            fprintf(stderr, "  %s: schedule %d, %d CTAs\n", c->name, gg.schedule, gg.ctas);
         if (c->varlen_k) {
             etwin_poison(&c0);
             if (c->split < c->M)
