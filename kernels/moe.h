@@ -246,6 +246,12 @@ MOE_API int moe_backward_cuda(struct moe_problem *p);
 MOE_API size_t moe_workspace_bytes_cuda(const struct moe_problem *p, int backward);
 MOE_API size_t moe_saved_bytes_cuda(const struct moe_problem *p);
 MOE_API int moe_grouped_gemm_cuda(const struct moe_gemm *g);
+/* moe_permute_cpu on the device (device pointers, on stream), the same bits, and inv [T*K]: slot
+   -> row. scratch: moe_permute_scratch_bytes_cuda bytes of device memory. */
+MOE_API size_t moe_permute_scratch_bytes_cuda(int64_t T, int K, int E);
+MOE_API int moe_permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
+                             int64_t *offsets, int32_t *perm, int32_t *inv, void *scratch,
+                             void *stream);
 /* The calling thread's last CUDA-backend failure: "file:line: statement: detail (error)". */
 MOE_API const char *moe_last_error_cuda(void);
 

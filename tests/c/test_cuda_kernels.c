@@ -736,6 +736,95 @@ Test(cuda_kernels, one_token_many_experts_match_cpu)
                              LLIST, 0, 0, 0, 0.0f});
 }
 
+/* ---- the routing permutation alone (moe_permute_cuda vs moe_permute_cpu) ---- */
+
+/* T*K slots routed by a fixed-seed generator: uniform over E, or (skew) mostly to the low experts,
+   or (one) all but every 97th slot to expert E / 2. perm, counts and offsets must be the CPU's
+   bits (the sort is stable: the order within an expert is the slots'), inv perm's inverse. */
+static void check_permute(int64_t T, int K, int E, int skew, int one)
+{
+    const int64_t n = T * K;
+    int32_t *idx = malloc(sizeof(int32_t) * (size_t)(n + 1)),
+            *perm = malloc(sizeof(int32_t) * (size_t)(n + 1));
+    int32_t *got = malloc(sizeof(int32_t) * (size_t)(n + 1)),
+            *inv = malloc(sizeof(int32_t) * (size_t)(n + 1));
+    int64_t *counts = malloc(sizeof(int64_t) * (size_t)E),
+            *offsets = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    int64_t *gcounts = malloc(sizeof(int64_t) * (size_t)E),
+            *goffsets = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    uint64_t r = 0x9e3779b97f4a7c15ull ^ (uint64_t)(n * 31 + E);
+    for (int64_t s = 0; s < n; s++) {
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        const uint32_t u = (uint32_t)(r >> 33);
+        idx[s] = one ? (s % 97 ? E / 2 : (int32_t)(u % (uint32_t)E))
+                     : (int32_t)(skew ? (u % (uint32_t)E) * (u % (uint32_t)E) / (uint32_t)E
+                                      : u % (uint32_t)E);
+    }
+    cr_assert_eq(moe_permute_cpu(T, K, E, idx, counts, offsets, perm), MOE_OK);
+    int32_t *didx, *dperm, *dinv;
+    int64_t *dcounts, *doffsets;
+    void *scratch;
+    const size_t sb = moe_permute_scratch_bytes_cuda(T, K, E);
+    CK(cudaMalloc((void **)&didx, sizeof(int32_t) * (size_t)(n + 1)));
+    CK(cudaMalloc((void **)&dperm, sizeof(int32_t) * (size_t)(n + 1)));
+    CK(cudaMalloc((void **)&dinv, sizeof(int32_t) * (size_t)(n + 1)));
+    CK(cudaMalloc((void **)&dcounts, sizeof(int64_t) * (size_t)E));
+    CK(cudaMalloc((void **)&doffsets, sizeof(int64_t) * (size_t)(E + 1)));
+    CK(cudaMalloc(&scratch, sb + 1));
+    CK(cudaMemcpy(didx, idx, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice));
+    for (int rep = 0; rep < 2; rep++) {
+        CK(cudaMemset(dperm, 0xff, sizeof(int32_t) * (size_t)(n + 1)));
+        CK(cudaMemset(dinv, 0xff, sizeof(int32_t) * (size_t)(n + 1)));
+        CK(cudaMemset(dcounts, 0xff, sizeof(int64_t) * (size_t)E));
+        CK(cudaMemset(doffsets, 0xff, sizeof(int64_t) * (size_t)(E + 1)));
+        CK(cudaMemset(scratch, 0xff, sb + 1));
+        cr_assert_eq(moe_permute_cuda(T, K, E, didx, dcounts, doffsets, dperm, dinv, scratch, NULL),
+                     MOE_OK, "T=%lld E=%d: %s", (long long)T, E, moe_last_error_cuda());
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(got, dperm, sizeof(int32_t) * (size_t)n, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(inv, dinv, sizeof(int32_t) * (size_t)n, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(gcounts, dcounts, sizeof(int64_t) * (size_t)E, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(goffsets, doffsets, sizeof(int64_t) * (size_t)(E + 1),
+                      cudaMemcpyDeviceToHost));
+        cr_expect(memcmp(gcounts, counts, sizeof(int64_t) * (size_t)E) == 0,
+                  "T=%lld K=%d E=%d: counts", (long long)T, K, E);
+        cr_expect(memcmp(goffsets, offsets, sizeof(int64_t) * (size_t)(E + 1)) == 0,
+                  "T=%lld K=%d E=%d: offsets", (long long)T, K, E);
+        cr_expect(memcmp(got, perm, sizeof(int32_t) * (size_t)n) == 0, "T=%lld K=%d E=%d: perm",
+                  (long long)T, K, E);
+        int64_t bad = 0;
+        for (int64_t q = 0; q < n; q++)
+            bad += got[q] < 0 || got[q] >= n || inv[got[q]] != q;
+        cr_expect_eq(bad, 0, "T=%lld K=%d E=%d: %lld rows where inv is not perm's inverse",
+                     (long long)T, K, E, (long long)bad);
+    }
+    cudaFree(didx);
+    cudaFree(dperm);
+    cudaFree(dinv);
+    cudaFree(dcounts);
+    cudaFree(doffsets);
+    cudaFree(scratch);
+    free(idx);
+    free(perm);
+    free(got);
+    free(inv);
+    free(counts);
+    free(offsets);
+    free(gcounts);
+    free(goffsets);
+}
+
+Test(cuda_kernels, permutation_is_the_cpu_s_bits, .timeout = 120)
+{
+    need_gpu();
+    check_permute(16384, 8, 256, 0, 0); /* Ring-mini at T = 16384: 128 chunks */
+    check_permute(40000, 8, 128, 1, 0); /* 313 chunks: the per-expert scan's second tile */
+    check_permute(5000, 4, 1024, 0, 1); /* E = 1024, nearly all in one expert */
+    check_permute(3000, 1, 1, 0, 0);
+    check_permute(1, 8, 256, 0, 0);
+    check_permute(0, 8, 16, 0, 0);
+}
+
 /* ---- the Hopper grouped GEMM alone (moe_grouped_gemm_cuda vs moe_grouped_gemm_cpu) ---- */
 
 struct gcase {
