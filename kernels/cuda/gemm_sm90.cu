@@ -1467,9 +1467,10 @@ static int64_t sm90_tile_bound(const struct moe_gemm *g, int bn)
 
 /* 1: g runs on the ping-pong tiles (128 x 128; the fused SwiGLU has only the cooperative ones):
    schedule 3, or the default where the cooperative tiles would leave SMs idle (decode: at one
-   token, Ring's gate|up has 32 of them). Ping-pong's mainloop is slower (one warpgroup at a time
-   on the tensor cores, a third more bytes per MAC through the loader), its twice as many tiles
-   only pay when there are fewer than SMs (tests/bench/RESULTS.md). */
+   token, Ring's gate|up has 32 of them). Ping-pong measured slower on every training GEMM: ncu
+   shows it latency-bound (tensor pipe 47 % of the cycles against the cooperative kernel's 81 %,
+   fwd gate_up), its 28 bytes of spills in the hot loop; its twice as many tiles pay only when
+   there are fewer than SMs (tests/bench/RESULTS.md). */
 static int sm90_pingpong(const struct moe_gemm *g, int sms)
 {
     if (g->act)
