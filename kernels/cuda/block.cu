@@ -268,7 +268,7 @@ static size_t plan_fwd(const struct moe_problem *p, char *base, struct fwd_bufs 
     b->ptrs = (void **)moe__take(&a, moe__gg_ptr_bytes(p->route.E));
     b->poffsets = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1)) : NULL;
     b->shift = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E) : NULL;
-    b->perm_scratch = moe__take(&a, moe__permute_scratch_bytes(T, p->route.K, p->route.E));
+    b->perm_scratch = moe__take(&a, moe_permute_scratch_bytes_cuda(T, p->route.K, p->route.E));
     /* the engine reads x's rows in place: xg is only the down-proj output there */
     b->xg = moe__take(&a, es * (size_t)(Rp * H));
     b->a = moe__take(&a, es * (size_t)(Rp * I));
@@ -557,7 +557,7 @@ static int forward(struct moe_problem *p, cudaStream_t st)
 
     MOE_TRY(moe__route_cuda(&p->route, T, p->logits, p->bias, p->idx, p->w, st));
     MOE_TRY(
-        moe__permute_cuda(T, K, E, p->idx, s.counts, s.offsets, s.perm, s.inv, f.perm_scratch, st));
+        moe_permute_cuda(T, K, E, p->idx, s.counts, s.offsets, s.perm, s.inv, f.perm_scratch, st));
     if (p->counts)
         MOE_CHECK(T ? cudaMemcpyAsync(p->counts, s.counts, sizeof(int64_t) * (size_t)E,
                                       cudaMemcpyDeviceToDevice, st)

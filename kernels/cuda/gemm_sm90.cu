@@ -173,15 +173,6 @@ static __device__ __forceinline__ void fence_d(float *d)
                  : D_OPERANDS                                                                      \
                  : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB))
 
-template <typename T, int TA, int TB>
-static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db, int accumulate)
-{
-    if constexpr (std::is_same<T, __half>::value)
-        SM90_WGMMA("f16");
-    else
-        SM90_WGMMA("bf16");
-}
-
 #define D64_REGS                                                                                   \
     "{%0, %1, %2, %3, %4, %5, %6, %7, "                                                            \
     "%8, %9, %10, %11, %12, %13, %14, %15, "                                                       \
@@ -193,7 +184,7 @@ static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db,
     "%56, %57, %58, %59, %60, %61, %62, %63}"
 #define D64_OPERANDS D8(0), D8(8), D8(16), D8(24), D8(32), D8(40), D8(48), D8(56)
 
-/* The ping-pong schedule's half: d[64 x 128] (+)= A[64 x 16] · B[128 x 16]ᵀ. */
+/* The ping-pong schedule's half: d[64 x 128] (+)= A[64 x 16] · B[128 x 16]ᵀ (64 floats of d). */
 #define SM90_WGMMA128(TY)                                                                          \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                      \
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " D64_REGS             \
@@ -201,10 +192,17 @@ static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db,
                  : D64_OPERANDS                                                                    \
                  : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB))
 
-template <typename T, int TA, int TB>
-static __device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db, int accumulate)
+/* One wgmma of width N (256: SM90_WGMMA, 128: SM90_WGMMA128) on elements of type T. */
+template <int N, typename T, int TA, int TB>
+static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db, int accumulate)
 {
-    if constexpr (std::is_same<T, __half>::value)
+    static_assert(N == 256 || N == 128, "wgmma widths");
+    constexpr bool f16 = std::is_same<T, __half>::value;
+    if constexpr (N == 256 && f16)
+        SM90_WGMMA("f16");
+    else if constexpr (N == 256)
+        SM90_WGMMA("bf16");
+    else if constexpr (f16)
         SM90_WGMMA128("f16");
     else
         SM90_WGMMA128("bf16");
@@ -760,7 +758,7 @@ static __device__ __forceinline__ void sm90_mma_slices(float *d, uint32_t stage_
         const uint32_t a_at =
             AMN ? sa + wg * SM90_ATOM_STRIDE + ks * 2048 : sa + wg * 64 * 128 + ks * 32;
         const uint32_t b_at = BMN ? sb + ks * 2048 : sb + ks * 32;
-        wgmma<T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), acc || ks > 0);
+        wgmma<SM90_BN, T, AMN, BMN>(d, smem_desc(a_at, AMN), smem_desc(b_at, BMN), acc || ks > 0);
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -798,8 +796,8 @@ static __device__ __forceinline__ void sm90p_mma_slices(float *d, uint32_t stage
         for (int h = 0; h < NH; h++) {
             const uint32_t a_at =
                 AMN ? sa + h * SM90_ATOM_STRIDE + ks * 2048 : sa + h * 64 * 128 + ks * 32;
-            wgmma128<T, AMN, BMN>(d + 64 * h, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
-                                  acc || ks > 0);
+            wgmma<128, T, AMN, BMN>(d + 64 * h, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
+                                    acc || ks > 0);
         }
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -1055,30 +1053,42 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
 
 /* One tile's k-steps for a computing warpgroup (slot counts k-steps over the CTA's tiles). A
    stage goes back to the loader (one arrival per warp) as soon as this warp's wgmma on it
-   retired: the previous k-step's after this one's wait_group 1, the tile's last after the loop. */
-template <typename T, int AMN, int BMN>
+   retired: the previous k-step's after this one's wait_group 1, the tile's last after the loop.
+   Cooperative (PP 0): warpgroup wg's 64 rows of the 128 x 256 tile, skipped when they are all
+   past the expert's end. Ping-pong (PP 1): the warpgroup's own 128 x 128 tile, as many 64-row
+   halves as hold rows; its leader lets the other warpgroup start (turn_other) once it has seen
+   k-step KT - STAGES arrive (see sm90p_compute). */
+template <typename T, int AMN, int BMN, int PP>
 static __device__ __forceinline__ void
 sm90w_ksteps(const struct sm90_args &g, float *d, const struct sm90_tile &t, uint32_t ring,
-             uint32_t full, int wg, int lane, uint32_t empty, int &slot)
+             uint32_t full, int wg, int lane, uint32_t empty, int &slot, uint32_t turn_other = 0,
+             int leader = 0)
 {
-    const int live = wg_live(g, t, wg);
+    typedef sm90w_cfg<PP> C;
+    const int live = PP ? (g.varlen_k || t.r_end - t.r0 > 64 ? 2 : 1) : wg_live(g, t, wg);
+    const int sig = PP && t.KT > C::STAGES ? t.KT - C::STAGES : 0;
     for (int kt = 0; kt < t.KT; kt++, slot++) {
-        const int s = slot % SM90_STAGES;
-        mbar_wait(full + 8 * s, (slot / SM90_STAGES) & 1);
+        const int s = slot % C::STAGES;
+        mbar_wait(full + 8 * s, (slot / C::STAGES) & 1);
+        if (PP && kt == sig && leader)
+            mbar_arrive(turn_other);
         /* lanes leave the wait loop apart; the .aligned wgmma wants them together */
         __syncwarp();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        if (live)
-            sm90_mma_stage<T, AMN, BMN>(d, ring + s * SM90_STAGE_BYTES, wg, kt > 0,
+        if constexpr (PP)
+            sm90p_mma_stage<T, AMN, BMN>(d, ring + s * C::STAGE_BYTES, kt > 0, kslices(g, t, kt),
+                                         live);
+        else if (live)
+            sm90_mma_stage<T, AMN, BMN>(d, ring + s * C::STAGE_BYTES, wg, kt > 0,
                                         kslices(g, t, kt));
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         if (kt > 0 && lane == 0)
-            mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
+            mbar_arrive(empty + 8 * ((slot - 1) % C::STAGES));
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fence_d(d);
     if (lane == 0)
-        mbar_arrive(empty + 8 * ((slot - 1) % SM90_STAGES));
+        mbar_arrive(empty + 8 * ((slot - 1) % C::STAGES));
 }
 
 template <typename T, int AMN, int BMN, int ACT>
@@ -1095,7 +1105,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             store_direct<T, 1>(dst_of(g, t), NULL, frag_of(ctid, 0).row0, ctid & 31);
             continue;
         }
-        sm90w_ksteps<T, AMN, BMN>(g, d, t, ring, full, wg, lane, empty, slot);
+        sm90w_ksteps<T, AMN, BMN, 0>(g, d, t, ring, full, wg, lane, empty, slot);
         write_out<T, ACT>(g, t, d, epi, ctid);
     }
     bulk_wait_all();
@@ -1112,38 +1122,12 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
 
 template <typename T, int AMN, int BMN>
 static __device__ __forceinline__ void
-sm90p_ksteps(const struct sm90_args &g, float *d, const struct sm90_tile &t, uint32_t ring,
-             uint32_t full, uint32_t empty, uint32_t turn_other, int leader, int &slot)
-{
-    typedef sm90w_cfg<1> C;
-    const int nh = g.varlen_k || t.r_end - t.r0 > 64 ? 2 : 1;
-    const int sig = t.KT > C::STAGES ? t.KT - C::STAGES : 0;
-    for (int kt = 0; kt < t.KT; kt++, slot++) {
-        const int s = slot % C::STAGES;
-        mbar_wait(full + 8 * s, (slot / C::STAGES) & 1);
-        if (kt == sig && leader)
-            mbar_arrive(turn_other);
-        __syncwarp();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        sm90p_mma_stage<T, AMN, BMN>(d, ring + s * C::STAGE_BYTES, kt > 0, kslices(g, t, kt), nh);
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        if (kt > 0 && (threadIdx.x & 31) == 0)
-            mbar_arrive(empty + 8 * ((slot - 1) % C::STAGES));
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    fence_d(d);
-    if ((threadIdx.x & 31) == 0)
-        mbar_arrive(empty + 8 * ((slot - 1) % C::STAGES));
-}
-
-template <typename T, int AMN, int BMN>
-static __device__ __forceinline__ void
 sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, uint32_t ring,
               uint32_t full, uint32_t empty, uint32_t turn, uint32_t epi)
 {
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, warp = (ctid >> 5) & 3;
     const int lane = ctid & 31, leader = (ctid & 127) == 0;
-    const uint32_t buf = epi + (uint32_t)((wg * 4 + warp) * SM90_EPI_WARP_BYTES);
+    const uint32_t buf = frag_of(ctid, epi).buf; /* the rows are per half, not frag_of's */
     const uint32_t mine = turn + 8 * wg, other = turn + 8 * (wg ^ 1);
     float d[128];
     int slot = 0;
@@ -1167,7 +1151,8 @@ sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, ui
                 store_direct<T, 1, 0, 128>(o, NULL, h * 64 + warp * 16, lane);
             continue;
         }
-        sm90p_ksteps<T, AMN, BMN>(g, d, t, ring, full, empty, other, leader, slot);
+        sm90w_ksteps<T, AMN, BMN, 1>(g, d, t, ring, full, wg, threadIdx.x & 31 /* = lane */, empty,
+                                     slot, other, leader);
         write_tile<T, 0, 128>(o, d, buf, warp * 16, lane);
         write_tile<T, 0, 128>(o, d + 64, buf, 64 + warp * 16, lane);
     }

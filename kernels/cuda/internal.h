@@ -209,12 +209,6 @@ int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logit
 int moe__route_backward_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
                              const int32_t *idx, const float *dw, float *dlogits, cudaStream_t st);
 
-/* ---- permutation (permute.cu): stable counting sort of the T*K slots by expert ---- */
-size_t moe__permute_scratch_bytes(int64_t T, int K, int E);
-int moe__permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
-                      int64_t *offsets, int32_t *perm, int32_t *inv, void *scratch,
-                      cudaStream_t st);
-
 /* ---- row movement and combine (combine.cu) ---- */
 /* Where a row of a padded layout (n experts, moe__pad_offsets_cuda) comes from: NULL pad means
    dst row q is packed row q. */

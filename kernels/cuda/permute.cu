@@ -152,11 +152,6 @@ static __global__ void permute_scatter_kernel(int64_t slots, int E, const int32_
     }
 }
 
-size_t moe__permute_scratch_bytes(int64_t T, int K, int E)
-{
-    return sizeof(int32_t) * (size_t)E * (size_t)n_chunks(T * K);
-}
-
 static int permute_launch(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
                           int64_t *offsets, int32_t *perm, int32_t *inv, int32_t *bc,
                           cudaStream_t st)
@@ -180,26 +175,20 @@ static int permute_launch(int64_t T, int K, int E, const int32_t *idx, int64_t *
     return MOE_OK;
 }
 
-int moe__permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
-                      int64_t *offsets, int32_t *perm, int32_t *inv, void *scratch, cudaStream_t st)
-{
-    MOE_REQUIRE(T >= 0 && K > 0 && E > 0, MOE_EINVAL);
-    MOE_REQUIRE(T * K < INT32_MAX, MOE_EUNSUPPORTED);
-    MOE_REQUIRE(sizeof(int) * (PERM_WARPS + 1) * (size_t)E <= 48 * 1024, MOE_EUNSUPPORTED);
-    MOE_REQUIRE(counts && offsets, MOE_EINVAL);
-    MOE_REQUIRE(T == 0 || (idx && perm && inv && scratch), MOE_EINVAL);
-    return permute_launch(T, K, E, idx, counts, offsets, perm, inv, (int32_t *)scratch, st);
-}
-
 extern "C" MOE_API size_t moe_permute_scratch_bytes_cuda(int64_t T, int K, int E)
 {
-    return T >= 0 && K > 0 && E > 0 ? moe__permute_scratch_bytes(T, K, E) : 0;
+    return T >= 0 && K > 0 && E > 0 ? sizeof(int32_t) * (size_t)E * (size_t)n_chunks(T * K) : 0;
 }
 
 extern "C" MOE_API int moe_permute_cuda(int64_t T, int K, int E, const int32_t *idx,
                                         int64_t *counts, int64_t *offsets, int32_t *perm,
                                         int32_t *inv, void *scratch, void *stream)
 {
-    return moe__permute_cuda(T, K, E, idx, counts, offsets, perm, inv, scratch,
-                             (cudaStream_t)stream);
+    MOE_REQUIRE(T >= 0 && K > 0 && E > 0, MOE_EINVAL);
+    MOE_REQUIRE(T * K < INT32_MAX, MOE_EUNSUPPORTED);
+    MOE_REQUIRE(sizeof(int) * (PERM_WARPS + 1) * (size_t)E <= 48 * 1024, MOE_EUNSUPPORTED);
+    MOE_REQUIRE(counts && offsets, MOE_EINVAL);
+    MOE_REQUIRE(T == 0 || (idx && perm && inv && scratch), MOE_EINVAL);
+    return permute_launch(T, K, E, idx, counts, offsets, perm, inv, (int32_t *)scratch,
+                          (cudaStream_t)stream);
 }

@@ -83,50 +83,64 @@ static void note(struct err *m, double got, double want)
     m->scale = fabs(want) > m->scale ? fabs(want) : m->scale;
 }
 
-/* The varlen-M fields of g (its weights g->b set apart): the fixture's rows of sb, gathered or not,
-   into c [R, N]. */
-static void varlen_m_of(struct moe_gemm *g, moe_dtype dt, void *sb, int gathered, void *c)
+/* A varlen-M problem on the fixture: fresh activations sb (s: their values in fp64), gathered or
+   not, weights w (K-major split along n at split, or MN-major split along k), c [R, N], and g
+   set up over them. */
+struct vm_case {
+    double *s;
+    void *sb, *c;
+    struct wparts w;
+    struct moe_gemm g;
+};
+
+static void vm_new(struct vm_case *v, moe_dtype dt, uint64_t seed, int gathered, int mn,
+                   int64_t split)
 {
+    memset(v, 0, sizeof *v);
+    v->sb = activations(dt, &seed, D, &v->s);
+    weights(&v->w, dt, &seed, N, D, mn, split, &v->g.b);
+    v->c = ref_alloc((size_t)(offsets[E] * N) * moe_dtype_size(dt));
+    struct moe_gemm *g = &v->g;
     g->dtype = dt;
     g->E = E;
     g->N = N;
     g->D = D;
     g->rows_max = offsets[E];
     g->offsets = offsets;
-    g->a = (struct moe_gemm_op){1, sb, D + RPAD, gathered ? gather : NULL, TOPK, {{0}, {0}}, 0, 0};
-    g->c = c;
+    g->a =
+        (struct moe_gemm_op){1, v->sb, D + RPAD, gathered ? gather : NULL, TOPK, {{0}, {0}}, 0, 0};
+    g->c = v->c;
     g->c_rs = N;
+}
+
+static void vm_free(struct vm_case *v)
+{
+    weights_free(&v->w);
+    free(v->s);
+    free(v->sb);
+    free(v->c);
 }
 
 /* varlen-M: c[r, n] = Σ_k S[src(r), k] W_e[n, k]. */
 static void check_varlen_m(moe_dtype dt, int gathered, int mn)
 {
-    uint64_t seed = 0x51ed2701u + (uint64_t)dt * 3 + (uint64_t)gathered * 5 + (uint64_t)mn * 7;
-    const int64_t R = offsets[E];
-    double *s;
-    void *sb = activations(dt, &seed, D, &s);
-    struct wparts w;
-    struct moe_gemm g;
-    memset(&g, 0, sizeof g);
-    weights(&w, dt, &seed, N, D, mn, mn ? 3 : SPLIT, &g.b);
-    void *c = ref_alloc((size_t)(R * N) * moe_dtype_size(dt));
-    varlen_m_of(&g, dt, sb, gathered, c);
-    cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
+    struct vm_case v;
+    vm_new(&v, dt, 0x51ed2701u + (uint64_t)dt * 3 + (uint64_t)gathered * 5 + (uint64_t)mn * 7,
+           gathered, mn, mn ? 3 : SPLIT);
+    const double *s = v.s, *wv = v.w.v;
+    cr_assert_eq(moe_grouped_gemm_cpu(&v.g), MOE_OK);
     struct err m = {0, 0};
     for (int e = 0; e < E; e++)
         for (int64_t r = offsets[e]; r < offsets[e + 1]; r++)
             for (int64_t n = 0; n < N; n++) {
                 double want = 0.0;
                 for (int64_t k = 0; k < D; k++)
-                    want += s[src_of(gathered, r) * D + k] * w.v[(e * N + n) * D + k];
-                note(&m, ref_get(dt, c, r * N + n), want);
+                    want += s[src_of(gathered, r) * D + k] * wv[(e * N + n) * D + k];
+                note(&m, ref_get(dt, v.c, r * N + n), want);
             }
     cr_expect(m.worst / m.scale <= moe_tol(dt), "%s gathered=%d mn=%d: rel err %g",
               ref_dtype_name(dt), gathered, mn, m.worst / m.scale);
-    weights_free(&w);
-    free(s);
-    free(sb);
-    free(c);
+    vm_free(&v);
 }
 
 /* varlen-K: C_e[m, n] = Σ_r S1[src(r), m] S2[r, n] (gathered: the first operand, else the second),
@@ -210,21 +224,16 @@ Test(kernels_grouped_gemm, varlen_k_weight_grads_match_fp64_and_zero_empty_exper
    halves (I = N / 2, the weight split), act at its own row stride. */
 static void check_swiglu(moe_dtype dt)
 {
-    uint64_t seed = 0x5e1u + (uint64_t)dt;
     enum { I = N / 2, ARS = I + 2 };
     const int64_t R = offsets[E];
-    double *s;
-    void *sb = activations(dt, &seed, D, &s);
-    struct wparts w;
-    struct moe_gemm g;
-    memset(&g, 0, sizeof g);
-    weights(&w, dt, &seed, N, D, 0, I, &g.b);
-    void *c = ref_alloc((size_t)(R * N) * moe_dtype_size(dt));
+    struct vm_case v;
+    vm_new(&v, dt, 0x5e1u + (uint64_t)dt, 1, 0, I);
+    struct moe_gemm *g = &v.g;
+    const void *c = v.c;
     void *act = ref_alloc((size_t)(R * ARS) * moe_dtype_size(dt));
-    varlen_m_of(&g, dt, sb, 1, c);
-    g.act = act;
-    g.act_rs = ARS;
-    cr_assert_eq(moe_grouped_gemm_cpu(&g), MOE_OK);
+    g->act = act;
+    g->act_rs = ARS;
+    cr_assert_eq(moe_grouped_gemm_cpu(g), MOE_OK);
     struct err m = {0, 0};
     for (int64_t r = 0; r < R; r++)
         for (int64_t i = 0; i < I; i++) {
@@ -233,12 +242,9 @@ static void check_swiglu(moe_dtype dt)
         }
     cr_expect(m.worst / m.scale <= moe_tol(dt), "%s: act rel err %g", ref_dtype_name(dt),
               m.worst / m.scale);
-    g.b.split = 2; /* the halves must be the two parts */
-    cr_expect_eq(moe_grouped_gemm_cpu(&g), MOE_EINVAL, "act with parts not N / 2");
-    weights_free(&w);
-    free(s);
-    free(sb);
-    free(c);
+    g->b.split = 2; /* the halves must be the two parts */
+    cr_expect_eq(moe_grouped_gemm_cpu(g), MOE_EINVAL, "act with parts not N / 2");
+    vm_free(&v);
     free(act);
 }
 
