@@ -1035,9 +1035,8 @@ static __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap 
    thread. B: K-major weights split along x (the tile lies in one part), MN-major along k (the
    k-step does), as the loaders' parts. */
 template <int BMN, int BN>
-static __device__ __forceinline__ void tma_stage(const struct sm90_args &g,
-                                                 const struct sm90_tile &t, int kt, uint32_t st,
-                                                 uint32_t bar)
+static __device__ __forceinline__ void
+tma_stage(const struct sm90_args &g, const struct sm90_tile &t, int kt, uint32_t st, uint32_t bar)
 {
     const int k0 = kt * SM90_BK;
     mbar_arrive_expect(bar, (g.ld_a ? SM90_A_BYTES : 0) + (g.ld_b ? BN * SM90_BK * 2 : 0));
@@ -1083,7 +1082,7 @@ template <int PP> struct sm90w_cfg {
     static_assert(STAGES * STAGE_BYTES <= SM90_STAGES * SM90_STAGE_BYTES, "shared memory");
 };
 
-template <int AMN, int BMN, int PP>
+template <int AMN, int BMN, int PP, int TL>
 static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, const int *tiles,
                                                   int nt, int total, uint32_t ring, uint32_t full,
                                                   uint32_t empty)
@@ -1093,7 +1092,8 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
     sm90_loader<C::BN, BMN, SM90W_LOADERS, AMN> lb;
     /* with both operands through TMA one thread issues everything: the other warps leave rather
        than spin on the barriers */
-    const int copies = !(g.ld_a && g.ld_b), tma = g.ld_a || g.ld_b;
+    const int lda = TL && g.ld_a, ldb = TL && g.ld_b; /* TL 0: the kernel without TMA loads */
+    const int copies = !(lda && ldb), tma = lda || ldb;
     if (!copies && threadIdx.x >= 32)
         return;
     int slot = 0;
@@ -1101,9 +1101,9 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
         const struct sm90_tile t = tile_of<C::BN>(g, tiles, nt, q);
         if (t.KT == 0)
             continue;
-        if (!g.ld_a)
+        if (!lda)
             la.plan(g.a, t, g.varlen_k ? t.m0 : t.r0);
-        if (!g.ld_b)
+        if (!ldb)
             lb.plan(g.b, t, t.n0);
         for (int kt = 0; kt < t.KT; kt++, slot++) {
             const int s = slot % C::STAGES, phase = (slot / C::STAGES) & 1;
@@ -1113,9 +1113,9 @@ static __device__ __forceinline__ void sm90w_load(const struct sm90_args &g, con
                 tma_stage<BMN, C::BN>(g, t, kt, st, full + 8 * s);
             if (!copies)
                 continue;
-            if (!g.ld_a)
+            if (!lda)
                 la.load(st, kt);
-            if (!g.ld_b)
+            if (!ldb)
                 lb.load(st + SM90_A_BYTES, kt);
             mbar_arrive_on_copies(full + 8 * s);
         }
@@ -1231,7 +1231,7 @@ sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, ui
     bulk_wait_all();
 }
 
-template <typename T, int AMN, int BMN, int ACT, int PP>
+template <typename T, int AMN, int BMN, int ACT, int PP, int TL>
 static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
@@ -1250,14 +1250,16 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     if (threadIdx.x == 0) {
         /* "full": an arrival per copying thread (their copies landed), one more with the TMA
            bytes expected */
-        const int fills = (g.ld_a && g.ld_b ? 0 : SM90W_LOADERS) + (g.ld_a || g.ld_b ? 1 : 0);
+        const int lda = TL && g.ld_a, ldb = TL && g.ld_b;
+        const int fills = (lda && ldb ? 0 : SM90W_LOADERS) + (lda || ldb ? 1 : 0);
         for (int s = 0; s < C::STAGES; s++) {
             mbar_init(full + 8 * s, fills);
             mbar_init(empty + 8 * s, C::USERS);
         }
         mbar_init(turn, 1);
         mbar_init(turn + 8, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        if (TL)
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     int total;
     if (g.varlen_k) {
@@ -1271,7 +1273,7 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
     if (threadIdx.x < SM90W_LOADERS) {
         if (ACT)
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(SM90W_LOADER_REGS));
-        sm90w_load<AMN, BMN, PP>(g, tiles, nt, total, ring, full, empty);
+        sm90w_load<AMN, BMN, PP, TL>(g, tiles, nt, total, ring, full, empty);
     } else {
         if (ACT)
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(SM90W_COMPUTE_REGS));
@@ -1290,7 +1292,7 @@ static __global__ void sm90_gemm_kernel(const __grid_constant__ struct sm90_args
     (void)g;
 }
 
-template <typename T, int AMN, int BMN, int ACT, int PP>
+template <typename T, int AMN, int BMN, int ACT, int PP, int TL>
 static __global__ void sm90w_gemm_kernel(const __grid_constant__ struct sm90_args g)
 {
     (void)g;
@@ -1529,8 +1531,9 @@ static void sm90_load_maps(const struct moe_gemm *g, struct sm90_args *a, int mn
         const int64_t es = g->E == 1 && m->es * 2 < part * xk ? part * xk : m->es * 2;
         const int64_t dim[3] = {mn ? g->N : g->D, part, g->E}, stride[2] = {xk, es};
         const uint32_t box[3] = {SM90_BK, mn ? SM90_BK : (uint32_t)bn, 1};
-        ok = !m->ptr && (mn || a->ld_a) && sm90_map(&a->lmap_b[p], g->dtype, 3, m->base, dim, stride, box,
-                                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
+        ok = !m->ptr && (mn || a->ld_a) &&
+             sm90_map(&a->lmap_b[p], g->dtype, 3, m->base, dim, stride, box,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
     }
     a->ld_b = ok;
 }
@@ -1602,22 +1605,29 @@ static int sm90_pingpong(const struct moe_gemm *g, int sms)
 /* The kernel of a schedule: 1 all threads load and compute; else warp-specialized, ping-pong (pp)
    or cooperative (tests/bench/RESULTS.md). 0, 3 and 4 store through TMA (sm90_out_maps). */
 template <typename T, int AMN, int BMN, int ACT>
-static sm90_kernel_fn sm90_kernel_of(int schedule, int pp)
+static sm90_kernel_fn sm90_kernel_of(int schedule, int pp, int tl)
 {
     if (schedule == 1)
         return sm90_gemm_kernel<T, AMN, BMN, ACT>;
+    /* TMA loads only where sm90_load_maps mapped an operand: their own instantiation, so that
+       the kernels that copy everything keep their code (branches on the flags measured 5-10 %
+       slower there) */
+    if constexpr (!AMN && !ACT)
+        if (tl)
+            return pp ? sm90w_gemm_kernel<T, AMN, BMN, 0, 1, 1>
+                      : sm90w_gemm_kernel<T, AMN, BMN, 0, 0, 1>;
     if (!ACT && pp)
-        return sm90w_gemm_kernel<T, AMN, BMN, 0, 1>;
-    return sm90w_gemm_kernel<T, AMN, BMN, ACT, 0>;
+        return sm90w_gemm_kernel<T, AMN, BMN, 0, 1, 0>;
+    return sm90w_gemm_kernel<T, AMN, BMN, ACT, 0, 0>;
 }
 
 template <int AMN, int BMN, int ACT>
 static int sm90_launch(const struct sm90_args &a, const struct moe_gemm *g, int pp, unsigned grid)
 {
-    const int schedule = g->schedule;
+    const int schedule = g->schedule, tl = a.ld_a || a.ld_b;
     const sm90_kernel_fn k = g->dtype == MOE_BF16
-                                 ? sm90_kernel_of<__nv_bfloat16, AMN, BMN, ACT>(schedule, pp)
-                                 : sm90_kernel_of<__half, AMN, BMN, ACT>(schedule, pp);
+                                 ? sm90_kernel_of<__nv_bfloat16, AMN, BMN, ACT>(schedule, pp, tl)
+                                 : sm90_kernel_of<__half, AMN, BMN, ACT>(schedule, pp, tl);
     cudaStream_t st = (cudaStream_t)g->stream;
     MOE_TRY(sm90_smem_ready(k));
     k<<<grid, schedule == 1 ? SM90_THREADS : SM90W_THREADS, SM90_SMEM_BYTES, st>>>(a);

@@ -1226,8 +1226,8 @@ Test(cuda_kernels, grouped_gemm_mn_major_weights_match_cpu, .timeout = 120)
     run_gemm_case(&(struct gcase){"gemm MN weights 3-D", MOE_BF16, 0, 0, 512, 256, 1, 256, 0, 2, 0,
                                   gemm_counts, 10, 0, 0});
     /* two 3-D parts along k, rows packed: both operands through TMA on schedules 0, 3 and 4 */
-    run_gemm_case(&(struct gcase){"gemm MN 3-D split-k packed", MOE_BF16, 0, 0, 256, 384, 1, 128,
-                                  0, 0, 0, gemm_counts, 10, 0, 0});
+    run_gemm_case(&(struct gcase){"gemm MN 3-D split-k packed", MOE_BF16, 0, 0, 256, 384, 1, 128, 0,
+                                  0, 0, gemm_counts, 10, 0, 0});
 }
 
 /* The weight-grad form: the experts' rows are the reduction; experts without rows get zeros. */
