@@ -205,7 +205,8 @@ struct moe_gemm_op {
 /* The CUDA version is the Hopper engine (kernels/cuda/gemm_sm90.cu): it needs no host copy of the
    offsets, only the bound rows_max >= offsets[E]; it returns MOE_EUNSUPPORTED (the caller falls
    back) off sm_90, for fp32, and for shapes it does not tile (N a multiple of 256; varlen-M: D of
-   64; varlen-K: M of 128; splits on tile edges; unit strides as described; 16-byte rows). */
+   64; varlen-K: M of 128; splits on tile edges; unit strides as described; 16-byte rows). A
+   varlen-M A without a gather must hold rows_max rows: its tiles are loaded whole by TMA. */
 struct moe_gemm {
     moe_dtype dtype;
     int E;

@@ -11,7 +11,9 @@
  *   gathered rows) as a prefix in shared memory; varlen-K: every expert has (M / BM) × (N / BN)
  *   tiles, an expert without rows writes zeros. CTAs walk the list with a grid stride.
  * - Loads are 16-byte cp.async chunks into an S-stage ring; a gathered row costs the same as a
- *   packed one, and rows past an expert's end are zero-filled by the copy. Gather indices are
+ *   packed one, and rows past an expert's end are zero-filled by the copy. On the schedules that
+ *   store by TMA, packed varlen-M rows and 3-D weights load by TMA instead (sm90_load_maps; one
+ *   thread issues, its own kernel instantiation TL). Gather indices are
  *   loaded before they are needed (a tile's rows at once; varlen-K rows one k-step ahead) and
  *   divided by top-k with a multiply and a shift: a copy never waits on an index. A loading
  *   thread computes each row's source address once per k-step for all its copies of that row
