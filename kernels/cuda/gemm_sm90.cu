@@ -13,8 +13,8 @@
  * - Loads are 16-byte cp.async chunks into an S-stage ring; a gathered row costs the same as a
  *   packed one, and rows past an expert's end are zero-filled by the copy. On the schedules that
  *   store by TMA, packed varlen-M rows and 3-D weights load by TMA instead (sm90_load_maps; one
- *   thread issues, its own kernel instantiation TL). Gather indices are
- *   loaded before they are needed (a tile's rows at once; varlen-K rows one k-step ahead) and
+ *   thread issues, its own kernel instantiation TL). Gather indices are loaded before they are
+ *   needed (a tile's rows at once; varlen-K rows one k-step ahead) and
  *   divided by top-k with a multiply and a shift: a copy never waits on an index. A loading
  *   thread computes each row's source address once per k-step for all its copies of that row
  *   (MN-major activations: 8 chunks × the atoms of a row). Two computing warpgroups (64 × 256
@@ -1521,6 +1521,8 @@ static void sm90_load_maps(const struct moe_gemm *g, struct sm90_args *a, int mn
         a->ld_a = sm90_map(&a->lmap_a, g->dtype, 2, g->a.base, dim, stride, box,
                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
     }
+    if (!mn && !a->ld_a)
+        return;
     const struct moe_gemm_op *b = &g->b;
     const int64_t len = mn ? g->D : g->N;
     const int two = b->split < len;
@@ -1533,9 +1535,8 @@ static void sm90_load_maps(const struct moe_gemm *g, struct sm90_args *a, int mn
         const int64_t es = g->E == 1 && m->es * 2 < part * xk ? part * xk : m->es * 2;
         const int64_t dim[3] = {mn ? g->N : g->D, part, g->E}, stride[2] = {xk, es};
         const uint32_t box[3] = {SM90_BK, mn ? SM90_BK : (uint32_t)bn, 1};
-        ok = !m->ptr && (mn || a->ld_a) &&
-             sm90_map(&a->lmap_b[p], g->dtype, 3, m->base, dim, stride, box,
-                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
+        ok = !m->ptr && sm90_map(&a->lmap_b[p], g->dtype, 3, m->base, dim, stride, box,
+                                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
     }
     a->ld_b = ok;
 }
