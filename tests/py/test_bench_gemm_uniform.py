@@ -36,5 +36,8 @@ def test_uniform_anchors_are_the_grouped_gemms():
         for e in range(E):
             ref = want[name](e)
             err = ((got[e].double() - ref).abs().max() / ref.abs().max()).item()
-            assert err < 1e-2, (name, e, err)
+            # a wrong operand or transpose is off by O(1); 5e-2, not the bf16 contract's 1e-2: the CPU
+            # bf16 matmul of some torch builds (Debian's 1.13 on AVX2) accumulates in bf16, measured
+            # 1.2 % here and 1.9 % on a 256-deep product
+            assert err < 5e-2, (name, e, err)
         assert flops == 2.0 * E * m * H * I * (2 if "gate_up" in name else 1), name
