@@ -25,6 +25,9 @@ _CHECK_TOL = {0: 1e-5, 1: 2e-2, 2: 2e-2}
 _MODULES, _PARAMS = operator.attrgetter("_modules"), operator.attrgetter("_parameters")
 _WEIGHT = operator.itemgetter("weight")
 _DICT, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("__dict__", "dtype", "device"))
+_GRAD, _BASE = operator.attrgetter("grad"), operator.attrgetter("_base")
+_DATA_PTR, _CONTIGUOUS = operator.methodcaller("data_ptr"), operator.methodcaller("is_contiguous")
+_grad_state = []  # (attrgetter of what makes a weight's gradient observable, the value that means none)
 
 _warned = set()
 _pending = []  # (family, recipe, None) for patched blocks, (family, None, reason) for refusals
@@ -131,6 +134,7 @@ class _State:
         self.spec = spec
         self.orig = type(block).forward.__get__(block)
         self.calls = 0
+        self.direct_calls = 0  # fused calls whose expert grads skip autograd (_direct_grads)
         self.disabled = None  # a reason string once the block fell back for good
         self.kinds = _module_kinds(block, spec)
 
@@ -295,6 +299,12 @@ class _Plan:
         self.keep = []  # pointer arrays that must outlive the kernel call
         self.counts = None  # auxfree: int64 [E] slot counts the forward writes, or None
         self.E, self.I, self.H = E, I, H
+        self.direct = spec["layout"] == 0 and _direct_grads(torch, self.weights)
+
+    def inputs(self):
+        """The routed experts' weights as autograd inputs: all of them, or (direct grads) only the
+        first, whose AccumulateGrad node tells the backward whether this pass accumulates."""
+        return self.weights[:1] if self.direct else self.weights
 
     @staticmethod
     def _check_params(params, dtype, device):
@@ -393,7 +403,7 @@ class _Plan:
         if s["layout"] != 0:
             grads = [torch.empty(t.shape, dtype=dtype, device=device) for t in self.weights]
             return self.experts_mlp(grads, device), grads, grads
-        mats, grads, flat = self._flat(dtype, device)
+        mats, grads, flat = self._flat(dtype, device, views=not self.direct)
         return mats, grads, [flat]
 
     def param_grads(self, grads, bufs):
@@ -405,13 +415,17 @@ class _Plan:
             return [g.float() for g in grads]
         return self._views(bufs[0].float())
 
+    def split(self, weights):
+        """The Function's weight inputs as (the routed experts' E×3 or 2 tensors, the rest)."""
+        n = len(self.inputs())
+        return (self.weights if self.direct else list(weights[:n])), list(weights[n:])
+
     def compute_weights(self, weights, device):
         """The weights as the kernels read them: (experts C tuple, shared expert tensors).
         Cast mode: copies in the compute dtype, a ModuleList's E×3 into one buffer addressed by
         base + e·stride (no pointer arrays); made in forward and again in backward, rather than kept
         (autocast keeps its copies alive until backward: this holds one layer's at a time)."""
-        nE = len(self.weights)
-        routed, rest = list(weights[:nE]), list(weights[nE:])
+        routed, rest = self.split(weights)
         if self.cast is None:
             return self.experts_mlp(routed, device), rest
         torch, dt = self.torch, self.cast
@@ -429,14 +443,15 @@ class _Plan:
         self.keep.append(flat)
         return mats, rest
 
-    def _flat(self, dtype, device):
+    def _flat(self, dtype, device, views=True):
         """One [3, E, I·H] buffer for a ModuleList's gate, up and down weights (or their grads): the
-        C tuple addressing it, its E×3 views shaped like the parameters, the buffer."""
+        C tuple addressing it, its E×3 views shaped like the parameters (None: not wanted; making
+        them costs ~1 ms of host time), the buffer."""
         torch, E, I, H = self.torch, self.E, self.I, self.H
         flat = torch.empty((3, E, I * H), dtype=dtype, device=device)
         mats = [(0, flat[0].data_ptr(), I * H, H, 1), (0, flat[1].data_ptr(), I * H, H, 1),
                 (0, flat[2].data_ptr(), I * H, I, 1)]
-        return _mlp_tuple(E, H, I, mats), self._views(flat), flat
+        return _mlp_tuple(E, H, I, mats), self._views(flat) if views else None, flat
 
     def _views(self, flat):
         """A [3, E, I·H] buffer's E×3 views, shaped like the gate, up and down parameters."""
@@ -448,6 +463,112 @@ class _Plan:
         g, u, d = tensors
         Is = g.shape[0]
         return _mlp_tuple(1, self.H, Is, [(0, t.data_ptr(), 0, t.stride(0), t.stride(1)) for t in (g, u, d)])
+
+
+# ---------------------------------------------------------------- direct expert gradients
+
+def _direct_grads(torch, weights):
+    """Whether a ModuleList's E×3 expert gradients skip autograd (MOEPATCH_DIRECT_GRADS): as
+    Function inputs each weight costs the engine an edge in forward and an AccumulateGrad node in
+    backward, ~5 ms of host time per layer at E = 256, longer than the layer's GPU time
+    (tests/bench/RESULTS.md); written by the backward itself they cost one foreach add. Only where
+    nothing can tell the difference: grad mode on, every weight a plain leaf that wants a gradient,
+    no tensor or post-accumulate hooks, no torch.distributed (DDP, FSDP and DeepSpeed hook the
+    AccumulateGrad nodes from C++, where they cannot be seen). Checked on every call: hooks come
+    and go."""
+    if not _opts.get("direct_grads", True) or not torch.is_grad_enabled():
+        return False
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return False
+    if not _grad_state:
+        names = ["requires_grad", "is_leaf", "_backward_hooks"]
+        if hasattr(weights[0], "_post_accumulate_grad_hooks"):  # torch >= 2.1
+            names.append("_post_accumulate_grad_hooks")
+        _grad_state.extend((operator.attrgetter(*names), (True, True) + (None,) * (len(names) - 2)))
+    getter, plain = _grad_state
+    # == per weight, not a set: a weight's hooks are a dict (unhashable); an emptied one counts
+    return all(map(plain.__eq__, map(getter, weights)))
+
+
+def _accumulates(ctx, first):
+    """Whether this backward pass accumulates into the experts' .grad: the first weight's
+    AccumulateGrad node runs in it (a plain .backward(), or backward(inputs=...) naming it), not
+    torch.autograd.grad nor backward(inputs=...) without it. autograd.grad naming that weight
+    raises in the query (torch does not answer it for a leaf it captures): it does not accumulate."""
+    torch = sys.modules["torch"]
+    for fn, _ in ctx.next_functions:
+        if fn is not None and getattr(fn, "variable", None) is first:
+            try:
+                return bool(torch._C._will_engine_execute_node(fn))
+            except RuntimeError:
+                return False
+    return False
+
+
+def _write_grads(torch, plan, flat):
+    """What AccumulateGrad does, for the experts' weights but the first (autograd's): flat is the
+    backward's [3, E, I·H] gradient buffer in their dtype. A weight without .grad takes its view of
+    it (as AccumulateGrad takes a fresh gradient); existing grads get it added in place: where they
+    are the views an earlier backward handed out (gradient accumulation), one add over the buffer,
+    else one foreach add. Hooks registered between forward and backward (those seen in forward
+    keep autograd) run as the engine runs them on a leaf: tensor hooks on the gradient in order,
+    each result replacing it, post-accumulate hooks on the weight after."""
+    params = plan.weights[1:]
+    getter, plain = _grad_state
+    late = [i for i, st in enumerate(map(getter, params)) if st != plain]
+    cur = list(map(_GRAD, params))
+    kinds = set(map(type, cur))
+    if not late and type(None) not in kinds and _handed_out(cur, flat):
+        n = flat[0, 0].numel()  # the first weight's part: autograd accumulates it
+        cur[0]._base.view(-1)[n:].add_(flat.view(-1)[n:])
+        return
+    grads = plan._views(flat)[1:]
+    post = []
+    if late:
+        for i in late:
+            p = params[i]
+            if not p.requires_grad:  # AccumulateGrad leaves such a weight alone
+                grads[i] = None
+                continue
+            for hook in list((p._backward_hooks or {}).values()):
+                g = hook(grads[i])
+                if g is not None:
+                    grads[i] = g
+            if getattr(p, "_post_accumulate_grad_hooks", None):
+                post.append(p)
+        keep = [i for i, g in enumerate(grads) if g is not None]
+        params, grads, cur = [params[i] for i in keep], [grads[i] for i in keep], [cur[i] for i in keep]
+        kinds = set(map(type, cur))
+    if kinds <= {type(None)}:
+        list(map(setattr, params, itertools.repeat("grad"), grads))
+    else:
+        old, new = [], []
+        for p, c, g in zip(params, cur, grads):
+            if c is None:
+                p.grad = g
+            else:
+                old.append(c)
+                new.append(g)
+        torch._foreach_add_(old, new)
+    for p in post:
+        for hook in list(p._post_accumulate_grad_hooks.values()):
+            hook(p)
+
+
+def _handed_out(cur, flat):
+    """Whether the grads cur (of every expert weight but the first) are, in order, views of one
+    buffer shaped and laid out like flat, at the places _views gives them: then adding flat to that
+    buffer (past the first weight's part) is the elementwise add of each weight's gradient."""
+    base = cur[0]._base
+    if base is None or base.shape != flat.shape or base.dtype != flat.dtype or not base.is_contiguous():
+        return False
+    if not all(map(operator.is_, map(_BASE, cur), itertools.repeat(base))):
+        return False
+    step = cur[0].numel() * cur[0].element_size()
+    start = base.data_ptr() + step
+    return (list(map(_DATA_PTR, cur)) == list(range(start, start + step * len(cur), step))
+            and all(map(_CONTIGUOUS, cur)))
 
 
 # ---------------------------------------------------------------- the fused op
@@ -501,6 +622,8 @@ def _make_function(torch):
             ctx.plan, ctx.io_saved, ctx.counts = plan, saved, counts
             ctx.save_for_backward(x, logits, bias, shared_gate, idx, w, *weights)
             ctx.mark_non_differentiable(idx)
+            # no zeros made for idx's gradient in backward (a [T, K] fill per call)
+            ctx.set_materialize_grads(False)
             return y, idx
 
         @staticmethod
@@ -508,8 +631,10 @@ def _make_function(torch):
             plan = ctx.plan
             x, logits, bias, shared_gate, idx, w, *weights = ctx.saved_tensors
             dev = x.device
+            if dy is None:  # y's gradient is undefined (grads are not materialized)
+                dy = torch.zeros((x.shape[0], plan.H), dtype=x.dtype, device=dev)
             dy = dy.contiguous()
-            T, nE = x.shape[0], len(plan.weights)
+            T = x.shape[0]
             if dy.dtype != x.dtype:  # cast mode under autocast: the output was cast to the input's
                 dy = dy.to(x.dtype)
             dx = torch.empty_like(x)
@@ -542,8 +667,14 @@ def _make_function(torch):
                 io["workspace"], io["workspace_bytes"] = ws.data_ptr(), ws.numel()
             _mp.run("backward", 1 if plan.cuda else 0, plan.cfg, io)
             plan.keep = []
-            dweights = plan.param_grads(d_routed, d_bufs)
-            want = weights[nE:]  # the shared expert's parameters: their own dtype
+            if plan.direct:
+                flat = d_bufs[0] if plan.cast is None else d_bufs[0].float()
+                if _accumulates(ctx, weights[0]):
+                    _write_grads(torch, plan, flat)
+                dweights = [flat[0, 0].view_as(weights[0])]
+            else:
+                dweights = plan.param_grads(d_routed, d_bufs)
+            want = plan.split(weights)[1]  # the shared expert's parameters: their own dtype
             dweights += [g.to(t.dtype) for g, t in zip(d_shared, want)]
             if d_sg is not None:
                 d_sg = d_sg.view_as(shared_gate).to(shared_gate.dtype)
@@ -652,7 +783,8 @@ def _fused(block, st, hidden_states):
         _fn[0] = _make_function(torch)
     sg = plan.shared_gate
     y, idx = _fn[0].apply(plan, x, logits.float().contiguous(), bias,
-                          sg.reshape(-1) if sg is not None else None, *plan.weights, *plan.shared)
+                          sg.reshape(-1) if sg is not None else None, *plan.inputs(), *plan.shared)
+    st.direct_calls += plan.direct
     if plan.counts is not None:  # auxfree
         _bal.observe(block, plan.counts)
     y = y.view(shape)

@@ -65,6 +65,13 @@ const struct mp_option_def mp_option_table[] = {
      .help = "N: the first N calls of each block also run the original forward and compare",
      .max = INT_MAX,
      .offset = offsetof(struct mp_options, check)},
+    {.name = "MOEPATCH_DIRECT_GRADS",
+     .key = "direct_grads",
+     .kind = MP_OPT_BOOL,
+     .dflt = "1",
+     .help = "nn.ModuleList experts: their gradients are written to .grad by the fused backward "
+             "(one foreach add) instead of one autograd edge per weight; 0: through autograd",
+     .offset = offsetof(struct mp_options, direct_grads)},
     {.name = "MOEPATCH_AUXFREE",
      .key = "auxfree",
      .kind = MP_OPT_BOOL,

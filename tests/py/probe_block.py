@@ -86,6 +86,7 @@ def patch_state(module):
         "state": st is not None,
         "instance_forward": "forward" in module.__dict__,
         "disabled": getattr(st, "disabled", None),
+        "direct_calls": getattr(st, "direct_calls", None),
     }
 
 
@@ -131,6 +132,8 @@ def run_block(block, case, dtype, call, seed):
     else:
         leaf = torch.randn(shape + [H], generator=g).to(work).to(dtype).requires_grad_(True)
         x = leaf
+    if case.get("grad_mode") == "hook_expert_early":
+        hook_expert(block)
     outs = None
     for _ in range(case.get("calls", 1)):
         inp = x.clone() if case.get("clone_input") else x
@@ -147,12 +150,60 @@ def run_block(block, case, dtype, call, seed):
             loss = loss + 0.1 * (t.float() * torch.randn(t.shape, generator=g2)).sum()
     for p in block.parameters():
         p.grad = None
+    xg = None
     if y.numel():
-        loss.backward()
+        xg = backward(block, case, call, x, leaf, loss, seed)
     grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in block.named_parameters()}
-    xg = leaf.grad[..., :H] if leaf.grad is not None else None
+    if xg is None and leaf.grad is not None:
+        xg = leaf.grad
+    xg = xg[..., :H] if xg is not None else None
     return {"y": y.detach().clone(), "extras": [t.detach().clone() for t in extras],
             "x": x.detach().clone(), "x_grad": xg, "grads": grads}
+
+
+def hook_expert(block):
+    for n, p in block.named_parameters():
+        if n.startswith("experts.1."):
+            p.register_hook(lambda g: g * 2)
+
+
+def backward(block, case, call, x, leaf, loss, seed):
+    """The backward pass case["grad_mode"] names; returns the input's gradient where
+    torch.autograd.grad gave it rather than leaf.grad.
+      (none)             loss.backward()
+      again              a second forward and backward (another loss) into the same .grad
+      zero_again         the same after zeroing every .grad in place (zero_grad(set_to_none=False))
+      clone_again        the same after replacing every .grad by a copy (grads that are not views
+                         of one buffer); partial_again: after dropping every third .grad
+      hook_expert        a tensor hook doubling the gradient of expert 1's weights (registered
+                         after the forward; hook_expert_early: before it), then backward
+      autograd_grad_x    torch.autograd.grad(loss, [x]): no .grad may change
+      backward_inputs_x  loss.backward(inputs=[x]): only x.grad may change"""
+    mode = case.get("grad_mode")
+    if mode == "autograd_grad_x":
+        return torch.autograd.grad(loss, [leaf])[0]
+    if mode == "backward_inputs_x":
+        loss.backward(inputs=[leaf])
+        return None
+    if mode == "hook_expert":
+        hook_expert(block)
+    loss.backward()
+    if mode in ("again", "zero_again", "clone_again", "partial_again"):
+        for i, p in enumerate(block.parameters()):
+            if p.grad is None:
+                continue
+            if mode == "zero_again":
+                p.grad.zero_()
+            elif mode == "clone_again":
+                p.grad = p.grad.clone()
+            elif mode == "partial_again" and i % 3 == 1:
+                p.grad = None
+        torch.manual_seed(seed + 2)
+        y = call(x)
+        y = y[0] if isinstance(y, tuple) else y
+        g = torch.Generator().manual_seed(seed + 4)
+        (y.float() * torch.randn(y.shape, generator=g)).sum().backward()
+    return None
 
 
 def flatten(items):

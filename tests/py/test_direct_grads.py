@@ -1,0 +1,52 @@
+"""nn.ModuleList experts' gradients written to .grad by the fused backward (MOEPATCH_DIRECT_GRADS, on
+by default): every way a training loop takes gradients gives what autograd gives unpatched, and the
+cases the glue cannot see through (a hook known at forward, MOEPATCH_DIRECT_GRADS=0) go through
+autograd. fp32 on the CPU backend: the same glue runs for CUDA tensors.
+"""
+
+import pytest
+
+import moepatch_testlib as lib
+from conftest import FAMILIES
+
+MODULELIST = ("bailing_moe_v2", "mixtral-tf4")
+MODES = ("again", "zero_again", "clone_again", "partial_again", "hook_expert", "hook_expert_early", "autograd_grad_x", "backward_inputs_x")
+
+
+def case_of(fid, mode):
+    case = dict(FAMILIES[fid][1])
+    case["grad_mode"] = mode
+    return case
+
+
+def direct_calls(res):
+    return [s["direct_calls"] for s in res.info["after"]]
+
+
+@pytest.mark.parametrize("fid", MODULELIST)
+@pytest.mark.parametrize("mode", MODES)
+def test_expert_grads_match_unpatched(fid, mode, probe, preload_lib):
+    off = probe(case_of(fid, mode), "off")
+    on = probe(case_of(fid, mode), "on")
+    assert on.patched(), on.stderr
+    lib.assert_close(on.data, off.data, lib.tol("MOE_TOL_F32"))
+    calls = 2 if mode.endswith("again") else 1
+    # a hook seen at forward keeps autograd; every other case writes the grads itself
+    assert direct_calls(on) == [0 if mode == "hook_expert_early" else calls], on.info
+    if mode in ("autograd_grad_x", "backward_inputs_x"):
+        assert on.data["x_grad"] is not None
+        assert all(g is None for g in on.data["grads"].values()), \
+            [n for n, g in on.data["grads"].items() if g is not None]
+
+
+@pytest.mark.parametrize("fid", MODULELIST)
+def test_direct_grads_off_takes_autograd_and_gives_the_same_bits(fid, probe, preload_lib):
+    on = probe(case_of(fid, "again"), "on")
+    auto = probe(case_of(fid, "again"), "on", env={"MOEPATCH_DIRECT_GRADS": "0"})
+    assert direct_calls(auto) == [0] and direct_calls(on) == [2]
+    lib.assert_bit_identical(on.data, auto.data)
+
+
+def test_3d_experts_never_take_direct_grads(probe, preload_lib):
+    on = probe(case_of("qwen3_moe-tf5", "again"), "on")
+    assert on.patched() and direct_calls(on) == [0]
