@@ -134,6 +134,14 @@ def run_block(block, case, dtype, call, seed):
         x = leaf
     if case.get("grad_mode") == "hook_expert_early":
         hook_expert(block)
+    if case.get("ddp"):
+        # one-process DDP on gloo: its reducer hooks every parameter's AccumulateGrad node; a
+        # gradient that skipped autograd would leave its bucket unreduced, and the second
+        # iteration (again) raises
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method="file://" + case["out"] + ".store", rank=0,
+                                world_size=1)
+        call = torch.nn.parallel.DistributedDataParallel(block)
     outs = None
     for _ in range(case.get("calls", 1)):
         inp = x.clone() if case.get("clone_input") else x

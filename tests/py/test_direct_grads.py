@@ -50,3 +50,12 @@ def test_direct_grads_off_takes_autograd_and_gives_the_same_bits(fid, probe, pre
 def test_3d_experts_never_take_direct_grads(probe, preload_lib):
     on = probe(case_of("qwen3_moe-tf5", "again"), "on")
     assert on.patched() and direct_calls(on) == [0]
+
+
+@pytest.mark.parametrize("fid", MODULELIST)
+def test_ddp_keeps_autograd(fid, probe, preload_lib):
+    case = dict(case_of(fid, "again"), ddp=True)
+    off = probe(case, "off")
+    on = probe(case, "on")
+    assert on.patched() and direct_calls(on) == [0], on.info
+    lib.assert_close(on.data, off.data, lib.tol("MOE_TOL_F32"))
