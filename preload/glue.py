@@ -669,7 +669,9 @@ def _make_function(torch):
             plan.keep = []
             if plan.direct:
                 flat = d_bufs[0] if plan.cast is None else d_bufs[0].float()
-                if _accumulates(ctx, weights[0]):
+                # the parameter itself: a saved tensor comes back as another object under
+                # non-reentrant checkpointing (its unpack hook recomputes it)
+                if _accumulates(ctx, plan.weights[0]):
                     _write_grads(torch, plan, flat)
                 dweights = [flat[0, 0].view_as(weights[0])]
             else:

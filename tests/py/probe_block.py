@@ -142,6 +142,11 @@ def run_block(block, case, dtype, call, seed):
         dist.init_process_group("gloo", init_method="file://" + case["out"] + ".store", rank=0,
                                 world_size=1)
         call = torch.nn.parallel.DistributedDataParallel(block)
+    if case.get("checkpoint") is not None:
+        # what gradient_checkpointing does to a layer: recompute the forward in backward
+        import torch.utils.checkpoint as cp
+        inner = call
+        call = lambda x: cp.checkpoint(inner, x, use_reentrant=case["checkpoint"])  # noqa: E731
     outs = None
     for _ in range(case.get("calls", 1)):
         inp = x.clone() if case.get("clone_input") else x

@@ -59,3 +59,16 @@ def test_ddp_keeps_autograd(fid, probe, preload_lib):
     on = probe(case, "on")
     assert on.patched() and direct_calls(on) == [0], on.info
     lib.assert_close(on.data, off.data, lib.tol("MOE_TOL_F32"))
+
+
+@pytest.mark.parametrize("fid", MODULELIST)
+@pytest.mark.parametrize("reentrant", (True, False))
+def test_gradient_checkpointing_gives_the_same_grads(fid, reentrant, probe, preload_lib):
+    case = dict(case_of(fid, "again"), checkpoint=reentrant)
+    off = probe(case, "off")
+    on = probe(case, "on")
+    assert on.patched(), on.stderr
+    # reentrant: the forward runs without grad, the recomputation in backward with it; non-reentrant:
+    # both with it, so forward and recomputation count
+    assert direct_calls(on) == [2 if reentrant else 4], on.info
+    lib.assert_close(on.data, off.data, lib.tol("MOE_TOL_F32"))
