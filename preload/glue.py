@@ -487,8 +487,9 @@ def _direct_grads(torch, weights):
             names.append("_post_accumulate_grad_hooks")
         _grad_state.extend((operator.attrgetter(*names), (True, True) + (None,) * (len(names) - 2)))
     getter, plain = _grad_state
-    # == per weight, not a set: a weight's hooks are a dict (unhashable); an emptied one counts
-    return all(map(plain.__eq__, map(getter, weights)))
+    # == per weight, not a set: a weight's hooks are a dict (unhashable); an emptied one counts.
+    # A weight shared by two experts gets both gradients from autograd, one .grad write here.
+    return all(map(plain.__eq__, map(getter, weights))) and len(set(map(id, weights))) == len(weights)
 
 
 def _accumulates(ctx, first):

@@ -103,6 +103,10 @@ def apply_post(module, model, blocks, post):
             for b in blocks:
                 for k, v in arg.items():
                     setattr(b, k, v)
+        elif action == "tie_expert":  # expert arg[1]'s projections become expert arg[0]'s
+            src, dst = (getattr(blocks[0], "experts")[i] for i in arg)
+            for name, mod in dst.named_children():
+                setattr(dst, name, getattr(src, name))
         elif action == "wrap_lora":
             for b in blocks:
                 module.wrap_lora(b)

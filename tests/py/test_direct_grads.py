@@ -72,3 +72,12 @@ def test_gradient_checkpointing_gives_the_same_grads(fid, reentrant, probe, prel
     # both with it, so forward and recomputation count
     assert direct_calls(on) == [2 if reentrant else 4], on.info
     lib.assert_close(on.data, off.data, lib.tol("MOE_TOL_F32"))
+
+
+@pytest.mark.parametrize("fid", MODULELIST)
+def test_an_expert_sharing_another_ones_weights_keeps_autograd(fid, probe, preload_lib):
+    case = dict(case_of(fid, "again"), post=[["tie_expert", [0, 1]]])
+    off = probe(case, "off")
+    on = probe(case, "on")
+    assert on.patched() and direct_calls(on) == [0], on.info
+    lib.assert_close(on.data, off.data, lib.tol("MOE_TOL_F32"))
