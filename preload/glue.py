@@ -554,7 +554,8 @@ def _write_grads(torch, plan, flat):
         torch._foreach_add_(old, new)
     for p in post:
         for hook in list(p._post_accumulate_grad_hooks.values()):
-            hook(p)
+            if hook(p) is not None:  # as the engine says it
+                raise RuntimeError("Tensor post accumulate grad hooks should return None.")
 
 
 def _handed_out(cur, flat):

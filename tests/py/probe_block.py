@@ -178,6 +178,10 @@ def run_block(block, case, dtype, call, seed):
             "x": x.detach().clone(), "x_grad": xg, "grads": grads}
 
 
+def triple_grad(t):
+    t.grad.mul_(3)
+
+
 def hook_expert(block):
     for n, p in block.named_parameters():
         if n.startswith("experts.1."):
@@ -194,6 +198,8 @@ def backward(block, case, call, x, leaf, loss, seed):
                          of one buffer); partial_again: after dropping every third .grad
       hook_expert        a tensor hook doubling the gradient of expert 1's weights (registered
                          after the forward; hook_expert_early: before it), then backward
+      post_hook_expert   a post-accumulate hook (torch >= 2.1) tripling expert 1's .grad in place,
+                         registered after the forward
       autograd_grad_x    torch.autograd.grad(loss, [x]): no .grad may change
       backward_inputs_x  loss.backward(inputs=[x]): only x.grad may change"""
     mode = case.get("grad_mode")
@@ -204,6 +210,10 @@ def backward(block, case, call, x, leaf, loss, seed):
         return None
     if mode == "hook_expert":
         hook_expert(block)
+    if mode == "post_hook_expert":  # torch >= 2.1: what an optimizer-in-backward hook does to .grad
+        for n, p in block.named_parameters():
+            if n.startswith("experts.1."):
+                p.register_post_accumulate_grad_hook(triple_grad)
     loss.backward()
     if mode in ("again", "zero_again", "clone_again", "partial_again"):
         for i, p in enumerate(block.parameters()):
