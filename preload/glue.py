@@ -527,19 +527,7 @@ def _write_grads(torch, plan, flat):
     grads = plan._views(flat)[1:]
     post = []
     if late:
-        for i in late:
-            p = params[i]
-            if not p.requires_grad:  # AccumulateGrad leaves such a weight alone
-                grads[i] = None
-                continue
-            for hook in list((p._backward_hooks or {}).values()):
-                g = hook(grads[i])
-                if g is not None:
-                    grads[i] = g
-            if getattr(p, "_post_accumulate_grad_hooks", None):
-                post.append(p)
-        keep = [i for i, g in enumerate(grads) if g is not None]
-        params, grads, cur = [params[i] for i in keep], [grads[i] for i in keep], [cur[i] for i in keep]
+        params, grads, cur, post = _late_hooks(params, grads, cur, late)
         kinds = set(map(type, cur))
     if kinds <= {type(None)}:
         list(map(setattr, params, itertools.repeat("grad"), grads))
@@ -556,6 +544,27 @@ def _write_grads(torch, plan, flat):
         for hook in list(p._post_accumulate_grad_hooks.values()):
             if hook(p) is not None:  # as the engine says it
                 raise RuntimeError("Tensor post accumulate grad hooks should return None.")
+
+
+def _late_hooks(params, grads, cur, late):
+    """The weights late (indices) got hooks or lost requires_grad after the forward: their tensor
+    hooks applied to their gradients, in order, each result replacing it; a weight that no longer
+    requires grad dropped (AccumulateGrad leaves it alone). Returns the weights, gradients and
+    current grads that remain, and the weights whose post-accumulate hooks must run."""
+    grads, post = list(grads), []
+    for i in late:
+        p = params[i]
+        if not p.requires_grad:
+            grads[i] = None
+            continue
+        for hook in list((p._backward_hooks or {}).values()):
+            g = hook(grads[i])
+            if g is not None:
+                grads[i] = g
+        if getattr(p, "_post_accumulate_grad_hooks", None):
+            post.append(p)
+    keep = [i for i, g in enumerate(grads) if g is not None]
+    return [params[i] for i in keep], [grads[i] for i in keep], [cur[i] for i in keep], post
 
 
 def _handed_out(cur, flat):
