@@ -413,7 +413,11 @@ class _Plan:
             return grads
         if self.spec["layout"] != 0:
             return [g.float() for g in grads]
-        return self._views(bufs[0].float())
+        return self._views(self.grad_flat(bufs))
+
+    def grad_flat(self, bufs):
+        """A ModuleList's [3, E, I·H] gradient buffer in the parameters' dtype (cast mode: fp32)."""
+        return bufs[0] if self.cast is None else bufs[0].float()
 
     def split(self, weights):
         """The Function's weight inputs as (the routed experts' E×3 or 2 tensors, the rest)."""
@@ -492,12 +496,11 @@ def _direct_grads(torch, weights):
     return all(map(plain.__eq__, map(getter, weights))) and len(set(map(id, weights))) == len(weights)
 
 
-def _accumulates(ctx, first):
+def _accumulates(torch, ctx, first):
     """Whether this backward pass accumulates into the experts' .grad: the first weight's
     AccumulateGrad node runs in it (a plain .backward(), or backward(inputs=...) naming it), not
     torch.autograd.grad nor backward(inputs=...) without it. autograd.grad naming that weight
     raises in the query (torch does not answer it for a leaf it captures): it does not accumulate."""
-    torch = sys.modules["torch"]
     for fn, _ in ctx.next_functions:
         if fn is not None and getattr(fn, "variable", None) is first:
             try:
@@ -679,10 +682,10 @@ def _make_function(torch):
             _mp.run("backward", 1 if plan.cuda else 0, plan.cfg, io)
             plan.keep = []
             if plan.direct:
-                flat = d_bufs[0] if plan.cast is None else d_bufs[0].float()
+                flat = plan.grad_flat(d_bufs)
                 # the parameter itself: a saved tensor comes back as another object under
                 # non-reentrant checkpointing (its unpack hook recomputes it)
-                if _accumulates(ctx, plan.weights[0]):
+                if _accumulates(torch, ctx, plan.weights[0]):
                     _write_grads(torch, plan, flat)
                 dweights = [flat[0, 0].view_as(weights[0])]
             else:

@@ -182,10 +182,13 @@ def triple_grad(t):
     t.grad.mul_(3)
 
 
+def expert_params(block, e):
+    return [p for n, p in block.named_parameters() if n.startswith("experts.%d." % e)]
+
+
 def hook_expert(block):
-    for n, p in block.named_parameters():
-        if n.startswith("experts.1."):
-            p.register_hook(lambda g: g * 2)
+    for p in expert_params(block, 1):
+        p.register_hook(lambda g: g * 2)
 
 
 def backward(block, case, call, x, leaf, loss, seed):
@@ -211,9 +214,8 @@ def backward(block, case, call, x, leaf, loss, seed):
     if mode == "hook_expert":
         hook_expert(block)
     if mode == "post_hook_expert":  # torch >= 2.1: what an optimizer-in-backward hook does to .grad
-        for n, p in block.named_parameters():
-            if n.startswith("experts.1."):
-                p.register_post_accumulate_grad_hook(triple_grad)
+        for p in expert_params(block, 1):
+            p.register_post_accumulate_grad_hook(triple_grad)
     loss.backward()
     if mode in ("again", "zero_again", "clone_again", "partial_again"):
         for i, p in enumerate(block.parameters()):
