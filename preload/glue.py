@@ -135,6 +135,7 @@ class _State:
         self.orig = type(block).forward.__get__(block)
         self.calls = 0
         self.direct_calls = 0  # fused calls whose expert grads skip autograd (_direct_grads)
+        self.fast_router_calls = 0  # fused calls whose fp32 logits came from _router_fn
         self.disabled = None  # a reason string once the block fell back for good
         self.kinds = _module_kinds(block, spec)
 
@@ -300,6 +301,7 @@ class _Plan:
         self.counts = None  # auxfree: int64 [E] slot counts the forward writes, or None
         self.E, self.I, self.H = E, I, H
         self.direct = spec["layout"] == 0 and _direct_grads(torch, self.weights)
+        self.fast_router = False  # set by _router_logits
 
     def inputs(self):
         """The routed experts' weights as autograd inputs: all of them, or (direct grads) only the
@@ -729,8 +731,90 @@ def _router_logits(torch, plan, x, block_bias):
         # the family asks for fp32 logits (x.float() @ W.float()); autocast would quietly run that
         # matmul in bf16 and round the logits the routing and the gate's gradient are made from
         with torch.autocast(x.device.type, enabled=False):
+            fn = _router_fn(torch, x, w)
+            plan.fast_router = fn is not None
+            if fn is not None:
+                return fn.apply(x, w)
             return torch.nn.functional.linear(x.float(), w.float())
     return torch.nn.functional.linear(x, w)
+
+
+# ---------------------------------------------------------------- fp32 router, backward on tensor cores
+
+_router = {}  # device type -> the autograd Function, or None where torch.mm has no out_dtype
+
+
+def _router_fn(torch, x, w):
+    """The Function giving fp32 logits of bf16 x and w whose backward runs on tensor cores
+    (MOEPATCH_FAST_ROUTER), or None: option off, not CUDA, not both bf16 (an fp32 gate, fp32 activations under autocast), or a
+    torch whose mm cannot return fp32 from bf16 (asked once per device type, on a small product of
+    each operand layout the backward uses; no value read back, so no host sync)."""
+    if not (_opts.get("fast_router", True) and x.is_cuda and x.dtype == w.dtype == torch.bfloat16):
+        return None
+    kind = x.device.type
+    if kind not in _router:
+        try:
+            a = torch.ones((8, 16), dtype=torch.bfloat16, device=x.device)
+            ok = all(_mm32(torch, p, q).dtype == torch.float32 for p, q in ((a, a.t()), (a.t(), a)))
+        except (RuntimeError, TypeError) as e:
+            _log(1, "fp32 router's backward through torch's fp32 GEMMs: %s" % " ".join(str(e).split())[:120])
+            ok = False
+        _router[kind] = _make_router_fn(torch) if ok else None
+    return _router[kind]
+
+
+def _mm32(torch, a, b):
+    """a @ b for bf16 matrices, in fp32: each product exact (8 x 8 significant bits fit fp32's 24),
+    the sums in fp32, i.e. the arithmetic of a.float() @ b.float(), on tensor cores (torch.mm's
+    out_dtype, CUDA only; elsewhere that fp32 matmul itself, so that tests can run the rest)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _split3(torch, t):
+    """fp32 t as [hi | mid | lo] in bf16, side by side along the last dim: each part the rounded rest
+    of the one before (each difference exact in fp32), so hi + mid + lo is t to ~2^-26 relative:
+    three times 8 significant bits hold fp32's 24."""
+    hi = t.to(torch.bfloat16)
+    rest = t - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    return torch.cat((hi, mid, lo), dim=-1)
+
+
+def _make_router_fn(torch):
+    class MoERouterFn(torch.autograd.Function):
+        """logits = x.float() @ w.float().T of bf16 x [T, H], w [E, H], by torch's own fp32 GEMM: the
+        routing sees the bits it always saw (a tensor-core sum of bf16 products is not as exact: its
+        accumulation truncates, ~4e-6 relative at H = 2048 against 2e-7 for the fp32 GEMM). The
+        backward's gradients end in bf16, so they come from tensor cores (_router_grads32), and the
+        fp32 copy of x autograd would keep for them is never saved."""
+
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return torch.nn.functional.linear(x.float(), w.float())
+
+        @staticmethod
+        def backward(ctx, dl):
+            x, w = ctx.saved_tensors
+            with torch.autocast(dl.device.type, enabled=False):
+                dx, dw = _router_grads32(torch, x, w, dl, *ctx.needs_input_grad)
+            return (None if dx is None else dx.to(x.dtype)), (None if dw is None else dw.to(w.dtype))
+
+    return MoERouterFn
+
+
+def _router_grads32(torch, x, w, dl, want_x, want_w):
+    """fp32 dx = dl @ w and dw = dl.T @ x (None where not wanted) of bf16 x [T, H], w [E, H] and
+    fp32 dl [T, E]: dl's three bf16 parts [T, 3E] against w stacked three times (one GEMM), and
+    against x giving the three parts' dw side by side, summed. The products are exact; the tensor
+    cores' sums truncate (dw, summed over T: ~1e-5 relative), far below the bf16 rounding after."""
+    parts = _split3(torch, dl.float())
+    dx = _mm32(torch, parts, torch.cat((w, w, w))) if want_x else None
+    dw = _mm32(torch, parts.t(), x).view(3, w.shape[0], -1).sum(0) if want_w else None
+    return dx, dw
 
 
 def _autocast_query(torch):
@@ -801,6 +885,7 @@ def _fused(block, st, hidden_states):
     y, idx = _fn[0].apply(plan, x, logits.float().contiguous(), bias,
                           sg.reshape(-1) if sg is not None else None, *plan.inputs(), *plan.shared)
     st.direct_calls += plan.direct
+    st.fast_router_calls += plan.fast_router
     if plan.counts is not None:  # auxfree
         _bal.observe(block, plan.counts)
     y = y.view(shape)

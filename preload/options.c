@@ -72,6 +72,14 @@ const struct mp_option_def mp_option_table[] = {
      .help = "nn.ModuleList experts: their gradients are written to .grad by the fused backward "
              "(one foreach add) instead of one autograd edge per weight; 0: through autograd",
      .offset = offsetof(struct mp_options, direct_grads)},
+    {.name = "MOEPATCH_FAST_ROUTER",
+     .key = "fast_router",
+     .kind = MP_OPT_BOOL,
+     .dflt = "1",
+     .help = "routers with fp32 logits in bf16 models on CUDA (Ring, DeepSeek-V3, GLM-4.5 ...): "
+             "their backward on tensor cores (fp32 dlogits as three bf16 parts, exact products), "
+             "no fp32 copy of x saved; the logits stay torch's fp32 GEMM; 0: all through torch",
+     .offset = offsetof(struct mp_options, fast_router)},
     {.name = "MOEPATCH_AUXFREE",
      .key = "auxfree",
      .kind = MP_OPT_BOOL,

@@ -25,6 +25,7 @@ struct mp_options {
     int gemm;                        /* MOEPATCH_GEMM: enum mp_gemm_choice */
     int check;                       /* MOEPATCH_CHECK: calls per block also run the original */
     int direct_grads;                /* MOEPATCH_DIRECT_GRADS: ModuleList grads to .grad */
+    int fast_router;                 /* MOEPATCH_FAST_ROUTER: router bwd on TCs */
     int auxfree;                     /* MOEPATCH_AUXFREE: aux-loss-free load balancing */
     double auxfree_rate;             /* MOEPATCH_AUXFREE_RATE: bias step per optimizer step */
     double auxfree_momentum;         /* MOEPATCH_AUXFREE_MOMENTUM: EMA momentum of the loads */

@@ -375,9 +375,11 @@ def run_case(mp, torch, c, tol):
 
     st = block.__dict__.get("_moepatch")
     calls0 = st.calls if st is not None else 0
+    fast0 = getattr(st, "fast_router_calls", 0)
     p1 = fwd_bwd(torch, block, block, x, dy)
     p2 = fwd_bwd(torch, block, block, x, dy)
     st = block.__dict__.get("_moepatch")
+    rec["fast_router_calls"] = getattr(st, "fast_router_calls", 0) - fast0
     rec["patched"] = bool(st is not None and st.disabled is None and "forward" in block.__dict__
                           and st.calls >= calls0 + 2)
     rec["why"] = None if rec["patched"] else (

@@ -128,6 +128,20 @@ def test_fused_path_ran_and_stayed_enabled(probe, name):
     assert r["patched"], "%s: %s%s" % (name, r["why"], _log_lines(probe))
 
 
+# the families whose router computes fp32 logits (detect/families.c: logits_fp32)
+FP32_LOGITS = {"bailing_moe_v2", "deepseek_v3_tf5", "glm4_moe_tf5"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fast_router_taken_exactly_for_bf16_fp32_logits(probe, name):
+    """MOEPATCH_FAST_ROUTER: both fused calls of a bf16 case of an fp32-logits family take it (and
+    the fp64 and unpatched comparisons below then cover its logits and router-weight grads)."""
+    r = _patched(probe, name)
+    c = CASES[name]
+    want = 2 if c["family"] in FP32_LOGITS and c["dtype"] == "bf16" else 0
+    assert r["fast_router_calls"] == want, (name, r["fast_router_calls"])
+
+
 @pytest.mark.parametrize("name", MARGIN)
 def test_output_and_grads_match_float64_reference(probe, name):
     r = _patched(probe, name)

@@ -234,3 +234,21 @@ def load_fixture(rel_path, module_name):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------- the glue's functions in-process
+
+def glue_namespace(options=None):
+    """preload/glue.py's namespace, executed against a stand-in for the C module (its options only):
+    for unit tests of glue functions that need no kernels. Nothing is patched by this."""
+    import types
+    from unittest import mock
+
+    path = os.path.join(ROOT, "preload", "glue.py")
+    fake = types.ModuleType("_moepatch")
+    fake.options = dict(options or {})
+    ns = {"__name__": "glue_under_test"}
+    with mock.patch.dict(sys.modules, {"_moepatch": fake}):
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), ns)
+    return ns

@@ -87,6 +87,7 @@ def patch_state(module):
         "instance_forward": "forward" in module.__dict__,
         "disabled": getattr(st, "disabled", None),
         "direct_calls": getattr(st, "direct_calls", None),
+        "fast_router_calls": getattr(st, "fast_router_calls", None),
     }
 
 

@@ -184,7 +184,7 @@ def test_options_reach_the_module(env):
     env.update(MOEPATCH_LOG="Info", MOEPATCH_MODELS=" qwen3_moe,bailing_moe_v2 ",
                MOEPATCH_BACKEND="CPU", MOEPATCH_CHECK="3", MOEPATCH="yes", MOEPATCH_AUXFREE_RATE="1e-3",
                MOEPATCH_AUXFREE_SYNC="4", MOEPATCH_TELEMETRY=" /tmp/a b.jsonl ", MOEPATCH_GEMM="SM90-ws",
-               MOEPATCH_DIRECT_GRADS="off")
+               MOEPATCH_DIRECT_GRADS="off", MOEPATCH_FAST_ROUTER="0")
     r = run([sys.executable, "-c", "import _moepatch; print(sorted(_moepatch.options.items()))"],
             env)
     assert r.returncode == 0, r.stderr
@@ -193,7 +193,7 @@ def test_options_reach_the_module(env):
                                    "auxfree_rate": 0.001, "auxfree_momentum": 0.9, "auxfree_cap": 2.0,
                                    "auxfree_warmup": 0, "auxfree_sync": 4, "telemetry": "/tmp/a b.jsonl",
                                    "telemetry_every": 10, "gemm": "sm90-ws",
-                                   "direct_grads": False}.items())) + "\n"
+                                   "direct_grads": False, "fast_router": False}.items())) + "\n"
 
 
 ENGINE_FOR = ("import _moepatch as m; f = m.engine_for; r = [f()]; "
