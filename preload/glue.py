@@ -777,10 +777,9 @@ def _split3(torch, t):
     of the one before (each difference exact in fp32), so hi + mid + lo is t to ~2^-26 relative:
     three times 8 significant bits hold fp32's 24."""
     hi = t.to(torch.bfloat16)
-    rest = t - hi.float()
+    rest = t - hi  # fp32: the bf16 operand is promoted exactly
     mid = rest.to(torch.bfloat16)
-    lo = (rest - mid.float()).to(torch.bfloat16)
-    return torch.cat((hi, mid, lo), dim=-1)
+    return torch.cat((hi, mid, (rest - mid).to(torch.bfloat16)), dim=-1)
 
 
 def _make_router_fn(torch):

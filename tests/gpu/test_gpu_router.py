@@ -9,14 +9,8 @@ import sys
 
 import pytest
 
-try:
-    import torch
-
-    _HAVE_CUDA = torch.cuda.is_available()
-except ImportError:
-    _HAVE_CUDA = False
-
-if not _HAVE_CUDA:
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
     pytest.skip("no CUDA device: GPU tests skipped", allow_module_level=True)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "py"))
