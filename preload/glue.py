@@ -759,6 +759,8 @@ def _router_fn(torch, x, w):
         except (RuntimeError, TypeError) as e:
             _log(1, "fp32 router's backward through torch's fp32 GEMMs: %s" % " ".join(str(e).split())[:120])
             ok = False
+        if ok:
+            _log(1, "fp32-logits routers: backward on bf16 tensor cores (MOEPATCH_FAST_ROUTER=0: torch's)")
         _router[kind] = _make_router_fn(torch) if ok else None
     return _router[kind]
 
