@@ -746,9 +746,10 @@ _router = {}  # device type -> the autograd Function, or None where torch.mm has
 
 def _router_fn(torch, x, w):
     """The Function giving fp32 logits of bf16 x and w whose backward runs on tensor cores
-    (MOEPATCH_FAST_ROUTER), or None: option off, not CUDA, not both bf16 (an fp32 gate, fp32 activations under autocast), or a
-    torch whose mm cannot return fp32 from bf16 (asked once per device type, on a small product of
-    each operand layout the backward uses; no value read back, so no host sync)."""
+    (MOEPATCH_FAST_ROUTER), or None: option off, not CUDA, not both bf16 (an fp32 gate, fp32
+    activations under autocast), or a torch whose mm cannot return fp32 from bf16 (asked once per
+    device type, on a small product of each operand layout the backward uses; no value is read
+    back, so no host sync)."""
     if not (_opts.get("fast_router", True) and x.is_cuda and x.dtype == w.dtype == torch.bfloat16):
         return None
     kind = x.device.type

@@ -60,7 +60,8 @@ def test_bf16_grads_within_one_unit_of_torch_path(T, H, E):
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
     torch.nn.functional.linear(xb.float(), wb.float()).backward(dl)
     x64, w64, dl64 = x.double(), w.double(), dl.double()
-    for name, got, want, ref in (("dx", xa.grad, xb.grad, dl64 @ w64), ("dw", wa.grad, wb.grad, dl64.t() @ x64)):
+    for name, got, want, ref in (("dx", xa.grad, xb.grad, dl64 @ w64),
+                                 ("dw", wa.grad, wb.grad, dl64.t() @ x64)):
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all(), name
         g, t = got.double(), want.double()
         differ = (got != want).double().mean().item()

@@ -1,8 +1,9 @@
 """The fp32-logits router's backward on tensor cores (MOEPATCH_FAST_ROUTER, preload/glue.py:
 _router_fn, _split3, _router_grads32, MoERouterFn). On the CPU the glue's _mm32 is torch's fp32 matmul
 of the same bf16 values, so these tests check the algebra: the three-part split of an fp32 tensor, the
-logits (torch's own), and dx and dw against float64 at fp32 accuracy. The GPU families tests (tests/gpu) run the real path in
-every fp32-logits family's bf16 cases, and tests/gpu/test_gpu_router.py the kernels themselves."""
+logits (torch's own), and dx and dw against float64 at fp32 accuracy. The GPU families tests
+(tests/gpu) run the real path in every fp32-logits family's bf16 cases, and
+tests/gpu/test_gpu_router.py the tensor-core GEMMs themselves."""
 
 import pytest
 
