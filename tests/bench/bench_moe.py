@@ -41,6 +41,11 @@ DEV = "cuda"  # --device cpu runs the same code on the CPU (a smoke test of the 
 GATE_TOL = 2e-2  # patched vs unpatched, both bf16: twice the per-side tolerance (MOEPATCH_CHECK's)
 
 
+# Boolean options the glue reads on every call (_moepatch.options), so that one process can flip them
+AB_OPTIONS = ("fast_router", "direct_grads")
+AB_ROUNDS = 3
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the full results as JSON here")
@@ -54,6 +59,10 @@ def parse_args(argv):
     p.add_argument("--engine", action="store_true",
                    help="also time every patched row with each GEMM engine forced (_moepatch.set_engine): "
                         "cuBLAS, the Hopper engine")
+    p.add_argument("--ab", choices=AB_OPTIONS,
+                   help="also time every patched row's fwd+bwd with this glue option on and off, "
+                        "alternating in this process (%d rounds): host-bound rows move by ~1 ms from one "
+                        "process to the next, so separate runs cannot tell such an option's effect" % AB_ROUNDS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -598,6 +607,8 @@ def run(args):
                     # block its own forward back for the rows after it (engine_for: this row's choice)
                     if DEV == "cuda" and T <= GRAPH_T_MAX and not loop and (not patched or mp.engine_for() != 0):
                         row["fwd_graph_ms"] = graph_fwd_ms(torch, block, pool[0][0])
+                    if patched and args.ab and mp is not None:
+                        row["ab"] = ab_times(torch, mp, block, pool, args.ab, warm, reps)
                     if patched:
                         row["patch_problem"] = patch_status(block, calls0)
                     for mode in ("fwd", "fwdbwd"):
@@ -617,6 +628,37 @@ def run(args):
             torch.cuda.empty_cache()
     meta["gemm_tflops_end"] = gemm_tflops(torch)
     return {"meta": meta, "rows": rows}
+
+
+def ab_times(torch, mp, block, pool, name, warm, reps):
+    """fwd+bwd median ms with options[name] on and off, alternating, AB_ROUNDS rounds; the option's
+    own value is restored after."""
+    opts, was = mp.options, mp.options.get(name, True)
+    out = {"option": name, "on": [], "off": []}
+    try:
+        for _ in range(AB_ROUNDS):
+            for value, key in ((True, "on"), (False, "off")):
+                opts[name] = value
+                out[key].append(time_impl(torch, block, pool, "fwdbwd", warm, reps)["median_ms"])
+    finally:
+        opts[name] = was
+    return out
+
+
+def ab_table(rows):
+    """The one-process A/B rows (--ab)."""
+    got = [r for r in rows if "ab" in r]
+    if not got:
+        return []
+    name = got[0]["ab"]["option"]
+    lines = ["", "One-process A/B of MOEPATCH_%s (fwd+bwd median ms per round, alternating on/off):" % name.upper(),
+             "", "| shape | T | implementation | on | off | on / off (medians) |", "|---|---|---|---|---|---|"]
+    for r in got:
+        on, off = r["ab"]["on"], r["ab"]["off"]
+        lines.append("| %s | %d | %s | %s | %s | %.3f |" % (
+            r["shape"], r["T"], r["impl"], " / ".join("%.2f" % v for v in on),
+            " / ".join("%.2f" % v for v in off), statistics.median(on) / statistics.median(off)))
+    return lines
 
 
 def fmt_ms(d):
@@ -674,7 +716,7 @@ def table(result):
               "one input, ok below %.0e." % (meta.get("hbm_gbps", float("nan")), GATE_TOL),
               "ring-mini-2.0 grouped_mm/moepatch_tf5 rows use the Qwen3 class at E=256, I=512: same routed GEMM "
               "work, different routing (softmax top-8, no groups, no shared expert)."]
-    return "\n".join(lines + graph_table(rows, floors))
+    return "\n".join(lines + graph_table(rows, floors) + ab_table(rows))
 
 
 def graph_table(rows, floors):
