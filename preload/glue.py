@@ -741,19 +741,18 @@ def _router_logits(torch, plan, x, block_bias):
 
 # ---------------------------------------------------------------- fp32 router, backward on tensor cores
 
-_router = {}  # device type -> the autograd Function, or None where torch.mm has no out_dtype
+_router = []  # [the autograd Function], or [None] where torch.mm has no out_dtype; [] not asked yet
 
 
 def _router_fn(torch, x, w):
     """The Function giving fp32 logits of bf16 x and w whose backward runs on tensor cores
     (MOEPATCH_FAST_ROUTER), or None: option off, not CUDA, not both bf16 (an fp32 gate, fp32
-    activations under autocast), or a torch whose mm cannot return fp32 from bf16 (asked once per
-    device type, on a small product of each operand layout the backward uses; no value is read
-    back, so no host sync)."""
+    activations under autocast), or a torch whose mm cannot return fp32 from bf16 (asked once, on a
+    small product of each operand layout the backward uses; no value is read back, so no host
+    sync)."""
     if not (_opts.get("fast_router", True) and x.is_cuda and x.dtype == w.dtype == torch.bfloat16):
         return None
-    kind = x.device.type
-    if kind not in _router:
+    if not _router:
         try:
             a = torch.ones((8, 16), dtype=torch.bfloat16, device=x.device)
             ok = all(_mm32(torch, p, q).dtype == torch.float32 for p, q in ((a, a.t()), (a.t(), a)))
@@ -762,8 +761,8 @@ def _router_fn(torch, x, w):
             ok = False
         if ok:
             _log(1, "fp32-logits routers: backward on bf16 tensor cores (MOEPATCH_FAST_ROUTER=0: torch's)")
-        _router[kind] = _make_router_fn(torch) if ok else None
-    return _router[kind]
+        _router.append(_make_router_fn(torch) if ok else None)
+    return _router[0]
 
 
 def _mm32(torch, a, b):
@@ -813,7 +812,7 @@ def _router_grads32(torch, x, w, dl, want_x, want_w):
     fp32 dl [T, E]: dl's three bf16 parts [T, 3E] against w stacked three times (one GEMM), and
     against x giving the three parts' dw side by side, summed. The products are exact; the tensor
     cores' sums truncate (dw, summed over T: ~1e-5 relative), far below the bf16 rounding after."""
-    parts = _split3(torch, dl.float())
+    parts = _split3(torch, dl)
     dx = _mm32(torch, parts, torch.cat((w, w, w))) if want_x else None
     dw = _mm32(torch, parts.t(), x).view(3, w.shape[0], -1).sum(0) if want_w else None
     return dx, dw

@@ -14,15 +14,11 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device: GPU tests skipped", allow_module_level=True)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "py"))
-from moepatch_testlib import glue_namespace  # noqa: E402
+from moepatch_testlib import glue_namespace, rel_err as rel  # noqa: E402
 
 FP32_TOL = 1e-5
 # (T, H, E): Ring-mini-2.0, DeepSeek-V3 width with 256 experts, GLM-4.5-Air-like, and odd sizes
 SHAPES = [(4096, 2048, 256), (1024, 7168, 256), (2048, 4096, 128), (1, 64, 8), (333, 200, 24)]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def inputs(T, H, E, seed):
@@ -75,7 +71,13 @@ def test_bf16_grads_within_one_unit_of_torch_path(T, H, E):
         assert ((g - t).abs() <= t.abs() * 2 ** -7 + 1e-4 * terms).all(), name
 
 
-def test_option_off_and_fp32_weights_take_torch_path():
-    x, w, _ = inputs(8, 64, 8, seed=1)
-    assert glue_namespace({"fast_router": False})["_router_fn"](torch, x, w) is None
-    assert glue_namespace()["_router_fn"](torch, x, w.float()) is None
+@pytest.mark.parametrize("opts, x_dtype, w_dtype", [
+    ({"fast_router": False}, torch.bfloat16, torch.bfloat16),
+    ({}, torch.float32, torch.bfloat16),  # fp32 activations (autocast over an fp32 residual stream)
+    ({}, torch.bfloat16, torch.float32),  # an fp32 gate
+    ({}, torch.float16, torch.float16),   # fp16: its range cannot hold the split's small parts
+])
+def test_router_fn_refused_where_it_does_not_apply(opts, x_dtype, w_dtype):
+    x = torch.zeros(2, 4, dtype=x_dtype, device="cuda")
+    w = torch.zeros(3, 4, dtype=w_dtype, device="cuda")
+    assert glue_namespace(opts)["_router_fn"](torch, x, w) is None
