@@ -224,8 +224,9 @@ struct moe_gemm {
        tiles), output tiles stored by TMA where the output is one strided tensor; 2 the same with
        every store from the computing warps; 3 warp-specialized ping-pong (each computing
        warpgroup on its own 128 x 128 tiles; not with act, which runs as 4); 1 all threads load
-       and compute; 0 the default: 4, or 3 where 4's tiles would be fewer than the SMs (varlen-M
-       decode sizes). Same results; the CPU ignores it. */
+       and compute; 6 the ping-pong on 128 x 64 tiles (varlen-M; varlen-K runs as 3); 0 the
+       default: 4, or at varlen-M decode sizes, where 4's tiles would be fewer than the SMs, 6
+       where its tiles fit one wave, else 3. Same results; the CPU ignores it. */
     int schedule;
     /* CUDA: at most this many CTAs in the persistent grid (0: one per SM). Same results; tests
        use a few, so that each CTA walks many tiles. */

@@ -69,6 +69,8 @@ int moe__gather_rows_cuda(int64_t R, int64_t H, const void *src, int64_t src_rs,
     return gather_rows_launch(R, H, src, src_rs, perm, K, pm, dst, dt, st);
 }
 
+#define COMBINE_BATCH 8
+
 /* Each thread: V consecutive columns of one token (V = 16 / sizeof(T) where every row is 16-byte
    aligned, else 1), the K rows summed in order in fp32. */
 template <typename T, int V>
@@ -85,15 +87,32 @@ static __global__ void combine_kernel(int64_t T_, int K, int64_t H, const T *row
 #pragma unroll
         for (int j = 0; j < V; j++)
             acc[j] = 0.f;
-        if (rows)
-            for (int k = 0; k < K; k++) {
-                const int64_t s = t * K + k;
-                const int64_t r = shift ? inv[s] + shift[idx[s]] : inv[s];
-                moe__ldv<V>(v, rows + r * H + c);
+        /* COMBINE_BATCH rows at a time: their indices, then the rows themselves, are loaded
+           before any is summed, so that the loads overlap (at decode sizes a thread per column
+           chunk is all there is, and K dependent index-then-row loads one after the other were
+           most of the kernel's time); the sum stays in k order */
+        for (int k0 = 0; rows && k0 < K; k0 += COMBINE_BATCH) {
+            int64_t r[COMBINE_BATCH];
+            float rv[COMBINE_BATCH][V];
+#pragma unroll
+            for (int b = 0; b < COMBINE_BATCH; b++) {
+                const int64_t s = t * K + k0 + b;
+                r[b] = k0 + b >= K ? 0 : shift ? inv[s] + shift[idx[s]] : inv[s];
+            }
+#pragma unroll
+            for (int b = 0; b < COMBINE_BATCH; b++)
+                if (k0 + b < K)
+                    moe__ldv<V>(rv[b], rows + r[b] * H + c);
+#pragma unroll
+            for (int b = 0; b < COMBINE_BATCH; b++) {
+                if (k0 + b >= K)
+                    break;
+                const int64_t s = t * K + k0 + b;
 #pragma unroll
                 for (int j = 0; j < V; j++)
-                    acc[j] += w ? w[s] * v[j] : v[j];
+                    acc[j] += w ? w[s] * rv[b][j] : rv[b][j];
             }
+        }
         if (dense) {
             const float sc = dense_scale ? dense_scale[t] : 1.f;
             moe__ldv<V>(v, dense + t * H + c);

@@ -25,12 +25,13 @@
  *   mbarriers between them (sm90w_*); 3 — the same loader, ping-pong: 128 x 128 tiles, each
  *   computing warpgroup on its own (sm90p_*); 1 — all 256 threads load and compute, the ring runs
  *   S - 2 k-steps ahead (sm90_producer; a stage is refilled only after every warpgroup's wgmma on
- *   it has retired). 4 and 3 store through TMA, 2 and 1 do not. 0, the default, is 4, or 3 where
- *   4's tiles would leave SMs idle (decode). On an H200 the cooperative warp-specialized kernel is
- *   the fastest on every form of the training shapes (tests/bench/RESULTS.md).
+ *   it has retired); 6 — ping-pong on 128 x 64 tiles (varlen-M). 4, 3 and 6 store through TMA,
+ *   2 and 1 do not. 0, the default, is 4, or where 4's tiles would leave SMs idle (decode) 6 or
+ *   3 (sm90_pingpong). On an H200 the cooperative warp-specialized kernel is the fastest on every
+ *   form of the training shapes (tests/bench/RESULTS.md).
  * - Output: each computing warp writes its 16 accumulator rows out through a 2 KB buffer of its
  *   own, so the ring's stages all go back to the loader as soon as the tile's wgmma retired and
- *   the next tile's loads run on while a tile is written out. Schedules 0/3/4, output one strided
+ *   the next tile's loads run on while a tile is written out. Schedules 0/3/4/6, output one strided
  *   tensor (a TMA map): 16 x 32 sub-tiles, double-buffered, one bulk tensor store each, which
  *   drain while the next tile computes; else (and for a warp with rows past the expert's end)
  *   64 columns at a time, copied with 128-byte row pieces, four per warp store. Outputs not
@@ -105,7 +106,7 @@ struct sm90_args {
     int64_t act_rs;
     CUtensorMap amap;
     int atma;
-    /* TMA loads (warp-specialized schedules 0, 3, 4): the A tile of packed (ungathered) varlen-M
+    /* TMA loads (warp-specialized schedules 0, 3, 4, 6): the A tile of packed (ungathered) varlen-M
        rows from lmap_a ([rows_max, D], boxes 128 x 64), the weight tile from lmap_b[part] (3-D
        weights: K-major [E, x, k] boxes BN x 64; MN-major [E, k, x] boxes 64 x 64); ld_a / ld_b 0:
        that operand is copied by the loading threads (gathered rows, pointer arrays, no encoder) */
@@ -200,20 +201,40 @@ static __device__ __forceinline__ void fence_d(float *d)
                  : D64_OPERANDS                                                                    \
                  : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB))
 
-/* One wgmma of width N (256: SM90_WGMMA, 128: SM90_WGMMA128) on elements of type T. */
+#define D32_REGS                                                                                   \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, "                                                            \
+    "%8, %9, %10, %11, %12, %13, %14, %15, "                                                       \
+    "%16, %17, %18, %19, %20, %21, %22, %23, "                                                     \
+    "%24, %25, %26, %27, %28, %29, %30, %31}"
+#define D32_OPERANDS D8(0), D8(8), D8(16), D8(24)
+
+/* The narrow ping-pong's half: d[64 x 64] (+)= A[64 x 16] · B[64 x 16]ᵀ (32 floats of d). */
+#define SM90_WGMMA64(TY)                                                                           \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                      \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " D32_REGS              \
+                 ", %32, %33, p, 1, 1, %35, %36;\n}\n"                                             \
+                 : D32_OPERANDS                                                                    \
+                 : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB))
+
+/* One wgmma of width N (256: SM90_WGMMA, 128: SM90_WGMMA128, 64: SM90_WGMMA64) on elements of
+   type T. */
 template <int N, typename T, int TA, int TB>
 static __device__ __forceinline__ void wgmma(float *d, uint64_t da, uint64_t db, int accumulate)
 {
-    static_assert(N == 256 || N == 128, "wgmma widths");
+    static_assert(N == 256 || N == 128 || N == 64, "wgmma widths");
     constexpr bool f16 = std::is_same<T, __half>::value;
     if constexpr (N == 256 && f16)
         SM90_WGMMA("f16");
     else if constexpr (N == 256)
         SM90_WGMMA("bf16");
-    else if constexpr (f16)
+    else if constexpr (N == 128 && f16)
         SM90_WGMMA128("f16");
-    else
+    else if constexpr (N == 128)
         SM90_WGMMA128("bf16");
+    else if constexpr (f16)
+        SM90_WGMMA64("f16");
+    else
+        SM90_WGMMA64("bf16");
 }
 
 /* tiles[e] = first tile of expert e (exclusive prefix), tiles[E] = all tiles. 256 threads, each
@@ -788,11 +809,11 @@ static __device__ __forceinline__ void sm90_mma_stage(float *d, uint32_t stage_a
         sm90_mma_slices<T, AMN, BMN, 1>(d, stage_addr, wg, acc);
 }
 
-/* Ping-pong (schedule 3): one k-step of a warpgroup's own 128 x 128 tile, as NH halves of 64 rows
-   (d and d + 64, m64n128 each; NH 1: the tile's rows 64.. are all past the expert's end) over the
-   first NK slices, one wgmma group. The same per-element k order as sm90_mma_slices: the bits of
-   the other schedules. */
-template <typename T, int AMN, int BMN, int NK, int NH>
+/* Ping-pong (schedules 3 and 6): one k-step of a warpgroup's own 128 x BN tile (BN 128 or 64),
+   as NH halves of 64 rows (d and d + BN / 2, m64nBN each; NH 1: the tile's rows 64.. are all past
+   the expert's end) over the first NK slices, one wgmma group. The same per-element k order as
+   sm90_mma_slices: the bits of the other schedules. */
+template <typename T, int AMN, int BMN, int NK, int NH, int BN>
 static __device__ __forceinline__ void sm90p_mma_slices(float *d, uint32_t stage_addr, int acc)
 {
     const uint32_t sa = stage_addr, sb = sa + SM90_A_BYTES;
@@ -804,8 +825,8 @@ static __device__ __forceinline__ void sm90p_mma_slices(float *d, uint32_t stage
         for (int h = 0; h < NH; h++) {
             const uint32_t a_at =
                 AMN ? sa + h * SM90_ATOM_STRIDE + ks * 2048 : sa + h * 64 * 128 + ks * 32;
-            wgmma<128, T, AMN, BMN>(d + 64 * h, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
-                                    acc || ks > 0);
+            wgmma<BN, T, AMN, BMN>(d + BN / 2 * h, smem_desc(a_at, AMN), smem_desc(b_at, BMN),
+                                   acc || ks > 0);
         }
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -813,20 +834,20 @@ static __device__ __forceinline__ void sm90p_mma_slices(float *d, uint32_t stage
 
 /* varlen-M: all four slices, one or two halves; varlen-K: both halves, nk slices (each its own
    straight-line group, as in sm90_mma_stage) */
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int BN>
 static __device__ __forceinline__ void sm90p_mma_stage(float *d, uint32_t stage_addr, int acc,
                                                        int nk, int nh)
 {
     if (nh == 1)
-        sm90p_mma_slices<T, AMN, BMN, SM90_BK / 16, 1>(d, stage_addr, acc);
+        sm90p_mma_slices<T, AMN, BMN, SM90_BK / 16, 1, BN>(d, stage_addr, acc);
     else if (nk >= SM90_BK / 16)
-        sm90p_mma_slices<T, AMN, BMN, SM90_BK / 16, 2>(d, stage_addr, acc);
+        sm90p_mma_slices<T, AMN, BMN, SM90_BK / 16, 2, BN>(d, stage_addr, acc);
     else if (nk == 3)
-        sm90p_mma_slices<T, AMN, BMN, 3, 2>(d, stage_addr, acc);
+        sm90p_mma_slices<T, AMN, BMN, 3, 2, BN>(d, stage_addr, acc);
     else if (nk == 2)
-        sm90p_mma_slices<T, AMN, BMN, 2, 2>(d, stage_addr, acc);
+        sm90p_mma_slices<T, AMN, BMN, 2, 2, BN>(d, stage_addr, acc);
     else
-        sm90p_mma_slices<T, AMN, BMN, 1, 2>(d, stage_addr, acc);
+        sm90p_mma_slices<T, AMN, BMN, 1, 2, BN>(d, stage_addr, acc);
 }
 
 /* The 16-deep slices of k-step kt that hold rows: all four, except in a weight-grad tile's last
@@ -1074,10 +1095,13 @@ tma_stage(const struct sm90_args &g, const struct sm90_tile &t, int kt, uint32_t
 /* The warp-specialized kernel's tiles: cooperative (PP 0; schedules 4 and 2) 128 x 256, both
    computing warpgroups on one tile, 4 stages; ping-pong (PP 1; schedule 3) 128 x 128, each
    computing warpgroup on its own tiles (the CTA's even and odd ones), so that one's drain and
-   stores overlap the other's wgmma, 6 stages of the same bytes. */
+   stores overlap the other's wgmma, 6 stages of the same bytes; narrow ping-pong (PP 2; schedule
+   6, varlen-M) the same on 128 x 64 tiles, 8 stages: at decode sizes a tile is one expert's few
+   rows, so four times the tiles of the cooperative kernel spread the weights' reads over every
+   SM (its B bytes are the same in sum). */
 template <int PP> struct sm90w_cfg {
-    static constexpr int BN = PP ? 128 : SM90_BN;
-    static constexpr int STAGES = PP ? 6 : SM90_STAGES;
+    static constexpr int BN = PP == 2 ? 64 : PP ? 128 : SM90_BN;
+    static constexpr int STAGES = PP == 2 ? 8 : PP ? 6 : SM90_STAGES;
     static constexpr int STAGE_BYTES = SM90_A_BYTES + BN * SM90_BK * 2;
     /* arrivals that free a stage: the warps that computed on it */
     static constexpr int USERS = PP ? SM90W_COMPUTE_WARPS / 2 : SM90W_COMPUTE_WARPS;
@@ -1150,8 +1174,8 @@ sm90w_ksteps(const struct sm90_args &g, float *d, const struct sm90_tile &t, uin
         __syncwarp();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         if constexpr (PP)
-            sm90p_mma_stage<T, AMN, BMN>(d, ring + s * C::STAGE_BYTES, kt > 0, kslices(g, t, kt),
-                                         live);
+            sm90p_mma_stage<T, AMN, BMN, C::BN>(d, ring + s * C::STAGE_BYTES, kt > 0,
+                                                kslices(g, t, kt), live);
         else if (live)
             sm90_mma_stage<T, AMN, BMN>(d, ring + s * C::STAGE_BYTES, wg, kt > 0,
                                         kslices(g, t, kt));
@@ -1194,11 +1218,12 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
    turns themselves, a warpgroup meets at a named barrier after each wait). While one
    warpgroup drains and stores a tile, the other's wgmma keep the tensor cores busy. ---- */
 
-template <typename T, int AMN, int BMN>
+template <typename T, int AMN, int BMN, int PP>
 static __device__ __forceinline__ void
 sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, uint32_t ring,
               uint32_t full, uint32_t empty, uint32_t turn, uint32_t epi)
 {
+    constexpr int BN = sm90w_cfg<PP>::BN;
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, warp = (ctid >> 5) & 3;
     const int lane = ctid & 31, leader = (ctid & 127) == 0;
     const uint32_t buf = frag_of(ctid, epi).buf; /* the rows are per half, not frag_of's */
@@ -1206,7 +1231,7 @@ sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, ui
     float d[128];
     int slot = 0;
     for (int q = blockIdx.x, j = 0; q < total; q += gridDim.x, j++) {
-        const struct sm90_tile t = tile_of<128>(g, tiles, nt, q);
+        const struct sm90_tile t = tile_of<BN>(g, tiles, nt, q);
         if ((j & 1) != wg) {
             slot += t.KT;
             continue;
@@ -1222,13 +1247,13 @@ sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, ui
             if (leader)
                 mbar_arrive(other);
             for (int h = 0; h < 2; h++)
-                store_direct<T, 1, 0, 128>(o, NULL, h * 64 + warp * 16, lane);
+                store_direct<T, 1, 0, BN>(o, NULL, h * 64 + warp * 16, lane);
             continue;
         }
-        sm90w_ksteps<T, AMN, BMN, 1>(g, d, t, ring, full, wg, threadIdx.x & 31 /* = lane */, empty,
-                                     slot, other, leader);
-        write_tile<T, 0, 128>(o, d, buf, warp * 16, lane);
-        write_tile<T, 0, 128>(o, d + 64, buf, 64 + warp * 16, lane);
+        sm90w_ksteps<T, AMN, BMN, PP>(g, d, t, ring, full, wg, threadIdx.x & 31 /* = lane */, empty,
+                                      slot, other, leader);
+        write_tile<T, 0, BN>(o, d, buf, warp * 16, lane);
+        write_tile<T, 0, BN>(o, d + BN / 2, buf, 64 + warp * 16, lane);
     }
     bulk_wait_all();
 }
@@ -1280,7 +1305,7 @@ static __global__ void __launch_bounds__(SM90W_THREADS, 1)
         if (ACT)
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(SM90W_COMPUTE_REGS));
         if (PP)
-            sm90p_compute<T, AMN, BMN>(g, tiles, nt, total, ring, full, empty, turn, epi);
+            sm90p_compute<T, AMN, BMN, PP>(g, tiles, nt, total, ring, full, empty, turn, epi);
         else
             sm90w_compute<T, AMN, BMN, ACT>(g, tiles, nt, total, ring, full, empty, epi);
     }
@@ -1505,8 +1530,8 @@ static int sm90_out_map(CUtensorMap *m, moe_dtype dt, void *base, int64_t cols, 
 }
 
 /* The TMA load maps (sm90_args.lmap_a / lmap_b) of a varlen-M GEMM on the warp-specialized
-   schedules that use TMA (0, 3, 4; not the fused SwiGLU, whose B tile is two halves): A where its
-   rows are packed (rows past the last expert's end read as zeros; the map spans rows_max rows,
+   schedules that use TMA (0, 3, 4, 6; not the fused SwiGLU, whose B tile is two halves): A where
+   its rows are packed (rows past the last expert's end read as zeros; the map spans rows_max rows,
    which the buffer must hold), B where every part is one 3-D tensor (pointer arrays: the loaders
    copy) and it is MN-major or A goes through TMA too: K-major weights by TMA beside gathered rows
    copied by the loaders measured 5-15 % slower than all copies (fwd gate_up, H200). bn: the
@@ -1591,22 +1616,38 @@ static int64_t sm90_tile_bound(const struct moe_gemm *g, int bn)
     return g->varlen_k ? g->E * (g->M / SM90_BM) * nt : (g->rows_max / SM90_BM + busy) * nt;
 }
 
-/* 1: g runs on the ping-pong tiles (128 x 128; the fused SwiGLU has only the cooperative ones):
-   schedule 3, or the default where the cooperative tiles would leave SMs idle (decode: at one
-   token, Ring's gate|up has 32 of them). Ping-pong measured slower on every training GEMM: ncu
-   shows it latency-bound (tensor pipe 47 % of the cycles against the cooperative kernel's 81 %,
-   fwd gate_up), its 28 bytes of spills in the hot loop; its twice as many tiles pay only when
-   there are fewer than SMs (tests/bench/RESULTS.md). */
+/* Which tiles g runs on: 0 cooperative (128 x 256), 1 ping-pong (128 x 128), 2 narrow ping-pong
+   (128 x 64, varlen-M). The fused SwiGLU has only the cooperative ones. Schedule 3 asks for 1,
+   6 for 2 (1 for varlen-K). The default (decode sizes: an expert's rows fit one tile, which
+   streams its part of the weights) takes the widest tiles that still give every SM one, where
+   the cooperative ones would leave SMs idle: 2 where its tiles fit one wave, else 1 where the
+   cooperative tiles are fewer than the SMs, else 0. Narrower tiles cost more per byte streamed
+   (each tile's fixed cost: at T = 8, narrow tiles everywhere made Ring's gate|up 91 against
+   68 us); they pay only for SMs that would idle otherwise (Ring's gate|up at T = 1: 15.3 against
+   19.8 us; tests/bench/RESULTS.md). Ping-pong measured slower on every training GEMM: ncu shows it
+   latency-bound (tensor pipe 47 % of the cycles against the cooperative kernel's 81 %, fwd
+   gate_up). */
 static int sm90_pingpong(const struct moe_gemm *g, int sms)
 {
     if (g->act)
         return 0;
-    return g->schedule == 3 ||
-           (g->schedule == 0 && !g->varlen_k && sm90_tile_bound(g, SM90_BN) < sms);
+    if (g->schedule == 6)
+        return g->varlen_k ? 1 : 2;
+    if (g->schedule == 3)
+        return 1;
+    if (g->schedule != 0 || g->varlen_k || sm90_tile_bound(g, SM90_BN) >= sms)
+        return 0;
+    return sm90_tile_bound(g, 64) <= sms ? 2 : 1;
+}
+
+/* The output tile's width of a ping-pong mode (sm90_pingpong). */
+static int sm90_bn(int pp)
+{
+    return pp == 2 ? 64 : pp ? 128 : SM90_BN;
 }
 
 /* The kernel of a schedule: 1 all threads load and compute; else warp-specialized, ping-pong (pp)
-   or cooperative (tests/bench/RESULTS.md). 0, 3 and 4 store through TMA (sm90_out_maps). */
+   or cooperative (tests/bench/RESULTS.md). 0, 3, 4 and 6 store through TMA (sm90_out_maps). */
 template <typename T, int AMN, int BMN, int ACT>
 static sm90_kernel_fn sm90_kernel_of(int schedule, int pp, int tl)
 {
@@ -1615,10 +1656,14 @@ static sm90_kernel_fn sm90_kernel_of(int schedule, int pp, int tl)
     /* TMA loads only where sm90_load_maps mapped an operand: their own instantiation, so that
        the kernels that copy everything keep their code (branches on the flags measured 5-10 %
        slower there) */
-    if constexpr (!AMN && !ACT)
+    if constexpr (!AMN && !ACT) {
         if (tl)
-            return pp ? sm90w_gemm_kernel<T, AMN, BMN, 0, 1, 1>
-                      : sm90w_gemm_kernel<T, AMN, BMN, 0, 0, 1>;
+            return pp == 2 ? sm90w_gemm_kernel<T, AMN, BMN, 0, 2, 1>
+                   : pp    ? sm90w_gemm_kernel<T, AMN, BMN, 0, 1, 1>
+                           : sm90w_gemm_kernel<T, AMN, BMN, 0, 0, 1>;
+        if (pp == 2) /* the narrow tiles: varlen-M only (sm90_pingpong) */
+            return sm90w_gemm_kernel<T, AMN, BMN, 0, 2, 0>;
+    }
     if (!ACT && pp)
         return sm90w_gemm_kernel<T, AMN, BMN, 0, 1, 0>;
     return sm90w_gemm_kernel<T, AMN, BMN, ACT, 0, 0>;
@@ -1650,7 +1695,7 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
         return moe__fail(MOE_EUNSUPPORTED, __FILE__, __LINE__, "moe_grouped_gemm_cuda",
                          "dtype, shape, layout or alignment not tiled by the sm_90 kernel");
     const int pp = sm90_pingpong(g, sms);
-    const int64_t bound = sm90_tile_bound(g, pp ? 128 : SM90_BN);
+    const int64_t bound = sm90_tile_bound(g, sm90_bn(pp));
     if (bound == 0 || (!g->varlen_k && g->rows_max == 0))
         return MOE_OK;
     struct sm90_args a;
@@ -1679,7 +1724,7 @@ extern "C" int moe_grouped_gemm_cuda(const struct moe_gemm *g)
         a.b.xhi = (int)(g->b.split - SM90_BN / 2);
     }
     sm90_out_maps(g, &a);
-    sm90_load_maps(g, &a, kind == 2, pp ? 128 : SM90_BN);
+    sm90_load_maps(g, &a, kind == 2, sm90_bn(pp));
     const int64_t cap = g->ctas > 0 && g->ctas < sms ? g->ctas : sms;
     const unsigned grid = (unsigned)(bound < cap ? bound : cap);
     if (kind == 1)

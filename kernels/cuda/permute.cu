@@ -108,24 +108,15 @@ static __device__ void expert_offsets(const int64_t *counts, int E, int *first, 
         offsets[E] = slots;
 }
 
-/* perm[row] = slot, inv[slot] = row; walks the chunk's tiles in slot order. */
-static __global__ void permute_scatter_kernel(int64_t slots, int E, const int32_t *idx,
-                                              const int32_t *bc, const int64_t *counts, int64_t NB,
-                                              int64_t *offsets, int32_t *perm, int32_t *inv)
+/* perm[row] = slot, inv[slot] = row for the slots of chunk b, walked tile by tile in slot
+   order; run[e] (shared, [E]) holds the first row of expert e for this chunk, wcnt (shared,
+   [PERM_WARPS][E]) zeros. */
+static __device__ void scatter_chunk(int64_t slots, int E, const int32_t *idx, int64_t b, int *run,
+                                     int *wcnt, int32_t *perm, int32_t *inv)
 {
-    extern __shared__ int sm[];
-    int *run = sm;      /* [E] next row of expert e for this chunk */
-    int *wcnt = sm + E; /* [PERM_WARPS][E] slots of e per warp in the current tile */
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    expert_offsets(counts, E, run, offsets, slots);
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-        run[e] += bc[(int64_t)e * NB + blockIdx.x];
-    for (int i = threadIdx.x; i < PERM_WARPS * E; i += blockDim.x)
-        wcnt[i] = 0;
-    __syncthreads();
     for (int tile = 0; tile < PERM_TILES; tile++) {
-        const int64_t s = (int64_t)blockIdx.x * PERM_CHUNK + tile * PERM_THREADS + threadIdx.x;
+        const int64_t s = b * PERM_CHUNK + tile * PERM_THREADS + threadIdx.x;
         const int e = s < slots ? idx[s] : -1;
         const unsigned same = __match_any_sync(0xffffffffu, e);
         const int rank = __popc(same & ((1u << lane) - 1));
@@ -152,11 +143,58 @@ static __global__ void permute_scatter_kernel(int64_t slots, int E, const int32_
     }
 }
 
+static __global__ void permute_scatter_kernel(int64_t slots, int E, const int32_t *idx,
+                                              const int32_t *bc, const int64_t *counts, int64_t NB,
+                                              int64_t *offsets, int32_t *perm, int32_t *inv)
+{
+    extern __shared__ int sm[];
+    int *run = sm, *wcnt = sm + E;
+    expert_offsets(counts, E, run, offsets, slots);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        run[e] += bc[(int64_t)e * NB + blockIdx.x];
+    for (int i = threadIdx.x; i < PERM_WARPS * E; i += blockDim.x)
+        wcnt[i] = 0;
+    __syncthreads();
+    scatter_chunk(slots, E, idx, blockIdx.x, run, wcnt, perm, inv);
+}
+
+/* The whole sort in one block where the slots fit one chunk (decode sizes: T * K <= PERM_CHUNK),
+   instead of three launches whose latency was most of the permutation's time there: the same
+   counts, offsets and rows as the three kernels (one chunk: no counts before it). */
+static __global__ void permute_one_chunk_kernel(int64_t slots, int E, const int32_t *idx,
+                                                int64_t *counts, int64_t *offsets, int32_t *perm,
+                                                int32_t *inv)
+{
+    extern __shared__ int sm[];
+    int *run = sm, *wcnt = sm + E;
+    for (int i = threadIdx.x; i < PERM_WARPS * E; i += blockDim.x)
+        wcnt[i] = 0;
+    __syncthreads();
+    for (int j = threadIdx.x; j < slots; j += blockDim.x)
+        atomicAdd(&wcnt[idx[j]], 1); /* a count: the order of the adds does not matter */
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        counts[e] = wcnt[e];
+    __syncthreads(); /* the counts, seen by the block (expert_offsets reads them back) */
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        wcnt[e] = 0;
+    expert_offsets(counts, E, run, offsets, slots);
+    __syncthreads();
+    scatter_chunk(slots, E, idx, 0, run, wcnt, perm, inv);
+}
+
 static int permute_launch(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
                           int64_t *offsets, int32_t *perm, int32_t *inv, int32_t *bc,
                           cudaStream_t st)
 {
     const int64_t slots = T * K, NB = n_chunks(slots);
+    if (NB == 1) {
+        permute_one_chunk_kernel<<<1, PERM_THREADS, sizeof(int) * (PERM_WARPS + 1) * E, st>>>(
+            slots, E, idx, counts, offsets, perm, inv);
+        MOE_CHECK_LAUNCH();
+        return MOE_OK;
+    }
     if (NB > 0) {
         permute_count_kernel<<<(unsigned)NB, PERM_THREADS, sizeof(int) * E, st>>>(slots, E, idx, bc,
                                                                                   NB);

@@ -77,10 +77,10 @@ static __device__ void route_scores(const struct moe_route_cfg &c, const float *
     }
 }
 
-/* Shared memory words per warp: val[E], sel[E], taken[E], gscore[G], gtaken[G]. */
+/* Shared memory words per warp: val[E], sel[E], taken[E], gscore[G], gtaken[G], wk[K]. */
 static size_t route_words(const struct moe_route_cfg *c)
 {
-    return 3 * (size_t)c->E + 2 * (size_t)c->n_group;
+    return 3 * (size_t)c->E + 2 * (size_t)c->n_group + (size_t)c->K;
 }
 
 static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const float *logits,
@@ -97,6 +97,7 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const flo
     int *taken = (int *)(sel + E);
     float *gscore = (float *)(taken + E);
     int *gtaken = (int *)(gscore + G);
+    float *wk = (float *)(gtaken + G); /* [K] the chosen experts' scores, in slot order */
 
     route_scores(c, logits + t * E, val, lane);
     for (int e = lane; e < E; e += 32) {
@@ -136,22 +137,23 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const flo
         __syncwarp();
     }
 
+    /* every lane sums the same scores in slot order (the CPU reference's order); the weights are
+       written once, from shared memory, not read back from global memory slot by slot (that
+       read-back was most of the kernel's time at decode sizes) */
     float sum = 0.f;
     for (int k = 0; k < K; k++) {
         int e = warp_argmax(sel, taken, E, lane);
         if (lane == 0) {
             taken[e] = 1;
             idx[t * K + k] = e;
-            w[t * K + k] = val[e];
-            sum += val[e];
+            wk[k] = val[e];
         }
+        sum += val[e];
         __syncwarp();
     }
-    if (lane == 0) {
-        float denom = c.norm ? sum + c.norm_eps : 1.f;
-        for (int k = 0; k < K; k++)
-            w[t * K + k] = c.norm ? w[t * K + k] / denom * c.scale : w[t * K + k] * c.scale;
-    }
+    const float denom = c.norm ? sum + c.norm_eps : 1.f;
+    for (int k = lane; k < K; k += 32)
+        w[t * K + k] = c.norm ? wk[k] / denom * c.scale : wk[k] * c.scale;
 }
 
 static __global__ void route_backward_kernel(struct moe_route_cfg c, int64_t T, const float *logits,

@@ -734,6 +734,9 @@ Test(cuda_kernels, one_token_many_experts_match_cpu)
                              0, 0, 0.0f});
     run_case(&(struct tcase){"T=1 E=64 K=8 bf16", MOE_BF16, 1, 64, 32, 32, 64, 8, SIGMOID, 8, 4, 0,
                              LLIST, 0, 0, 0, 0.0f});
+    /* K over the combine's batch of 8 rows: a full batch and a partial one */
+    run_case(&(struct tcase){"T=5 E=32 K=11", MOE_F32, 5, 64, 32, 32, 32, 11, SOFTMAX, 1, 1, 0, L3D,
+                             0, 0, 0, 0.0f});
 }
 
 /* ---- the routing permutation alone (moe_permute_cuda vs moe_permute_cpu) ---- */
@@ -822,6 +825,9 @@ Test(cuda_kernels, permutation_is_the_cpu_s_bits, .timeout = 120)
     check_permute(5000, 4, 1024, 0, 1); /* E = 1024, nearly all in one expert */
     check_permute(3000, 1, 1, 0, 0);
     check_permute(1, 8, 256, 0, 0);
+    check_permute(128, 8, 256, 1, 0); /* 1024 slots: exactly one chunk, the one-block sort */
+    check_permute(8, 8, 1024, 0, 1);  /* one chunk, E = 1024 */
+    check_permute(129, 8, 256, 0, 0); /* 1032 slots: two chunks, the three-kernel sort */
     check_permute(0, 8, 16, 0, 0);
 }
 
@@ -1106,8 +1112,9 @@ static void run_gemm_case(const struct gcase *c)
        1-3 CTAs, so that a CTA walks many tiles (the ring, the output buffers and ping-pong's turns
        across tile edges). Under compute-sanitizer (MOE_TEST_SMALL) the first three;
        MOE_TEST_SCHEDULES="s:ctas,..." runs those instead (the first is the reference). */
-    static const int all_schedules[][2] = {{1, 0}, {4, 1}, {3, 1}, {0, 0}, {1, 0}, {2, 0}, {2, 3},
-                                           {4, 0}, {4, 3}, {0, 1}, {3, 0}, {3, 3}, {3, 2}, {1, 3}};
+    static const int all_schedules[][2] = {{1, 0}, {4, 1}, {3, 1}, {0, 0}, {1, 0}, {2, 0},
+                                           {2, 3}, {4, 0}, {4, 3}, {0, 1}, {3, 0}, {3, 3},
+                                           {3, 2}, {1, 3}, {6, 0}, {6, 1}};
     int schedules[16][2], reps = (int)(sizeof all_schedules / sizeof all_schedules[0]);
     memcpy(schedules, all_schedules, sizeof all_schedules);
     if (getenv("MOE_TEST_SMALL"))
