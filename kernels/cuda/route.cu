@@ -138,8 +138,9 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const flo
     }
 
     /* every lane sums the same scores in slot order (the CPU reference's order); the weights are
-       written once, from shared memory, not read back from global memory slot by slot (that
-       read-back was most of the kernel's time at decode sizes) */
+       written once, from shared memory, instead of being read back from global memory slot by
+       slot (measured: no change at decode sizes, where the kernel takes ~8 us for reasons not
+       found; tests/bench/RESULTS.md) */
     float sum = 0.f;
     for (int k = 0; k < K; k++) {
         int e = warp_argmax(sel, taken, E, lane);
