@@ -8,7 +8,8 @@
  * reference's, bit for bit, on every run. The scan runs one block per expert over that expert's
  * contiguous chunk counts (a single block over all E x NB counts took ~67 us at T = 16384, Ring),
  * and every scatter block scans the E totals into offsets itself (a few KB), so no step runs on
- * one block over the whole table.
+ * one block over the whole table. Where all slots fit one chunk (decode sizes) one block does all
+ * three steps in one launch: the launches, not the work, were the sort's time there.
  */
 #include "internal.h"
 
