@@ -1096,9 +1096,9 @@ tma_stage(const struct sm90_args &g, const struct sm90_tile &t, int kt, uint32_t
    computing warpgroups on one tile, 4 stages; ping-pong (PP 1; schedule 3) 128 x 128, each
    computing warpgroup on its own tiles (the CTA's even and odd ones), so that one's drain and
    stores overlap the other's wgmma, 6 stages of the same bytes; narrow ping-pong (PP 2; schedule
-   6, varlen-M) the same on 128 x 64 tiles, 8 stages: at decode sizes a tile is one expert's few
-   rows, so four times the tiles of the cooperative kernel spread the weights' reads over every
-   SM (its B bytes are the same in sum). */
+   6, varlen-M) the same on 128 x 64 tiles, 8 stages: four times the cooperative kernel's tiles
+   for the same B bytes, which pays only where the wider tiles would leave SMs idle (decode;
+   sm90_pingpong). */
 template <int PP> struct sm90w_cfg {
     static constexpr int BN = PP == 2 ? 64 : PP ? 128 : SM90_BN;
     static constexpr int STAGES = PP == 2 ? 8 : PP ? 6 : SM90_STAGES;
@@ -1640,7 +1640,7 @@ static int sm90_pingpong(const struct moe_gemm *g, int sms)
     return sm90_tile_bound(g, 64) <= sms ? 2 : 1;
 }
 
-/* The output tile's width of a ping-pong mode (sm90_pingpong). */
+/* The output tile's width of a ping-pong mode (sm90_pingpong): sm90w_cfg<pp>::BN on the host. */
 static int sm90_bn(int pp)
 {
     return pp == 2 ? 64 : pp ? 128 : SM90_BN;

@@ -318,21 +318,27 @@ def time_impl(torch, block, pool, mode, warmup, reps):
 GRAPH_T_MAX = 64  # decode sizes: the forward is also timed replayed from a CUDA graph
 
 
+def capture_fwd(torch, block, x):
+    """A CUDA graph of one no-grad forward of block on x (raises where the path syncs with the host)."""
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
+            for _ in range(3):
+                first(block(x))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            first(block(x))
+    return graph
+
+
 def graph_fwd_ms(torch, block, x, reps=20):
     """Median ms of one no-grad forward replayed from a CUDA graph: the GPU side of a decode step, without
     the launches and the Python around them (what a captured generate loop pays). A path that syncs with
     the host cannot be captured: the error's first words instead."""
     try:
-        with torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
-                for _ in range(3):
-                    first(block(x))
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                first(block(x))
+        graph = capture_fwd(torch, block, x)
         spans = []
         for _ in range(reps):
             span = Span(torch)

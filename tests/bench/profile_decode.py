@@ -11,24 +11,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_moe  # noqa: E402  (the block builders and the graph timing)
+import bench_moe  # noqa: E402  (the block builders, the graph capture and its timing)
 
 REPLAYS = 10  # profiled replays; the middle one is printed
-
-
-def capture(torch, block, x):
-    """A CUDA graph of one no-grad forward (warmed up on a side stream, as torch.cuda.graphs asks)."""
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                bench_moe.first(block(x))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            bench_moe.first(block(x))
-    return graph
 
 
 def one_replay(torch, graph):
@@ -64,7 +49,7 @@ def main():
         for T in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(1, T, s["H"], device="cuda", dtype=torch.bfloat16)
             ms = bench_moe.graph_fwd_ms(torch, block, x)
-            kernels = one_replay(torch, capture(torch, block, x))
+            kernels = one_replay(torch, bench_moe.capture_fwd(torch, block, x))
             print("== %s T=%d: graph fwd %.4f ms, %d kernels per replay" % (name, T, ms, len(kernels)))
             t0 = kernels[0].time_range.start
             for e in kernels:
