@@ -52,7 +52,8 @@ typedef enum { MOE_F32 = 0, MOE_BF16 = 1, MOE_F16 = 2 } moe_dtype;
 
 MOE_API size_t moe_dtype_size(moe_dtype dt);
 
-/* Routing recipes. Router logits are always fp32 here; the caller computes them. */
+/* Routing recipes. Router logits are fp32 (CUDA, for a forward with infer set: also bf16/fp16,
+   widened exactly, moe_problem.logits_dtype); the caller computes them. */
 typedef enum {
     /* p = softmax(logits); idx = top-K of p, or of p + bias when a bias is given (selection only:
        the aux-loss-free balancing bias of families without a native one); w = p[idx] (unbiased),
@@ -104,7 +105,9 @@ struct moe_problem {
     /* inputs */
     const void *x; /* [T, H] dtype, row stride x_rs elements */
     int64_t x_rs;
-    const float *logits;     /* [T, E] fp32 router logits */
+    const float *logits;     /* [T, E] fp32 router logits (logits_dtype) */
+    moe_dtype logits_dtype;  /* MOE_F32; CUDA with infer set: MOE_BF16 or MOE_F16 too (the
+                                pointer is then of that type) */
     const float *bias;       /* [E] fp32 selection bias (both recipes, see moe_recipe), or NULL */
     struct moe_mlp experts;  /* n = E */
     struct moe_mlp shared;   /* n = 1, or n = 0 when the block has no shared expert */
@@ -139,6 +142,11 @@ struct moe_problem {
        schedule (moe_gemm.schedule 0, warp-specialized; 2 names the same); 0 keeps the cuBLAS path.
        Forward and backward of one call must pass the same value. */
     int engine;
+    /* 1: no backward follows this forward (a no-grad call: inference, decoding). The saved state
+       may be left unwritten; CUDA with engine set runs a decode-size call (T <= 8, T*K <= 256)
+       as GEMVs over the touched experts (kernels/cuda/decode_mlp.cu: other summation order, so
+       not the engine's bits). moe_backward_* must not be called after such a forward. */
+    int infer;
 
     /* backend state: CUDA stream (cudaStream_t) and a caller-allocated workspace */
     void *stream;
@@ -256,6 +264,9 @@ MOE_API int moe_permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_
                              void *stream);
 /* The calling thread's last CUDA-backend failure: "file:line: statement: detail (error)". */
 MOE_API const char *moe_last_error_cuda(void);
+/* Which kernels moe_forward_cuda would run p's routed experts on: "decode" (GEMVs, p->infer),
+   "engine" (Hopper grouped GEMMs) or "cublas". Judged from shapes, strides and flags only. */
+MOE_API const char *moe_forward_path_cuda(const struct moe_problem *p);
 
 #ifdef __cplusplus
 }

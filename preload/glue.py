@@ -302,6 +302,7 @@ class _Plan:
         self.E, self.I, self.H = E, I, H
         self.direct = spec["layout"] == 0 and _direct_grads(torch, self.weights)
         self.fast_router = False  # set by _router_logits
+        self.infer = False  # set by _fused: no backward can follow this call
 
     def inputs(self):
         """The routed experts' weights as autograd inputs: all of them, or (direct grads) only the
@@ -611,8 +612,9 @@ def _make_function(torch):
             w = torch.empty((T, K), dtype=torch.float32, device=dev)
             experts, shared = plan.compute_weights(weights, dev)
             io = {"T": T, "H": H, "x": x.data_ptr(), "x_rs": x.stride(0),
-                  "logits": logits.data_ptr(), "y": y.data_ptr(), "idx": idx.data_ptr(),
-                  "w": w.data_ptr(), "experts": experts}
+                  "logits": logits.data_ptr(), "logits_dtype": _DTYPES[str(logits.dtype)],
+                  "y": y.data_ptr(), "idx": idx.data_ptr(), "w": w.data_ptr(),
+                  "experts": experts}
             if bias is not None:
                 io["bias"] = bias.data_ptr()
             if plan.shared:
@@ -626,6 +628,7 @@ def _make_function(torch):
             if plan.cuda:
                 io["stream"] = _stream(torch, dev)
                 io["engine"] = ctx.engine = _engine_for()
+                io["infer"] = int(plan.infer)
                 counts = torch.empty(plan.E, dtype=torch.int64)
                 io["counts_host"] = counts.data_ptr()
                 saved = torch.empty(_run("saved", 1, plan.cfg, io), dtype=torch.uint8, device=dev)
@@ -883,8 +886,14 @@ def _fused(block, st, hidden_states):
     if _fn[0] is None:
         _fn[0] = _make_function(torch)
     sg = plan.shared_gate
-    y, idx = _fn[0].apply(plan, x, logits.float().contiguous(), bias,
-                          sg.reshape(-1) if sg is not None else None, *plan.inputs(), *plan.shared)
+    rest = (bias, sg.reshape(-1) if sg is not None else None, *plan.inputs(), *plan.shared)
+    # no backward can follow (generate, eval): the CUDA side may skip what only backward reads
+    plan.infer = not torch.is_grad_enabled() or not any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (x, logits, *rest))
+    # there it also reads bf16/fp16 logits as they are (the cast is one more kernel per call)
+    narrow = plan.infer and plan.cuda and logits.dtype in (torch.bfloat16, torch.float16)
+    y, idx = _fn[0].apply(plan, x, logits.contiguous() if narrow else logits.float().contiguous(),
+                          *rest)
     st.direct_calls += plan.direct
     st.fast_router_calls += plan.fast_router
     if plan.counts is not None:  # auxfree

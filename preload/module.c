@@ -169,6 +169,8 @@ static int parse_io(PyObject *io, struct moe_problem *p)
     p->counts_host = get_ptr(io, "counts_host");
     p->stream = get_ptr(io, "stream");
     p->engine = (int)get_i64(io, "engine");
+    p->infer = (int)get_i64(io, "infer");
+    p->logits_dtype = (moe_dtype)get_i64(io, "logits_dtype");
     p->workspace = get_ptr(io, "workspace");
     p->workspace_bytes = (size_t)get_i64(io, "workspace_bytes");
     if (PyErr_Occurred())

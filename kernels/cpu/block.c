@@ -30,6 +30,8 @@ static int problem_valid(const struct moe_problem *p, int backward)
         return 0;
     if (p->T > 0 && (!p->x || !p->logits || !p->idx || !p->w || (p->T > 1 && p->x_rs < p->H)))
         return 0;
+    if (p->logits_dtype != MOE_F32) /* other dtypes: CUDA only (moe_problem.logits_dtype) */
+        return 0;
     if (!backward)
         return p->T == 0 || p->y;
     /* weight grads are written even when T == 0 (as zeros), so their pointers are always needed */

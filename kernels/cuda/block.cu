@@ -10,6 +10,9 @@
  * no count goes to the host, so neither pass waits for the GPU.
  * - cuBLAS (anything else): one device-to-host copy of the per-expert counts (p->counts_host; the
  *   batched GEMMs need host sizes) → gather → batched GEMMs over a padded layout (below).
+ * A no-grad forward of at most DECODE_MAX_T tokens (p->infer, p->engine) takes neither: route →
+ * a GEMV per touched expert for gate|up with SwiGLU, another for down (kernels/cuda/decode_mlp.cu,
+ * no sort; the shared expert too) → combine of the slot-ordered rows. Nothing is saved.
  * The forward copies the counts only when the backward will need them (fwd_needs_host_counts); a
  * backward that unexpectedly needs them copies them itself. The shared expert always runs on
  * cuBLAS (one dense GEMM per projection). Saved for backward: the pre-activations [T*K, 2I] (and
@@ -136,6 +139,56 @@ static struct moe_gemm fused_swiglu(const struct moe_gemm *gu, void *a)
     f.act = a;
     f.act_rs = gu->N / 2;
     return f;
+}
+
+/* The decode GEMVs of a no-grad forward (decode_mlp.cu) of the experts m over R slots routed by
+   idx (NULL: all to m's one expert) whose input rows are x's rows slot / div: gate|up with SwiGLU
+   into a [R, I], down from a into out [R, H], both in slot order. */
+static void decode_gemvs(const struct moe_problem *p, const struct moe_mlp *m, int64_t R,
+                         const int32_t *idx, int div, void *a, void *out, struct moe__gemv *gu,
+                         struct moe__gemv *dn)
+{
+    memset(gu, 0, sizeof *gu);
+    gu->dtype = p->dtype;
+    gu->R = (int)R;
+    gu->idx = idx;
+    gu->stream = p->stream;
+    *dn = *gu;
+    gu->act = 1;
+    gu->div = div;
+    gu->a = p->x;
+    gu->a_rs = x_stride(p);
+    gu->D = p->H;
+    gu->N = m->I;
+    gu->w0 = m->gate;
+    gu->w1 = m->up;
+    gu->c = a;
+    dn->div = 1;
+    dn->a = a;
+    dn->a_rs = m->I;
+    dn->D = m->I;
+    dn->N = p->H;
+    dn->w0 = dn->w1 = m->down;
+    dn->c = out;
+}
+
+static int decode_ok(const struct moe_problem *p, const struct moe_mlp *m, int64_t R, int div)
+{
+    struct moe__gemv gu, dn;
+    decode_gemvs(p, m, R, NULL, div, NULL, NULL, &gu, &dn);
+    return R <= MOE_GEMV_MAX_SLOTS && moe__gemv_ok(&gu) && moe__gemv_ok(&dn);
+}
+
+/* Largest decode-size call: at T = 16 the engine's tiles were already faster than these GEMVs
+   (tests/bench/RESULTS.md, thirteenth session). It also bounds an expert's rows (T), so one pass
+   of the kernel (GEMV_ROWS) covers them. */
+#define DECODE_MAX_T 8
+
+/* 1: the routed experts' forward runs as decode GEMVs (a no-grad call of few tokens). */
+static int fwd_decode(const struct moe_problem *p)
+{
+    return p->infer && p->engine && p->T > 0 && p->T <= DECODE_MAX_T &&
+           decode_ok(p, &p->experts, n_rows(p), p->route.K);
 }
 
 /* 1: the routed experts' forward runs on the Hopper engine (packed rows, x gathered inside the
@@ -498,6 +551,10 @@ static int problem_ok(const struct moe_problem *p)
     MOE_REQUIRE(mlp_ok(&p->experts, p->route.E, p->H), MOE_EINVAL);
     MOE_REQUIRE(p->shared.n == 0 || mlp_ok(&p->shared, 1, p->H), MOE_EINVAL);
     MOE_REQUIRE(p->shared.n == 1 || !p->shared_gate, MOE_EINVAL);
+    /* logits of another dtype only where no backward (which reads them as fp32) follows */
+    MOE_REQUIRE(p->logits_dtype == MOE_F32 ||
+                    (p->infer && (p->logits_dtype == MOE_BF16 || p->logits_dtype == MOE_F16)),
+                MOE_EINVAL);
     MOE_REQUIRE(p->counts_host && p->saved, MOE_EINVAL);
     MOE_REQUIRE(p->T == 0 || (p->x && p->logits && p->idx && p->w), MOE_EINVAL);
     MOE_REQUIRE(p->T <= 1 || p->x_rs >= p->H, MOE_EINVAL);
@@ -555,9 +612,12 @@ static int forward(struct moe_problem *p, cudaStream_t st)
     cublasHandle_t h;
     MOE_TRY(moe__cublas_handle(&h));
 
-    MOE_TRY(moe__route_cuda(&p->route, T, p->logits, p->bias, p->idx, p->w, st));
-    MOE_TRY(
-        moe_permute_cuda(T, K, E, p->idx, s.counts, s.offsets, s.perm, s.inv, f.perm_scratch, st));
+    MOE_TRY(moe__route_cuda(&p->route, T, p->logits, p->logits_dtype, p->bias, p->idx, p->w, st));
+    /* the decode GEMVs need no sort; the per-expert counts, when asked for, come from it */
+    const int decode = fwd_decode(p);
+    if (!decode || p->counts)
+        MOE_TRY(moe_permute_cuda(T, K, E, p->idx, s.counts, s.offsets, s.perm, s.inv,
+                                 f.perm_scratch, st));
     if (p->counts)
         MOE_CHECK(T ? cudaMemcpyAsync(p->counts, s.counts, sizeof(int64_t) * (size_t)E,
                                       cudaMemcpyDeviceToDevice, st)
@@ -566,7 +626,7 @@ static int forward(struct moe_problem *p, cudaStream_t st)
         memset(p->counts_host, 0, sizeof(int64_t) * (size_t)E);
         return MOE_OK;
     }
-    if (fwd_needs_host_counts(p)) {
+    if (!decode && fwd_needs_host_counts(p)) {
         MOE_CHECK(cudaMemcpyAsync(p->counts_host, s.counts, sizeof(int64_t) * (size_t)E,
                                   cudaMemcpyDeviceToHost, st));
         MOE_CHECK(cudaStreamSynchronize(st));
@@ -574,7 +634,12 @@ static int forward(struct moe_problem *p, cudaStream_t st)
 
     struct mlp_ctx ex =
         ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, f.ptrs, h, st);
-    if (fwd_engine(p)) {
+    if (decode) {
+        struct moe__gemv gu, dn;
+        decode_gemvs(p, &p->experts, R, p->idx, K, f.a, f.out, &gu, &dn);
+        MOE_TRY(moe__gemv_cuda(&gu));
+        MOE_TRY(moe__gemv_cuda(&dn));
+    } else if (fwd_engine(p)) {
         struct moe_gemm gu, dn;
         engine_gemms(p, &s, &f, &gu, &dn);
         MOE_TRY(gate_up_swiglu(&gu, f.a, R));
@@ -597,13 +662,25 @@ static int forward(struct moe_problem *p, cudaStream_t st)
     if (p->shared.n) {
         const int64_t all[1] = {T};
         struct mlp_ctx sh = ctx_of(&p->shared, all, NULL, NULL, p->dtype, f.ptrs, h, st);
-        MOE_TRY(mlp_forward(&sh, p->x, x_stride(p), s.hs, NULL, f.as, T, f.ys));
+        if (decode && decode_ok(p, &p->shared, T, 1)) {
+            struct moe__gemv gu, dn;
+            decode_gemvs(p, &p->shared, T, NULL, 1, f.as, f.ys, &gu, &dn);
+            MOE_TRY(moe__gemv_cuda(&gu));
+            MOE_TRY(moe__gemv_cuda(&dn));
+        } else {
+            MOE_TRY(mlp_forward(&sh, p->x, x_stride(p), s.hs, NULL, f.as, T, f.ys));
+        }
         if (p->shared_gate)
             MOE_TRY(
                 moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, f.gs, p->dtype, st));
     }
-    return moe__combine_cuda(T, K, H, f.out, s.inv, p->idx, f.shift, p->w, f.ys, f.gs, NULL, NULL,
-                             p->y, p->dtype, st);
+    return moe__combine_cuda(T, K, H, f.out, decode ? NULL : s.inv, p->idx, decode ? NULL : f.shift,
+                             p->w, f.ys, f.gs, NULL, NULL, p->y, p->dtype, st);
+}
+
+extern "C" MOE_API const char *moe_forward_path_cuda(const struct moe_problem *p)
+{
+    return fwd_decode(p) ? "decode" : fwd_engine(p) ? "engine" : "cublas";
 }
 
 extern "C" MOE_API int moe_forward_cuda(struct moe_problem *p)

@@ -97,7 +97,7 @@ static __global__ void combine_kernel(int64_t T_, int K, int64_t H, const T *row
 #pragma unroll
             for (int b = 0; b < COMBINE_BATCH; b++) {
                 const int64_t s = t * K + k0 + b;
-                r[b] = k0 + b >= K ? 0 : shift ? inv[s] + shift[idx[s]] : inv[s];
+                r[b] = k0 + b >= K ? 0 : shift ? inv[s] + shift[idx[s]] : inv ? inv[s] : s;
             }
 #pragma unroll
             for (int b = 0; b < COMBINE_BATCH; b++)
@@ -164,7 +164,7 @@ int moe__combine_cuda(int64_t T, int K, int64_t H, const void *rows, const int32
     MOE_REQUIRE(T >= 0 && K > 0 && H > 0, MOE_EINVAL);
     if (T == 0)
         return MOE_OK;
-    MOE_REQUIRE(y && (!rows || inv) && (!vec || vec_scale) && (!shift || idx), MOE_EINVAL);
+    MOE_REQUIRE(y && (!vec || vec_scale) && (!shift || (idx && inv)), MOE_EINVAL);
     return combine_launch(T, K, H, rows, inv, idx, shift, w, dense, dense_scale, vec_scale, vec, y,
                           dt, st);
 }

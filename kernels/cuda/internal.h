@@ -203,8 +203,32 @@ int moe__zero_empty_cuda(const struct moe_mats *m, int n, int64_t R, int64_t C,
    pointers pass the alignment checks, so a problem can be judged before its buffers exist. */
 int moe__gemm_sm90_ok(const struct moe_gemm *g);
 
+/* ---- decode-size expert GEMVs (decode_mlp.cu) ---- */
+#define MOE_GEMV_MAX_SLOTS 256 /* slots (T·K) one call takes: each block scans them all */
+/* c[j, n] for every slot j < R, with e = idx[j] and a's row of slot j at a + (j / div) · a_rs:
+   act: silu(h_g) · h_u of the dtype-rounded h_g = <a_j, w0_e[n, :]>, h_u = <a_j, w1_e[n, :]>
+   (gate and up: the SwiGLU kernel's bits from those h); else <a_j, w0_e[n, :]>. w0, w1 as
+   moe_mats with the reduction along c; c dense [R, N] in slot order. idx == NULL: every slot
+   goes to expert 0 (a shared expert). */
+struct moe__gemv {
+    moe_dtype dtype;
+    int R, div, act;
+    const int32_t *idx;
+    const void *a;
+    int64_t a_rs;
+    int64_t D, N; /* reduction length, output columns */
+    struct moe_mats w0, w1;
+    void *c;
+    void *stream;
+};
+/* 1 when moe__gemv_cuda runs g (16-byte-aligned rows contiguous along the reduction; NULL pointers
+   pass, so a problem can be judged before its buffers exist). */
+int moe__gemv_ok(const struct moe__gemv *g);
+int moe__gemv_cuda(const struct moe__gemv *g);
+
 /* ---- routing (route.cu) ---- */
-int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
+/* logits of dtype ldt (widened to fp32 exactly) */
+int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const void *logits, moe_dtype ldt,
                     const float *bias, int32_t *idx, float *w, cudaStream_t st);
 int moe__route_backward_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
                              const int32_t *idx, const float *dw, float *dlogits, cudaStream_t st);
@@ -237,7 +261,8 @@ static __device__ __forceinline__ int64_t moe__unpad_row(const struct moe__pad_m
 int moe__gather_rows_cuda(int64_t R, int64_t H, const void *src, int64_t src_rs,
                           const int32_t *perm, int K, const struct moe__pad_map *pad, void *dst,
                           moe_dtype dt, cudaStream_t st);
-/* y[t] = Σ_k w[t*K+k] · rows[inv[t*K+k] + (shift ? shift[idx[t*K+k]] : 0)]  (w == NULL: 1),
+/* y[t] = Σ_k w[t*K+k] · rows[inv[t*K+k] + (shift ? shift[idx[t*K+k]] : 0)]  (w == NULL: 1;
+   inv == NULL: rows in slot order, row t*K+k),
    summed in k order in fp32,
    + dense_scale[t] · dense[t] (dense != NULL; dense_scale == NULL: 1)
    + vec_scale[t] · vec (vec != NULL: a [H] row) — written once as dtype. */

@@ -1,6 +1,7 @@
 /*
  * kernels/cuda/route.cu — routing forward (logits → idx, w) and backward (dw → dlogits) for both
- * recipes of moe.h. One warp per token; the token's E scores live in shared memory.
+ * recipes of moe.h. One warp per token; the token's E scores live in shared memory. The forward
+ * reads logits of any dtype (fp32 as float; bf16/fp16 widened exactly, which is torch's cast).
  *
  * Design choice: every top-k is a repeated warp arg-max whose comparison prefers the lower index
  * on equal values, so the choice (and the slot order: descending score) is the CPU reference's.
@@ -52,19 +53,48 @@ static __device__ float warp_max(float v)
     return v;
 }
 
-/* val[e] = the recipe's probability (softmax p or sigmoid s) of the token's logits row. */
-static __device__ void route_scores(const struct moe_route_cfg &c, const float *row, float *val,
-                                    int lane)
+#define STAGE_LOADS 8 /* loads per lane issued before any is stored */
+
+/* One warp: d0[e] = s0[e] and, with s1, d1[e] = s1[e], for e < n, into shared memory. A load per
+   iteration of a loop with a run-time trip count would wait for the one before it; at decode sizes
+   the kernel is a chain of such round trips. */
+template <typename L>
+static __device__ void warp_stage(const L *__restrict__ s0, float *d0, const float *__restrict__ s1,
+                                  float *d1, int n, int lane)
+{
+    for (int e0 = 0; e0 < n; e0 += 32 * STAGE_LOADS) {
+        float v0[STAGE_LOADS], v1[STAGE_LOADS];
+#pragma unroll
+        for (int j = 0; j < STAGE_LOADS; j++) {
+            const int e = e0 + 32 * j + lane;
+            v0[j] = e < n ? moe__to_f(__ldg(s0 + e)) : 0.f;
+            v1[j] = e < n && s1 ? __ldg(s1 + e) : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < STAGE_LOADS; j++) {
+            const int e = e0 + 32 * j + lane;
+            if (e < n) {
+                d0[e] = v0[j];
+                if (s1)
+                    d1[e] = v1[j];
+            }
+        }
+    }
+}
+
+/* val[e] = the recipe's probability (softmax p or sigmoid s) of the token's logits, which val
+   holds on entry (shared memory). */
+static __device__ void route_scores(const struct moe_route_cfg &c, float *val, int lane)
 {
     const int E = c.E;
     if (c.recipe == MOE_ROUTE_SOFTMAX_TOPK) {
         float m = -INFINITY;
         for (int e = lane; e < E; e += 32)
-            m = fmaxf(m, row[e]);
+            m = fmaxf(m, val[e]);
         m = warp_max(m);
         float s = 0.f;
         for (int e = lane; e < E; e += 32) {
-            float x = expf(row[e] - m);
+            float x = expf(val[e] - m);
             val[e] = x;
             s += x;
         }
@@ -73,7 +103,55 @@ static __device__ void route_scores(const struct moe_route_cfg &c, const float *
             val[e] = val[e] / s;
     } else {
         for (int e = lane; e < E; e += 32)
-            val[e] = 1.f / (1.f + expf(-row[e]));
+            val[e] = 1.f / (1.f + expf(-val[e]));
+    }
+}
+
+#define ROUTE_REG 16 /* selection scores per lane in registers: E <= 512 takes reg_topk */
+
+/* Order-preserving map of a float to an unsigned key (-0 made +0 first, as == compares). */
+static __device__ __forceinline__ unsigned ordered_key(float v)
+{
+    const unsigned u = __float_as_uint(v + 0.f);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+/* warp_argmax K times over sel (E <= 32 · ROUTE_REG), marking each choice taken, with the scores
+   held in registers (lane l: experts l, l + 32, ...): a round is a lane-local scan and two warp
+   reductions (the best key, then the lowest expert holding it) instead of five shuffle rounds
+   over shared memory. The same choice: the best score, the lower index on ties. idx[k] and
+   wk[k] = val[idx[k]] get the K slots; *sum adds val[idx[k]] in slot order. */
+static __device__ void reg_topk(const float *sel, const float *val, int E, int K, int lane,
+                                int32_t *idx, float *wk, float *sum)
+{
+    float v[ROUTE_REG];
+    unsigned live = 0;
+#pragma unroll
+    for (int j = 0; j < ROUTE_REG; j++) {
+        const int e = lane + 32 * j;
+        v[j] = e < E ? sel[e] : 0.f;
+        live |= (e < E ? 1u : 0u) << j;
+    }
+    for (int k = 0; k < K; k++) {
+        float bv = 0.f;
+        int bj = -1;
+#pragma unroll
+        for (int j = 0; j < ROUTE_REG; j++) /* ascending j: the lower expert keeps a tie */
+            if ((live >> j & 1u) && (bj < 0 || v[j] > bv)) {
+                bv = v[j];
+                bj = j;
+            }
+        const unsigned key = bj < 0 ? 0u : ordered_key(bv);
+        const unsigned top = __reduce_max_sync(0xffffffffu, key);
+        const int e = (int)__reduce_min_sync(
+            0xffffffffu, bj >= 0 && key == top ? (unsigned)(lane + 32 * bj) : 0xffffffffu);
+        if (lane == e % 32)
+            live &= ~(1u << (e / 32));
+        if (lane == 0) {
+            idx[k] = e;
+            wk[k] = val[e];
+        }
+        *sum += val[e];
     }
 }
 
@@ -83,7 +161,8 @@ static size_t route_words(const struct moe_route_cfg *c)
     return 3 * (size_t)c->E + 2 * (size_t)c->n_group + (size_t)c->K;
 }
 
-static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const float *logits,
+template <typename L>
+static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const L *logits,
                                     const float *bias, int32_t *idx, float *w, int words)
 {
     extern __shared__ float smem[];
@@ -99,11 +178,11 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const flo
     int *gtaken = (int *)(gscore + G);
     float *wk = (float *)(gtaken + G); /* [K] the chosen experts' scores, in slot order */
 
-    route_scores(c, logits + t * E, val, lane);
+    warp_stage(logits + t * E, val, bias, sel, E, lane); /* sel: the bias, for now */
+    __syncwarp();
+    route_scores(c, val, lane);
     for (int e = lane; e < E; e += 32) {
-        sel[e] = val[e];
-        if (bias) /* softmax too: aux-free selection bias */
-            sel[e] += bias[e];
+        sel[e] = bias ? val[e] + sel[e] : val[e]; /* softmax too: aux-free selection bias */
         taken[e] = 0;
     }
     __syncwarp();
@@ -142,16 +221,21 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const flo
        slot (measured: no change at decode sizes, where the kernel takes ~8 us for reasons not
        found; tests/bench/RESULTS.md) */
     float sum = 0.f;
-    for (int k = 0; k < K; k++) {
-        int e = warp_argmax(sel, taken, E, lane);
-        if (lane == 0) {
-            taken[e] = 1;
-            idx[t * K + k] = e;
-            wk[k] = val[e];
+    if (E <= 32 * ROUTE_REG) {
+        reg_topk(sel, val, E, K, lane, idx + t * K, wk, &sum);
+    } else {
+        for (int k = 0; k < K; k++) {
+            int e = warp_argmax(sel, taken, E, lane);
+            if (lane == 0) {
+                taken[e] = 1;
+                idx[t * K + k] = e;
+                wk[k] = val[e];
+            }
+            sum += val[e];
+            __syncwarp();
         }
-        sum += val[e];
-        __syncwarp();
     }
+    __syncwarp();
     const float denom = c.norm ? sum + c.norm_eps : 1.f;
     for (int k = lane; k < K; k += 32)
         w[t * K + k] = c.norm ? wk[k] / denom * c.scale : wk[k] * c.scale;
@@ -170,7 +254,9 @@ static __global__ void route_backward_kernel(struct moe_route_cfg c, int64_t T, 
     float *val = smem + (size_t)warp * words;
     float *dval = val + E;
 
-    route_scores(c, logits + t * E, val, lane);
+    warp_stage(logits + t * E, val, NULL, NULL, E, lane);
+    __syncwarp();
+    route_scores(c, val, lane);
     for (int e = lane; e < E; e += 32)
         dval[e] = 0.f;
     __syncwarp();
@@ -235,14 +321,15 @@ static int route_geometry(size_t words_per_warp, int *warps, size_t *smem)
     return MOE_OK;
 }
 
-static int route_launch(const struct moe_route_cfg *c, int64_t T, const float *logits,
-                        const float *bias, int32_t *idx, float *w, cudaStream_t st)
+static int route_launch(const struct moe_route_cfg *c, int64_t n_tok, const void *logits,
+                        moe_dtype ldt, const float *bias, int32_t *idx, float *w, cudaStream_t st)
 {
     int warps = 1;
     size_t smem = 0, words = route_words(c);
     MOE_TRY(route_geometry(words, &warps, &smem));
-    unsigned blocks = (unsigned)((T + warps - 1) / warps);
-    route_kernel<<<blocks, 32 * warps, smem, st>>>(*c, T, logits, bias, idx, w, (int)words);
+    unsigned blocks = (unsigned)((n_tok + warps - 1) / warps);
+    MOE_DISPATCH(ldt, (route_kernel<T><<<blocks, 32 * warps, smem, st>>>(
+                          *c, n_tok, (const T *)logits, bias, idx, w, (int)words)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }
@@ -271,7 +358,7 @@ static int route_cfg_ok(const struct moe_route_cfg *c)
     return MOE_OK;
 }
 
-int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
+int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const void *logits, moe_dtype ldt,
                     const float *bias, int32_t *idx, float *w, cudaStream_t st)
 {
     MOE_TRY(route_cfg_ok(c));
@@ -279,7 +366,7 @@ int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logit
     if (T == 0)
         return MOE_OK;
     MOE_REQUIRE(logits && idx && w, MOE_EINVAL);
-    return route_launch(c, T, logits, bias, idx, w, st);
+    return route_launch(c, T, logits, ldt, bias, idx, w, st);
 }
 
 int moe__route_backward_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,

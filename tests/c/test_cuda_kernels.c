@@ -315,8 +315,34 @@ struct gpu_out { /* everything the GPU writes, downloaded */
     void *dexp[3], *dsh[3];
 };
 
-/* engine: moe_problem.engine of the GPU side (the Hopper engine where it tiles the shapes). */
-static void run_case_on(const struct tcase *c, int engine)
+/* The backward's outputs of run o against the CPU's (dsh_g, dsh_c NULL: no shared expert). */
+static void expect_grads_close(const struct tcase *c, const struct gpu_out *o, const void *dx_c,
+                               const float *dl_c, const void *dsg_c, struct mlp_bufs *dex_g,
+                               struct mlp_bufs *dex_c, struct mlp_bufs *dsh_g,
+                               struct mlp_bufs *dsh_c)
+{
+    const moe_dtype dt = c->dt;
+    const size_t es = moe_dtype_size(dt);
+    expect_close(c, "dx", dt, o->dx, dx_c, (size_t)(c->T * c->H));
+    expect_close(c, "dlogits", MOE_F32, o->dlogits, dl_c, (size_t)(c->T * c->E));
+    static const char *names3d[] = {"d_gate_up", "d_down"},
+                      *names_list[] = {"d_gate", "d_up", "d_down"};
+    for (int j = 0; j < mlp_nbuf(dex_g); j++)
+        expect_close(c, c->lay == LLIST ? names_list[j] : names3d[j], dt, o->dexp[j],
+                     mlp_buf(dex_c, j)->h, mlp_buf(dex_c, j)->bytes / es);
+    for (int j = 0; dsh_g && j < mlp_nbuf(dsh_g); j++)
+        expect_close(c, c->lay == LLIST ? "shared d_gate.." : "shared d_*", dt, o->dsh[j],
+                     mlp_buf(dsh_c, j)->h, mlp_buf(dsh_c, j)->bytes / es);
+    if (c->gated)
+        expect_close(c, "d_shared_gate", dt, o->dsg, dsg_c, (size_t)c->H);
+}
+
+/* engine: moe_problem.engine of the GPU side (the Hopper engine where it tiles the shapes).
+   infer: moe_problem.infer, a forward with no backward after it (only y, idx and w are checked);
+   path: what moe_forward_path_cuda must answer, or NULL. ldt: the GPU's logits dtype (bf16/fp16
+   with infer only), the CPU gets their exact fp32 values. */
+static void run_case_mode(const struct tcase *c, int engine, int infer, const char *path,
+                          moe_dtype ldt)
 {
     need_gpu();
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(c->T * 1315423911u + c->E * 2654435761u +
@@ -357,7 +383,14 @@ static void run_case_on(const struct tcase *c, int engine)
         b[1] = -1.0f;
     pair_up(&x);
     pair_up(&dy);
+    /* narrow logits: the CPU gets their exact fp32 values, the GPU the narrow ones */
+    struct pair lgn = pair_new(moe_dtype_size(ldt) * (size_t)(T * E));
+    for (int64_t i = 0; i < T * E; i++) {
+        set_elem(ldt, lgn.h, (size_t)i, l[i]);
+        l[i] = (float)elem(ldt, lgn.h, (size_t)i);
+    }
     pair_up(&lg);
+    pair_up(&lgn);
     pair_up(&bias);
     pair_up(&sg);
 
@@ -413,19 +446,24 @@ static void run_case_on(const struct tcase *c, int engine)
     /* GPU */
     struct moe_problem pg = pc;
     pg.engine = engine;
+    pg.infer = infer;
     /* the engine runs these shapes on sm_90 only; elsewhere the flag falls back to cuBLAS. Both
        passes need I and H multiples of 256; with I an odd multiple of 128 only the forward runs
        there (SwiGLU fused into gate|up), the backward on cuBLAS, from host counts. */
     int major = 0;
     CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
     const int on_engine = engine && major == 9 && c->I % 256 == 0 && c->H % 256 == 0;
+    const int decode = !strcmp(moe_forward_path_cuda(&pg), "decode");
+    if (path)
+        cr_expect_str_eq(moe_forward_path_cuda(&pg), path, "%s: forward path", c->name);
     struct pair y = pair_new((size_t)(T * H) * es), dx = pair_new((size_t)(T * H) * es);
     struct pair idx = pair_new(4 * (size_t)(T * K)), w = pair_new(4 * (size_t)(T * K));
     struct pair dl = pair_new(4 * (size_t)(T * E)), dsg = pair_new((size_t)H * es);
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     pg.x = x.d;
-    pg.logits = lg.d;
+    pg.logits = ldt == MOE_F32 ? lg.d : lgn.d;
+    pg.logits_dtype = ldt;
     pg.bias = pc.bias ? bias.d : NULL;
     pg.experts = ex.gpu;
     pg.shared = shared ? sh.gpu : (struct moe_mlp){0};
@@ -461,13 +499,14 @@ static void run_case_on(const struct tcase *c, int engine)
             mlp_poison(&dsh_g);
         /* cudaMemset runs on the legacy stream, which does not order against a non-blocking one */
         CK(cudaDeviceSynchronize());
-        if (on_engine && r == 1) {
+        if ((on_engine || decode) && r == 1) {
             /* the engine path never waits on the host: the whole forward and backward capture into
                one CUDA graph, whose replay must give the eager run's bits (checked below) */
             cudaGraph_t graph;
             cudaGraphExec_t exec;
             CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-            int rf = moe_forward_cuda(&pg), rb = rf == MOE_OK ? moe_backward_cuda(&pg) : rf;
+            int rf = moe_forward_cuda(&pg),
+                rb = rf == MOE_OK && !infer ? moe_backward_cuda(&pg) : rf;
             cudaError_t ce = cudaStreamEndCapture(st, &graph);
             cr_assert_eq(rf, MOE_OK, "%s: captured forward: %s", c->name, moe_last_error_cuda());
             cr_assert_eq(rb, MOE_OK, "%s: captured backward: %s", c->name, moe_last_error_cuda());
@@ -480,7 +519,7 @@ static void run_case_on(const struct tcase *c, int engine)
         } else {
             int rf = moe_forward_cuda(&pg);
             cr_assert_eq(rf, MOE_OK, "%s: cuda forward: %s", c->name, moe_last_error_cuda());
-            int rb = moe_backward_cuda(&pg);
+            int rb = infer ? MOE_OK : moe_backward_cuda(&pg);
             cr_assert_eq(rb, MOE_OK, "%s: cuda backward: %s", c->name, moe_last_error_cuda());
             CK(cudaStreamSynchronize(st));
         }
@@ -512,9 +551,11 @@ static void run_case_on(const struct tcase *c, int engine)
     int64_t total = 0;
     for (int e = 0; e < E; e++)
         total += counts[e];
-    cr_expect_eq(total, on_engine ? 0 : T * K, "%s: host counts sum %lld", c->name,
-                 (long long)total);
-    if (c->empty && T > 0 && !on_engine)
+    const int host_counts = !on_engine && !decode && !infer;
+    if (!infer || decode)
+        cr_expect_eq(total, host_counts ? T * K : 0, "%s: host counts sum %lld", c->name,
+                     (long long)total);
+    if (c->empty && T > 0 && host_counts)
         cr_expect_eq(counts[1], 0, "%s: expert 1 should get no token", c->name);
 
     /* against the CPU */
@@ -525,32 +566,25 @@ static void run_case_on(const struct tcase *c, int engine)
     cr_expect_eq(idx_bad, 0, "%s: %d routing choices differ", c->name, idx_bad);
     expect_close(c, "y", dt, o->y, y_c, (size_t)(T * H));
     expect_close(c, "w", MOE_F32, o->w, w_c, (size_t)(T * K));
-    expect_close(c, "dx", dt, o->dx, dx_c, (size_t)(T * H));
-    expect_close(c, "dlogits", MOE_F32, o->dlogits, dl_c, (size_t)(T * E));
-    static const char *names3d[] = {"d_gate_up", "d_down"},
-                      *names_list[] = {"d_gate", "d_up", "d_down"};
-    for (int j = 0; j < mlp_nbuf(&dex_g); j++)
-        expect_close(c, c->lay == LLIST ? names_list[j] : names3d[j], dt, o->dexp[j],
-                     mlp_buf(&dex_c, j)->h, mlp_buf(&dex_c, j)->bytes / es);
-    for (int j = 0; shared && j < mlp_nbuf(&dsh_g); j++)
-        expect_close(c, c->lay == LLIST ? "shared d_gate.." : "shared d_*", dt, o->dsh[j],
-                     mlp_buf(&dsh_c, j)->h, mlp_buf(&dsh_c, j)->bytes / es);
-    if (c->gated)
-        expect_close(c, "d_shared_gate", dt, o->dsg, dsg_c, (size_t)H);
+    if (!infer) /* else no backward ran: its outputs are still the poison */
+        expect_grads_close(c, o, dx_c, dl_c, dsg_c, &dex_g, &dex_c, shared ? &dsh_g : NULL,
+                           shared ? &dsh_c : NULL);
 
     /* determinism: the second run gives the same bits */
     struct gpu_out *o2 = &run[1];
-    int same = !memcmp(o->y, o2->y, y.bytes) && !memcmp(o->dx, o2->dx, dx.bytes) &&
-               !memcmp(o->idx, o2->idx, idx.bytes) && !memcmp(o->w, o2->w, w.bytes) &&
-               !memcmp(o->dlogits, o2->dlogits, dl.bytes) &&
-               (!c->gated || !memcmp(o->dsg, o2->dsg, dsg.bytes));
-    for (int j = 0; j < mlp_nbuf(&dex_g); j++)
-        same &= !memcmp(o->dexp[j], o2->dexp[j], mlp_buf(&dex_g, j)->bytes);
-    for (int j = 0; shared && j < mlp_nbuf(&dsh_g); j++)
-        same &= !memcmp(o->dsh[j], o2->dsh[j], mlp_buf(&dsh_g, j)->bytes);
+    int same = !memcmp(o->y, o2->y, y.bytes) && !memcmp(o->idx, o2->idx, idx.bytes) &&
+               !memcmp(o->w, o2->w, w.bytes);
+    if (!infer) {
+        same &= !memcmp(o->dx, o2->dx, dx.bytes) && !memcmp(o->dlogits, o2->dlogits, dl.bytes) &&
+                (!c->gated || !memcmp(o->dsg, o2->dsg, dsg.bytes));
+        for (int j = 0; j < mlp_nbuf(&dex_g); j++)
+            same &= !memcmp(o->dexp[j], o2->dexp[j], mlp_buf(&dex_g, j)->bytes);
+        for (int j = 0; shared && j < mlp_nbuf(&dsh_g); j++)
+            same &= !memcmp(o->dsh[j], o2->dsh[j], mlp_buf(&dsh_g, j)->bytes);
+    }
     cr_expect(same, "%s: %s", c->name,
-              on_engine ? "the CUDA-graph replay differs from the eager run"
-                        : "two GPU runs differ");
+              on_engine || decode ? "the CUDA-graph replay differs from the eager run"
+                                  : "two GPU runs differ");
 
     fprintf(stderr, "  %-28s worst rel: f32 %.3g bf16 %.3g f16 %.3g\n", c->name, worst[0], worst[1],
             worst[2]);
@@ -576,7 +610,7 @@ static void run_case_on(const struct tcase *c, int engine)
     free(w_c);
     free(dl_c);
     free(dsg_c);
-    struct pair *ps[] = {&x, &dy, &lg, &bias, &sg, &y, &dx, &idx, &w, &dl, &dsg};
+    struct pair *ps[] = {&x, &dy, &lg, &lgn, &bias, &sg, &y, &dx, &idx, &w, &dl, &dsg};
     for (size_t j = 0; j < sizeof ps / sizeof *ps; j++)
         pair_free(ps[j]);
     mlp_free(&ex);
@@ -587,6 +621,11 @@ static void run_case_on(const struct tcase *c, int engine)
         mlp_free(&dsh_c);
         mlp_free(&dsh_g);
     }
+}
+
+static void run_case_on(const struct tcase *c, int engine)
+{
+    run_case_mode(c, engine, 0, NULL, MOE_F32);
 }
 
 static void run_case(const struct tcase *c)
@@ -737,6 +776,86 @@ Test(cuda_kernels, one_token_many_experts_match_cpu)
     /* K over the combine's batch of 8 rows: a full batch and a partial one */
     run_case(&(struct tcase){"T=5 E=32 K=11", MOE_F32, 5, 64, 32, 32, 32, 11, SOFTMAX, 1, 1, 0, L3D,
                              0, 0, 0, 0.0f});
+}
+
+/* A no-grad forward of few tokens (moe_problem.infer) runs the routed experts as GEMVs over the
+   touched experts (kernels/cuda/decode_mlp.cu), on any GPU; the second run is a CUDA-graph
+   replay. The rest take the other paths: weights not contiguous along the reduction (Llama-4's
+   transposed layout), rows of no multiple of 16 bytes, more than 8 tokens, the engine flag off.
+   Some read bf16/fp16 logits as the router made them (moe_problem.logits_dtype). */
+Test(cuda_kernels, decode_forward_matches_cpu, .timeout = 120)
+{
+    const struct {
+        struct tcase c;
+        int engine;
+        const char *path;
+        moe_dtype logits;
+    } cases[] = {
+        {{"decode bf16 groups", MOE_BF16, 8, 256, 128, 0, 64, 8, SIGMOID, 8, 4, 0, L3D, 0, 0, 0,
+          0.0f},
+         1,
+         "decode",
+         MOE_BF16},
+        {{"decode bf16 T=1 list shared", MOE_BF16, 1, 512, 256, 128, 32, 8, SOFTMAX, 1, 1, 0, LLIST,
+          0, 0, 0, 0.0f},
+         1,
+         "decode",
+         MOE_F32},
+        /* every token on both experts: 8 rows each, all of one pass */
+        {{"decode fp16 crowded", MOE_F16, 8, 128, 64, 0, 2, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
+          0.0f},
+         1,
+         "decode",
+         MOE_F16},
+        /* fewer 16-byte vectors per row than lanes; a strided x */
+        {{"decode fp32 narrow", MOE_F32, 5, 96, 40, 0, 12, 3, SOFTMAX, 1, 1, 0, L3D, 1, 0, 4, 0.0f},
+         1,
+         "decode",
+         MOE_F32},
+        /* long reductions (many 16-byte vectors per lane) */
+        {{"decode fp32 split", MOE_F32, 1, 1024, 64, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+         1,
+         "decode",
+         MOE_F32},
+        {{"decode bf16 split", MOE_BF16, 1, 512, 512, 0, 8, 2, SIGMOID, 1, 1, 0, LLIST, 0, 0, 0,
+          0.0f},
+         1,
+         "decode",
+         MOE_BF16},
+        {{"decode fp32 K=11", MOE_F32, 5, 64, 32, 32, 32, 11, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+         1,
+         "decode",
+         MOE_F32},
+        {{"decode bf16 gated shared", MOE_BF16, 3, 64, 32, 96, 8, 2, SOFTMAX, 1, 1, 1, L3D, 0, 0, 0,
+          0.0f},
+         1,
+         "decode",
+         MOE_F32},
+        {{"decode ties", MOE_F32, 8, 64, 32, 0, 16, 4, SIGMOID, 4, 2, 0, LLIST, 0, 1, 0, 0.0f},
+         1,
+         "decode",
+         MOE_F32},
+        {{"decode transposed bf16", MOE_BF16, 4, 64, 32, 0, 6, 2, SOFTMAX, 1, 1, 0, LT3D, 0, 0, 0,
+          0.0f},
+         1,
+         "cublas",
+         MOE_BF16},
+        {{"decode odd widths bf16", MOE_BF16, 6, 68, 36, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
+          0.0f},
+         1,
+         "cublas",
+         MOE_F32},
+        {{"decode T=9", MOE_BF16, 9, 64, 32, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+         1,
+         "cublas",
+         MOE_F32},
+        {{"decode engine off", MOE_BF16, 8, 64, 32, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+         0,
+         "cublas",
+         MOE_F32},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        run_case_mode(&cases[i].c, cases[i].engine, 1, cases[i].path, cases[i].logits);
 }
 
 /* ---- the routing permutation alone (moe_permute_cuda vs moe_permute_cpu) ---- */
