@@ -63,11 +63,12 @@ kernels)
     echo "test_cuda_kernels rc=$?"
     grep -E "FAIL|Synthesis" "$OUT/ctest.log"
     MOE_TEST_SMALL=1 timeout 150 compute-sanitizer --tool memcheck ./build/tests/test_cuda_kernels \
-        --filter='cuda_kernels/grouped*' --jobs 1 >"$OUT/memcheck.log" 2>&1
+        --filter='cuda_kernels/@(grouped*|decode*|permutation*)' --jobs 1 >"$OUT/memcheck.log" 2>&1
     tail -3 "$OUT/memcheck.log"
     timeout 200 python3 tests/bench/bench_gemm.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench_gemm.log" | tail -40
     MOE_TEST_SMALL=1 timeout ${RACE_TIMEOUT:-150} compute-sanitizer --tool racecheck --racecheck-report hazard \
-        ./build/tests/test_cuda_kernels --filter='cuda_kernels/grouped*' --jobs 1 >"$OUT/racecheck.log" 2>&1
+        ./build/tests/test_cuda_kernels --filter='cuda_kernels/@(grouped*|decode*|permutation*)' --jobs 1 \
+        >"$OUT/racecheck.log" 2>&1
     echo "racecheck rc=$?"
     tail -3 "$OUT/racecheck.log"
     ;;
