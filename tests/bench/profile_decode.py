@@ -36,6 +36,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--shapes", default="ring-mini-2.0,qwen3-30b-a3b")
+    ap.add_argument("--seed", type=int, default=0, help="bench_moe.py's --seed: the same block and input")
     args = ap.parse_args()
     import torch
     if not torch.cuda.is_available():
@@ -43,11 +44,14 @@ def main():
     src = bench_moe.qwen3_source()
     for name in args.shapes.split(","):
         s = bench_moe.SHAPES[name]
-        block, _ = bench_moe.make_qwen3(torch, src, s, seed=0)
+        # bench_moe.impls_for's seeds for these blocks (moepatch_tf5 / moepatch rows)
+        block, _ = bench_moe.make_qwen3(torch, src, s, seed=args.seed + (2 if s["kind"] == "ring" else 3))
         if getattr(block, "_moepatch", None) is None:
             sys.exit("profile_decode: the block is not patched (run under LD_PRELOAD)")
         for T in (int(t) for t in args.tokens.split(",")):
-            x = torch.randn(1, T, s["H"], device="cuda", dtype=torch.bfloat16)
+            # bench_moe.py's first input for this T (the routing, so the rows per expert, follow x)
+            g = torch.Generator(device="cuda").manual_seed(args.seed + T)
+            x = torch.randn(1, T, s["H"], device="cuda", generator=g).to(torch.bfloat16)
             ms = bench_moe.graph_fwd_ms(torch, block, x)
             kernels = one_replay(torch, bench_moe.capture_fwd(torch, block, x))
             print("== %s T=%d: graph fwd %.4f ms, %d kernels per replay" % (name, T, ms, len(kernels)))

@@ -801,6 +801,13 @@ Test(cuda_kernels, decode_forward_matches_cpu, .timeout = 120)
          1,
          "decode",
          MOE_F32},
+        /* 256 slots, the most one call takes: every planning thread owns a slot; skewed loads
+           give some experts all 8 tokens and leave others untouched */
+        {{"decode bf16 256 slots", MOE_BF16, 8, 128, 64, 0, 64, 32, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
+          4.0f},
+         1,
+         "decode",
+         MOE_BF16},
         /* every token on both experts: 8 rows each, all of one pass */
         {{"decode fp16 crowded", MOE_F16, 8, 128, 64, 0, 2, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
           0.0f},
@@ -812,8 +819,10 @@ Test(cuda_kernels, decode_forward_matches_cpu, .timeout = 120)
          1,
          "decode",
          MOE_F32},
-        /* long reductions (many 16-byte vectors per lane) */
-        {{"decode fp32 split", MOE_F32, 1, 1024, 64, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
+        /* long reductions (many 16-byte vectors per lane); down with 3 vectors a lane takes
+           gemv_kernel, the others the wide down kernel */
+        {{"decode fp32 split", MOE_F32, 1, 1024, 384, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
+          0.0f},
          1,
          "decode",
          MOE_F32},
