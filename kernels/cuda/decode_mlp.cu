@@ -21,6 +21,7 @@
 #define GEMV_UNROLL 4 /* 16-byte vectors per lane per weight row per step: loads in flight */
 #define WIDE_COLS 8   /* the wide down kernel: output columns (weight rows) per warp unit */
 #define WIDE_ROWS 2   /* the wide down kernel: the expert's rows per pass (registers: 128) */
+#define WIDE_VECS 2   /* the wide down kernel: 16-byte vectors per lane per row, all in one step */
 static_assert(GEMV_WARPS * 32 == MOE_GEMV_MAX_SLOTS, "one planning thread per slot");
 
 /* A 16-byte vector of weights, read past L1 (each weight element is used by one warp, once): the
@@ -235,13 +236,14 @@ static __device__ void plan_experts(const int32_t *idx, int R, struct gemv_plan 
 }
 
 /* The wide down kernel's unit: output columns [col, col + WIDE_COLS) of expert d's slots,
-   c[slot, n] = a·w0[n], the weight rows read together, two 16-byte vectors per lane each (the
-   reduction has no more: I ≤ 512 in bf16); rows past N are read as row N - 1 and not written. */
+   c[slot, n] = a·w0[n], the weight rows read together, WIDE_VECS 16-byte vectors per lane each
+   (the reduction has no more: I ≤ 512 in bf16); rows past N are read as row N - 1 and not
+   written. */
 template <typename T>
 static __device__ __forceinline__ void wide_unit(const struct moe__gemv &g, const gemv_plan &pl,
                                                  int d, int64_t col, const T *a, T *c, int lane)
 {
-    constexpr int V = 16 / sizeof(T), COLS = WIDE_COLS, U = 2;
+    constexpr int V = 16 / sizeof(T), COLS = WIDE_COLS, U = WIDE_VECS;
     const int e = pl.exp[d], r_beg = pl.start[d], n = pl.start[d + 1] - r_beg;
     const T *w = mat_row<T>(g.w0, e, col); /* row k at w + min(k, last) · rs: one register pair */
     const int last = g.N - 1 - col < COLS - 1 ? (int)(g.N - 1 - col) : COLS - 1;
@@ -361,7 +363,7 @@ template <typename T> static unsigned wide_blocks(void)
 
 template <typename T, bool ACT> static void gemv_go(const struct moe__gemv *g)
 {
-    if (!ACT && g->div == 1 && g->D / (16 / (int64_t)sizeof(T)) <= 64) { /* 2 vectors a lane */
+    if (!ACT && g->div == 1 && g->D / (16 / (int64_t)sizeof(T)) <= 32 * WIDE_VECS) {
         wide_down_kernel<T><<<wide_blocks<T>(), GEMV_WARPS * 32, 0, (cudaStream_t)g->stream>>>(
             *g, (const T *)g->a, (T *)g->c);
         return;
