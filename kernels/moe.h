@@ -264,8 +264,9 @@ MOE_API int moe_permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_
                              void *stream);
 /* The calling thread's last CUDA-backend failure: "file:line: statement: detail (error)". */
 MOE_API const char *moe_last_error_cuda(void);
-/* Which kernels moe_forward_cuda would run p's routed experts on: "decode" (GEMVs, p->infer),
-   "engine" (Hopper grouped GEMMs) or "cublas". Judged from shapes, strides and flags only. */
+/* Which kernels moe_forward_cuda would run p's routed experts on: "decode" (GEMVs, p->infer;
+   "decode+shared" where the shared expert rides in the same GEMV launches), "engine" (Hopper
+   grouped GEMMs) or "cublas". Judged from shapes, strides and flags only. */
 MOE_API const char *moe_forward_path_cuda(const struct moe_problem *p);
 
 #ifdef __cplusplus

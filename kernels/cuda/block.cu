@@ -141,16 +141,19 @@ static struct moe_gemm fused_swiglu(const struct moe_gemm *gu, void *a)
     return f;
 }
 
-/* The decode GEMVs of a no-grad forward (decode_mlp.cu) of the experts m over R slots routed by
-   idx (NULL: all to m's one expert) whose input rows are x's rows slot / div: gate|up with SwiGLU
-   into a [R, I], down from a into out [R, H], both in slot order. */
+/* The decode GEMVs of a no-grad forward (decode_mlp.cu): R slots of the experts m routed by idx,
+   input rows x's rows slot / div (m NULL, R 0: none), then nx slots of sh's one expert, one per x
+   row (sh NULL, nx 0: none). gate|up with SwiGLU into a [R + nx, I], down from a into out
+   [R + nx, H], both in slot order: one launch each reads every touched expert's weights once. */
 static void decode_gemvs(const struct moe_problem *p, const struct moe_mlp *m, int64_t R,
-                         const int32_t *idx, int div, void *a, void *out, struct moe__gemv *gu,
-                         struct moe__gemv *dn)
+                         const int32_t *idx, int div, const struct moe_mlp *sh, int64_t nx, void *a,
+                         void *out, struct moe__gemv *gu, struct moe__gemv *dn)
 {
+    const struct moe_mlp *any = m ? m : sh;
     memset(gu, 0, sizeof *gu);
     gu->dtype = p->dtype;
-    gu->R = (int)R;
+    gu->R = (int)(R + nx);
+    gu->nx = (int)nx;
     gu->idx = idx;
     gu->stream = p->stream;
     *dn = *gu;
@@ -158,37 +161,57 @@ static void decode_gemvs(const struct moe_problem *p, const struct moe_mlp *m, i
     gu->div = div;
     gu->a = p->x;
     gu->a_rs = x_stride(p);
+    gu->xs = R; /* the extra slot R + t reads x's row t */
     gu->D = p->H;
-    gu->N = m->I;
-    gu->w0 = m->gate;
-    gu->w1 = m->up;
+    gu->N = any->I;
+    if (m) {
+        gu->w0 = m->gate;
+        gu->w1 = m->up;
+        dn->w0 = dn->w1 = m->down;
+    }
+    if (sh) {
+        gu->x0 = sh->gate;
+        gu->x1 = sh->up;
+        dn->x0 = dn->x1 = sh->down;
+    }
     gu->c = a;
     dn->div = 1;
     dn->a = a;
-    dn->a_rs = m->I;
-    dn->D = m->I;
+    dn->a_rs = any->I;
+    dn->D = any->I;
     dn->N = p->H;
-    dn->w0 = dn->w1 = m->down;
     dn->c = out;
 }
 
-static int decode_ok(const struct moe_problem *p, const struct moe_mlp *m, int64_t R, int div)
+static int decode_ok(const struct moe_problem *p, const struct moe_mlp *m, int64_t R, int div,
+                     const struct moe_mlp *sh, int64_t nx)
 {
     struct moe__gemv gu, dn;
-    decode_gemvs(p, m, R, NULL, div, NULL, NULL, &gu, &dn);
-    return R <= MOE_GEMV_MAX_SLOTS && moe__gemv_ok(&gu) && moe__gemv_ok(&dn);
+    decode_gemvs(p, m, R, NULL, div, sh, nx, NULL, NULL, &gu, &dn);
+    return R + nx <= MOE_GEMV_MAX_SLOTS && moe__gemv_ok(&gu) && moe__gemv_ok(&dn);
 }
 
 /* Largest decode-size call: at T = 16 the engine's tiles were already faster than these GEMVs
    (tests/bench/RESULTS.md, thirteenth session). It also bounds an expert's rows (T), so one pass
    of the kernel (GEMV_ROWS) covers them. */
+#ifndef DECODE_MAX_T
 #define DECODE_MAX_T 8
+#endif
 
 /* 1: the routed experts' forward runs as decode GEMVs (a no-grad call of few tokens). */
 static int fwd_decode(const struct moe_problem *p)
 {
     return p->infer && p->engine && p->T > 0 && p->T <= DECODE_MAX_T &&
-           decode_ok(p, &p->experts, n_rows(p), p->route.K);
+           decode_ok(p, &p->experts, n_rows(p), p->route.K, NULL, 0);
+}
+
+/* 1: the shared expert runs inside the routed experts' decode GEMVs, as their last T slots (its
+   own launches took 32 us for 6 MB at Ring-mini's T = 8: one expert's few columns per block row
+   leave most SMs idle). Needs the routed width, so that a and out hold both. */
+static int fwd_decode_shared(const struct moe_problem *p)
+{
+    return p->shared.n == 1 && p->shared.I == p->experts.I && fwd_decode(p) &&
+           decode_ok(p, &p->experts, n_rows(p), p->route.K, &p->shared, p->T);
 }
 
 /* 1: the routed experts' forward runs on the Hopper engine (packed rows, x gathered inside the
@@ -322,14 +345,21 @@ static size_t plan_fwd(const struct moe_problem *p, char *base, struct fwd_bufs 
     b->poffsets = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)(E + 1)) : NULL;
     b->shift = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E) : NULL;
     b->perm_scratch = moe__take(&a, moe_permute_scratch_bytes_cuda(T, p->route.K, p->route.E));
+    /* the shared expert's rows right after the routed ones: the decode GEMVs run both at once */
+    const int joint = fwd_decode_shared(p);
     /* the engine reads x's rows in place: xg is only the down-proj output there */
-    b->xg = moe__take(&a, es * (size_t)(Rp * H));
-    b->a = moe__take(&a, es * (size_t)(Rp * I));
+    b->xg = moe__take(&a, es * (size_t)((Rp + (joint ? T : 0)) * H));
+    b->a = moe__take(&a, es * (size_t)((Rp + (joint ? T : 0)) * I));
     /* the gathered x is dead once gate|up ran: the down-proj output reuses it */
     b->out = b->xg;
     b->hp = pd ? moe__take(&a, es * (size_t)(Rp * 2 * I)) : NULL;
-    b->as = p->shared.n ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
-    b->ys = p->shared.n ? moe__take(&a, es * (size_t)(T * H)) : NULL;
+    if (joint) {
+        b->as = (char *)b->a + es * (size_t)(Rp * I);
+        b->ys = (char *)b->xg + es * (size_t)(Rp * H);
+    } else {
+        b->as = p->shared.n ? moe__take(&a, es * (size_t)(T * Is)) : NULL;
+        b->ys = p->shared.n ? moe__take(&a, es * (size_t)(T * H)) : NULL;
+    }
     b->gs =
         p->shared.n && p->shared_gate ? (float *)moe__take(&a, sizeof(float) * (size_t)T) : NULL;
     return a.off;
@@ -634,9 +664,11 @@ static int forward(struct moe_problem *p, cudaStream_t st)
 
     struct mlp_ctx ex =
         ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, f.ptrs, h, st);
-    if (decode) {
+    const int joint = decode && fwd_decode_shared(p);
+    if (decode) { /* joint: the shared expert's rows land at f.as and f.ys (plan_fwd) */
         struct moe__gemv gu, dn;
-        decode_gemvs(p, &p->experts, R, p->idx, K, f.a, f.out, &gu, &dn);
+        decode_gemvs(p, &p->experts, R, p->idx, K, joint ? &p->shared : NULL, joint ? T : 0, f.a,
+                     f.out, &gu, &dn);
         MOE_TRY(moe__gemv_cuda(&gu));
         MOE_TRY(moe__gemv_cuda(&dn));
     } else if (fwd_engine(p)) {
@@ -662,12 +694,12 @@ static int forward(struct moe_problem *p, cudaStream_t st)
     if (p->shared.n) {
         const int64_t all[1] = {T};
         struct mlp_ctx sh = ctx_of(&p->shared, all, NULL, NULL, p->dtype, f.ptrs, h, st);
-        if (decode && decode_ok(p, &p->shared, T, 1)) {
+        if (!joint && decode && decode_ok(p, NULL, 0, 1, &p->shared, T)) {
             struct moe__gemv gu, dn;
-            decode_gemvs(p, &p->shared, T, NULL, 1, f.as, f.ys, &gu, &dn);
+            decode_gemvs(p, NULL, 0, NULL, 1, &p->shared, T, f.as, f.ys, &gu, &dn);
             MOE_TRY(moe__gemv_cuda(&gu));
             MOE_TRY(moe__gemv_cuda(&dn));
-        } else {
+        } else if (!joint) {
             MOE_TRY(mlp_forward(&sh, p->x, x_stride(p), s.hs, NULL, f.as, T, f.ys));
         }
         if (p->shared_gate)
@@ -680,7 +712,9 @@ static int forward(struct moe_problem *p, cudaStream_t st)
 
 extern "C" MOE_API const char *moe_forward_path_cuda(const struct moe_problem *p)
 {
-    return fwd_decode(p) ? "decode" : fwd_engine(p) ? "engine" : "cublas";
+    if (fwd_decode(p))
+        return fwd_decode_shared(p) ? "decode+shared" : "decode";
+    return fwd_engine(p) ? "engine" : "cublas";
 }
 
 extern "C" MOE_API int moe_forward_cuda(struct moe_problem *p)

@@ -10,6 +10,9 @@
  * gemv_kernel's block of slot s finds its expert's slots by scanning idx and works only when s is
  * the first of them; the wide down kernel (short reductions) plans the touched experts once per
  * resident block and splits their columns evenly. Either way each expert's weights are read once.
+ * A shared expert of the routed width rides in the same launches as the last T slots (an "extra"
+ * expert): on its own, its few columns per block row left most SMs idle (32 us for Ring-mini's
+ * 6 MB at T = 8).
  * Each lane sums its own elements in order and the warp adds the lanes in a fixed tree: the same
  * bits every run. They are not the engine's bits, whose products are summed in another order; h
  * is rounded to the dtype before SwiGLU, as on every other path.
@@ -22,6 +25,8 @@
 #define WIDE_COLS 8   /* the wide down kernel: output columns (weight rows) per warp unit */
 #define WIDE_ROWS 2   /* the wide down kernel: the expert's rows per pass (registers: 128) */
 #define WIDE_VECS 2   /* the wide down kernel: 16-byte vectors per lane per row, all in one step */
+/* the extra (shared) expert's id in a plan: routed ids are >= 0, -1 an empty slot */
+#define GEMV_EXTRA (-2)
 static_assert(GEMV_WARPS * 32 == MOE_GEMV_MAX_SLOTS, "one planning thread per slot");
 
 /* A 16-byte vector of weights, read past L1 (each weight element is used by one warp, once): the
@@ -46,6 +51,17 @@ static __device__ __forceinline__ const T *mat_row(const struct moe_mats &m, int
 {
     const T *b = m.ptr ? (const T *)m.ptr[e] : (const T *)m.base + (int64_t)e * m.es;
     return b + r * m.rs;
+}
+
+/* Row 0 of expert e's weights m, or of the extra expert's x (e == GEMV_EXTRA). Its rows lie
+   m.rs apart either way (moe__gemv_cuda: the extra expert's row stride is the routed one). */
+template <typename T>
+static __device__ __forceinline__ const T *expert_w(const struct moe_mats &m,
+                                                    const struct moe_mats &x, int e)
+{
+    if (e == GEMV_EXTRA)
+        return (const T *)(x.ptr ? x.ptr[0] : x.base);
+    return m.ptr ? (const T *)m.ptr[e] : (const T *)m.base + (int64_t)e * m.es;
 }
 
 static __device__ float warp_total(float v)
@@ -74,33 +90,46 @@ static __device__ int expert_slots(const int32_t *idx, int R, int s, int lane, i
     return n;
 }
 
-/* Block (x, s): columns [x·COLS·GEMV_WARPS, ...) of every slot of slot s's expert.
+/* Block (x, y): columns [x·COLS·GEMV_WARPS, ...) of every slot of slot s's expert, s = y; with an
+   extra expert (EXTRA), block row 0 takes its nx slots and s = y - 1 (its blocks, with every
+   token's row, start first rather than trail).
    ACT: c[slot, n] = silu(h_g) · h_u of the dtype-rounded h_g = a·w0[n], h_u = a·w1[n];
-   else c[slot, n] = a·w0[n], two columns per warp. a's row of slot j: a + (j / div) · a_rs. */
-template <typename T, bool ACT>
+   else c[slot, n] = a·w0[n], two columns per warp. a's row of slot j: a + (j / div) · a_rs
+   (routed), a + (j - xs) · a_rs (extra). */
+template <typename T, bool ACT, bool EXTRA>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32, 3)
     gemv_kernel(struct moe__gemv g, const T *a, T *c)
 {
-    __shared__ int rows[MOE_GEMV_MAX_SLOTS];
+    __shared__ int rows[MOE_GEMV_MAX_SLOTS]; /* a's row of each: rows[i] / div */
     __shared__ int n_rows;
     constexpr int V = 16 / sizeof(T), COLS = ACT ? 1 : 2;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, s = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, R0 = g.R - g.nx;
+    const int s = EXTRA ? (int)blockIdx.y - 1 : (int)blockIdx.y;
+    const bool extra = EXTRA && s < 0; /* !EXTRA: nx = 0, the routed kernel alone */
     if (warp == 0) {
-        const int n = g.idx ? expert_slots(g.idx, g.R, s, lane, rows) : g.R;
-        if (!g.idx) /* one expert (a shared one): every slot, one block row */
-            for (int j = lane; j < g.R; j += 32)
-                rows[j] = j;
+        const int n = extra ? g.nx : expert_slots(g.idx, R0, s, lane, rows);
+        /* the extra expert's slots, the last nx; the entries hold a's row times div, so that
+           the loop below is the routed one (its codegen is what streams) */
+        if (extra)
+            for (int j = lane; j < n; j += 32)
+                rows[j] = (R0 + j - (int)g.xs) * g.div;
         if (lane == 0)
             n_rows = n;
     }
     __syncthreads();
-    const int n = n_rows, e = g.idx ? g.idx[s] : 0;
+    const int n = n_rows, e = extra ? GEMV_EXTRA : g.idx[s];
     const int64_t col = ((int64_t)blockIdx.x * GEMV_WARPS + warp) * COLS;
     if (n == 0 || col >= g.N)
         return;
     const bool two = ACT || col + 1 < g.N;
-    const T *w0 = mat_row<T>(g.w0, e, col);
-    const T *w1 = ACT ? mat_row<T>(g.w1, e, col) : mat_row<T>(g.w0, e, two ? col + 1 : col);
+    const T *w0, *w1;
+    if (EXTRA) {
+        w0 = expert_w<T>(g.w0, g.x0, e) + col * g.w0.rs;
+        w1 = ACT ? expert_w<T>(g.w1, g.x1, e) + col * g.w1.rs : w0 + (two ? g.w0.rs : 0);
+    } else {
+        w0 = mat_row<T>(g.w0, e, col);
+        w1 = ACT ? mat_row<T>(g.w1, e, col) : mat_row<T>(g.w0, e, two ? col + 1 : col);
+    }
     const int64_t DV = g.D / V;
     for (int r0 = 0; r0 < n; r0 += GEMV_ROWS) {
         const int nr = n - r0 < GEMV_ROWS ? n - r0 : GEMV_ROWS;
@@ -141,7 +170,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, 3)
             const float h0 = warp_total(acc0[r]), h1 = warp_total(acc1[r]);
             if (lane != 0)
                 continue;
-            T *out = c + (int64_t)rows[r0 + r] * g.N + col;
+            const int slot = extra ? rows[r0 + r] / g.div + (int)g.xs : rows[r0 + r];
+            T *out = c + (int64_t)slot * g.N + col;
             if (ACT) {
                 const float hg = moe__to_f(moe__from_f<T>(h0)), hu = moe__to_f(moe__from_f<T>(h1));
                 out[0] = moe__from_f<T>(moe__silu(hg) * hu);
@@ -179,21 +209,25 @@ template <int COLS> static __device__ __forceinline__ int column_totals(float *v
     return k;
 }
 
-/* The touched experts, in the order of their first slots: expert d is exp[d], its slots
-   rows[start[d] .. start[d + 1]) ascending. */
+/* The touched experts as pieces of at most WIDE_ROWS slots each (one pass of the wide kernel over
+   the weights), in the order of the experts' first slots: piece d has expert exp[d]'s slots
+   rows[start[d] .. start[d + 1]) ascending. An expert with more slots has more pieces: its loads
+   are those of its passes either way, but the pieces spread over the blocks (a shared expert has
+   every token's slot; as one unit per 8 columns it held back the blocks that drew it). */
 struct gemv_plan {
     int nd;
     int exp[MOE_GEMV_MAX_SLOTS], start[MOE_GEMV_MAX_SLOTS + 1], rows[MOE_GEMV_MAX_SLOTS];
 };
 
 /* The whole block plans; thread j owns slot j. Every block plans the same (it is a few hundred
-   shared-memory reads), so no kernel or global scratch sits between routing and the GEMV. */
-static __device__ void plan_experts(const int32_t *idx, int R, struct gemv_plan &pl)
+   shared-memory reads), so no kernel or global scratch sits between routing and the GEMV. The
+   extra expert's slots (the last nx) plan as expert GEMV_EXTRA. */
+static __device__ void plan_experts(const int32_t *idx, int R, int nx, struct gemv_plan &pl)
 {
-    __shared__ int e_of[MOE_GEMV_MAX_SLOTS], d_of[MOE_GEMV_MAX_SLOTS];
+    __shared__ int e_of[MOE_GEMV_MAX_SLOTS], r_of[MOE_GEMV_MAX_SLOTS];
     __shared__ int warp_nd[GEMV_WARPS], warp_rows[GEMV_WARPS];
     const int j = threadIdx.x, warp = j / 32, lane = j % 32;
-    const int e = j >= R ? -1 : idx ? idx[j] : 0; /* idx == NULL: one (shared) expert */
+    const int e = j >= R ? -1 : j < R - nx ? idx[j] : GEMV_EXTRA;
     e_of[j] = e;
     __syncthreads();
     int fs = j, rank = 0, cnt = 0; /* e's first slot, slots of e before j, slots of e */
@@ -204,38 +238,42 @@ static __device__ void plan_experts(const int32_t *idx, int R, struct gemv_plan 
         cnt += m;
     }
     const bool first = j < R && fs == j;
-    const unsigned firsts = __ballot_sync(0xffffffffu, first);
-    int upto = first ? cnt : 0; /* inclusive scan of the first slots' counts */
+    const int pieces = first ? (cnt + WIDE_ROWS - 1) / WIDE_ROWS : 0;
+    int upto = first ? cnt : 0, pup = pieces; /* inclusive scans: the first slots' counts, pieces */
     for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(0xffffffffu, upto, o);
+        const int t = __shfl_up_sync(0xffffffffu, upto, o), q = __shfl_up_sync(0xffffffffu, pup, o);
         upto += lane >= o ? t : 0;
+        pup += lane >= o ? q : 0;
     }
     if (lane == 31) {
-        warp_nd[warp] = __popc(firsts);
+        warp_nd[warp] = pup;
         warp_rows[warp] = upto;
     }
     __syncthreads();
-    int d = __popc(firsts & ((1u << lane) - 1u)), before = 0;
+    int d = pup - pieces, before = 0;
     for (int w = 0; w < GEMV_WARPS; w++) {
         d += w < warp ? warp_nd[w] : 0;
         before += w < warp ? warp_rows[w] : 0;
     }
     if (first) {
-        pl.exp[d] = e;
-        pl.start[d] = before + upto - cnt;
-        d_of[j] = d;
+        const int r0 = before + upto - cnt;
+        for (int k = 0; k < pieces; k++) {
+            pl.exp[d + k] = e;
+            pl.start[d + k] = r0 + k * WIDE_ROWS;
+        }
+        r_of[j] = r0;
     }
     if (j == GEMV_WARPS * 32 - 1) {
-        pl.nd = d + first;
-        pl.start[d + first] = R;
+        pl.nd = d + pieces;
+        pl.start[d + pieces] = R;
     }
     __syncthreads();
     if (j < R)
-        pl.rows[pl.start[d_of[fs]] + rank] = j;
+        pl.rows[r_of[fs] + rank] = j;
     __syncthreads();
 }
 
-/* The wide down kernel's unit: output columns [col, col + WIDE_COLS) of expert d's slots,
+/* The wide down kernel's unit: output columns [col, col + WIDE_COLS) of piece d's slots,
    c[slot, n] = a·w0[n], the weight rows read together, WIDE_VECS 16-byte vectors per lane each
    (the reduction has no more: I ≤ 512 in bf16); rows past N are read as row N - 1 and not
    written. */
@@ -245,7 +283,8 @@ static __device__ __forceinline__ void wide_unit(const struct moe__gemv &g, cons
 {
     constexpr int V = 16 / sizeof(T), COLS = WIDE_COLS, U = WIDE_VECS;
     const int e = pl.exp[d], r_beg = pl.start[d], n = pl.start[d + 1] - r_beg;
-    const T *w = mat_row<T>(g.w0, e, col); /* row k at w + min(k, last) · rs: one register pair */
+    /* row k at w + min(k, last) · rs: one register pair */
+    const T *w = expert_w<T>(g.w0, g.x0, e) + col * g.w0.rs;
     const int last = g.N - 1 - col < COLS - 1 ? (int)(g.N - 1 - col) : COLS - 1;
     const int64_t DV = g.D / V;
     for (int r0 = 0; r0 < n; r0 += WIDE_ROWS) {
@@ -301,16 +340,16 @@ static __device__ __forceinline__ void wide_unit(const struct moe__gemv &g, cons
 /* down where the reduction is short (a's rows: the slots, div 1). There gemv_kernel's warps hold
    2 KB of weights each, and a block per slot and column range spends as long on its set-up (the
    scan of idx, a round trip) as on its loads: Ring-mini's down took 48 us at T = 8 for 120 MB.
-   Here the grid is the resident blocks; each plans once and takes an equal run of the (touched
-   expert, 8 columns) units, its warps side by side over one stretch of weights, 8 KB in flight a
-   warp: 34-36 us. (With 3 vectors per lane, Qwen3-30B-A3B's I = 768, the same scheme measured
-   slower than gemv_kernel, 66 against 57 us, unexplained: gemv_kernel keeps those.) */
+   Here the grid is the resident blocks; each plans once and takes an equal run of the (piece of
+   a touched expert, 8 columns) units, its warps side by side over one stretch of weights, 8 KB in
+   flight a warp: 34-36 us. (With 3 vectors per lane, Qwen3-30B-A3B's I = 768, the same scheme
+   measured slower than gemv_kernel, 66 against 57 us, unexplained: gemv_kernel keeps those.) */
 template <typename T>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32, 2)
     wide_down_kernel(struct moe__gemv g, const T *a, T *c)
 {
     __shared__ struct gemv_plan pl;
-    plan_experts(g.idx, g.R, pl);
+    plan_experts(g.idx, g.R, g.nx, pl);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     constexpr int COLS = WIDE_COLS;
     const int64_t per_e = (g.N + COLS - 1) / COLS, units = pl.nd * per_e;
@@ -338,10 +377,13 @@ static int mats_streamable(const struct moe_mats *m, size_t es)
 int moe__gemv_ok(const struct moe__gemv *g)
 {
     const size_t es = moe_dtype_size(g->dtype);
-    return es && g->R > 0 && g->R <= MOE_GEMV_MAX_SLOTS && g->D > 0 && g->N > 0 && g->div > 0 &&
-           (g->D * (int64_t)es) % 16 == 0 && (g->a_rs * (int64_t)es) % 16 == 0 &&
-           (uintptr_t)g->a % 16 == 0 && mats_streamable(&g->w0, es) &&
-           (!g->act || mats_streamable(&g->w1, es));
+    const int R0 = g->R - g->nx;
+    return es && g->R > 0 && g->R <= MOE_GEMV_MAX_SLOTS && g->nx >= 0 && R0 >= 0 && g->xs >= 0 &&
+           g->xs <= R0 && g->D > 0 && g->N > 0 && g->div > 0 && (g->D * (int64_t)es) % 16 == 0 &&
+           (g->a_rs * (int64_t)es) % 16 == 0 && (uintptr_t)g->a % 16 == 0 &&
+           (!R0 || (mats_streamable(&g->w0, es) && (!g->act || mats_streamable(&g->w1, es)))) &&
+           (!g->nx || (mats_streamable(&g->x0, es) && (!g->act || mats_streamable(&g->x1, es)))) &&
+           (!R0 || !g->nx || (g->x0.rs == g->w0.rs && (!g->act || g->x1.rs == g->w1.rs)));
 }
 
 /* The wide down kernel's grid: the blocks the device holds at once (any grid gives the same
@@ -363,24 +405,35 @@ template <typename T> static unsigned wide_blocks(void)
 
 template <typename T, bool ACT> static void gemv_go(const struct moe__gemv *g)
 {
-    if (!ACT && g->div == 1 && g->D / (16 / (int64_t)sizeof(T)) <= 32 * WIDE_VECS) {
+    if (!ACT && g->div == 1 && g->xs == 0 && g->D / (16 / (int64_t)sizeof(T)) <= 32 * WIDE_VECS) {
         wide_down_kernel<T><<<wide_blocks<T>(), GEMV_WARPS * 32, 0, (cudaStream_t)g->stream>>>(
             *g, (const T *)g->a, (T *)g->c);
         return;
     }
     const int64_t per_block = (int64_t)GEMV_WARPS * gemv_cols(ACT);
-    const dim3 grid((unsigned)((g->N + per_block - 1) / per_block), g->idx ? (unsigned)g->R : 1u);
-    gemv_kernel<T, ACT>
-        <<<grid, GEMV_WARPS * 32, 0, (cudaStream_t)g->stream>>>(*g, (const T *)g->a, (T *)g->c);
+    const dim3 grid((unsigned)((g->N + per_block - 1) / per_block),
+                    (unsigned)(g->R - g->nx + (g->nx > 0)));
+    if (g->nx)
+        gemv_kernel<T, ACT, true>
+            <<<grid, GEMV_WARPS * 32, 0, (cudaStream_t)g->stream>>>(*g, (const T *)g->a, (T *)g->c);
+    else
+        gemv_kernel<T, ACT, false>
+            <<<grid, GEMV_WARPS * 32, 0, (cudaStream_t)g->stream>>>(*g, (const T *)g->a, (T *)g->c);
 }
 
 int moe__gemv_cuda(const struct moe__gemv *g)
 {
     MOE_REQUIRE(moe__gemv_ok(g) && g->a && g->c, MOE_EINVAL);
-    if (g->act)
-        MOE_DISPATCH(g->dtype, (gemv_go<T, true>(g)));
+    struct moe__gemv k = *g;
+    if (k.nx ==
+        k.R) { /* the extra expert alone: the kernels step its rows by w0's and w1's stride */
+        k.w0.rs = k.x0.rs;
+        k.w1.rs = k.x1.rs;
+    }
+    if (k.act)
+        MOE_DISPATCH(k.dtype, (gemv_go<T, true>(&k)));
     else
-        MOE_DISPATCH(g->dtype, (gemv_go<T, false>(g)));
+        MOE_DISPATCH(k.dtype, (gemv_go<T, false>(&k)));
     MOE_CHECK_LAUNCH();
     return MOE_OK;
 }

@@ -205,19 +205,20 @@ int moe__gemm_sm90_ok(const struct moe_gemm *g);
 
 /* ---- decode-size expert GEMVs (decode_mlp.cu) ---- */
 #define MOE_GEMV_MAX_SLOTS 256 /* slots (T·K) one call takes: each block scans them all */
-/* c[j, n] for every slot j < R, with e = idx[j] and a's row of slot j at a + (j / div) · a_rs:
-   act: silu(h_g) · h_u of the dtype-rounded h_g = <a_j, w0_e[n, :]>, h_u = <a_j, w1_e[n, :]>
-   (gate and up: the SwiGLU kernel's bits from those h); else <a_j, w0_e[n, :]>. w0, w1 as
-   moe_mats with the reduction along c; c dense [R, N] in slot order. idx == NULL: every slot
-   goes to expert 0 (a shared expert). */
+/* c[j, n] for every slot j < R: slots j < R - nx are routed, expert idx[j], a's row j / div; the
+   last nx slots belong to an extra expert (a shared one, weights x0 / x1, expert 0 of those), a's
+   row j - xs (gate|up over x: xs = R - nx; down over a [R, D]: 0). act: silu(h_g) · h_u of the
+   dtype-rounded h_g = <a_j, w0_e[n, :]>, h_u = <a_j, w1_e[n, :]> (gate and up: the SwiGLU
+   kernel's bits from those h); else <a_j, w0_e[n, :]>. Weights as moe_mats with the reduction
+   along c; c dense [R, N] in slot order. One launch reads each touched expert's weights once. */
 struct moe__gemv {
     moe_dtype dtype;
-    int R, div, act;
+    int R, div, act, nx;
     const int32_t *idx;
     const void *a;
-    int64_t a_rs;
+    int64_t a_rs, xs;
     int64_t D, N; /* reduction length, output columns */
-    struct moe_mats w0, w1;
+    struct moe_mats w0, w1, x0, x1;
     void *c;
     void *stream;
 };

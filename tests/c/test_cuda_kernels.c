@@ -453,7 +453,7 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     int major = 0;
     CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
     const int on_engine = engine && major == 9 && c->I % 256 == 0 && c->H % 256 == 0;
-    const int decode = !strcmp(moe_forward_path_cuda(&pg), "decode");
+    const int decode = !strncmp(moe_forward_path_cuda(&pg), "decode", 6);
     if (path)
         cr_expect_str_eq(moe_forward_path_cuda(&pg), path, "%s: forward path", c->name);
     struct pair y = pair_new((size_t)(T * H) * es), dx = pair_new((size_t)(T * H) * es);
@@ -779,10 +779,11 @@ Test(cuda_kernels, one_token_many_experts_match_cpu)
 }
 
 /* A no-grad forward of few tokens (moe_problem.infer) runs the routed experts as GEMVs over the
-   touched experts (kernels/cuda/decode_mlp.cu), on any GPU; the second run is a CUDA-graph
-   replay. The rest take the other paths: weights not contiguous along the reduction (Llama-4's
-   transposed layout), rows of no multiple of 16 bytes, more than 8 tokens, the engine flag off.
-   Some read bf16/fp16 logits as the router made them (moe_problem.logits_dtype). */
+   touched experts (kernels/cuda/decode_mlp.cu), on any GPU, a shared expert of the routed
+   width in the same launches ("decode+shared"); the second run is a CUDA-graph replay. The rest
+   take the other paths: weights not contiguous along the reduction (Llama-4's transposed layout),
+   rows of no multiple of 16 bytes, more than 8 tokens, the engine flag off. Some read bf16/fp16
+   logits as the router made them (moe_problem.logits_dtype). */
 Test(cuda_kernels, decode_forward_matches_cpu, .timeout = 120)
 {
     const struct {
@@ -833,13 +834,31 @@ Test(cuda_kernels, decode_forward_matches_cpu, .timeout = 120)
          MOE_BF16},
         {{"decode fp32 K=11", MOE_F32, 5, 64, 32, 32, 32, 11, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
          1,
-         "decode",
+         "decode+shared",
          MOE_F32},
         {{"decode bf16 gated shared", MOE_BF16, 3, 64, 32, 96, 8, 2, SOFTMAX, 1, 1, 1, L3D, 0, 0, 0,
           0.0f},
          1,
          "decode",
          MOE_F32},
+        /* the shared expert as the GEMVs' last T slots (its width is the routed one): Ring's
+           form (pointer arrays, sigmoid groups, wide down kernel), a gated one on gemv_kernel's
+           down (fp32, 96 vectors a lane), and 256 routed slots, where it runs on its own */
+        {{"decode bf16 joint shared", MOE_BF16, 8, 256, 128, 128, 32, 4, SIGMOID, 8, 4, 0, LLIST, 0,
+          0, 0, 0.0f},
+         1,
+         "decode+shared",
+         MOE_F32},
+        {{"decode fp32 joint gated", MOE_F32, 5, 128, 384, 384, 16, 3, SOFTMAX, 1, 1, 1, L3D, 0, 0,
+          0, 0.0f},
+         1,
+         "decode+shared",
+         MOE_F32},
+        {{"decode bf16 256 slots shared", MOE_BF16, 8, 128, 64, 64, 64, 32, SOFTMAX, 1, 1, 0, L3D,
+          0, 0, 0, 0.0f},
+         1,
+         "decode",
+         MOE_BF16},
         {{"decode ties", MOE_F32, 8, 64, 32, 0, 16, 4, SIGMOID, 4, 2, 0, LLIST, 0, 1, 0, 0.0f},
          1,
          "decode",
