@@ -16,12 +16,18 @@ FP32_TOL = 1e-5
 
 def test_split3_holds_fp32_to_its_last_bit():
     g = glue()
-    t = torch.randn(64, 96) * torch.logspace(-30, 30, 96)  # every exponent range, not only ~1
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 96, generator=gen) * torch.logspace(-30, 30, 96)  # every exponent range
     parts = g["_split3"](torch, t)
     assert parts.dtype == torch.bfloat16 and parts.shape == (64, 288)
     hi, mid, lo = (p.double() for p in parts.split(96, dim=1))
-    err = ((hi + mid + lo) - t.double()).abs() / t.double().abs()
-    assert err.max().item() < 2 ** -24  # below one fp32 ulp: nothing of t is lost
+    diff = ((hi + mid + lo) - t.double()).abs()
+    # below one fp32 ulp: nothing of t is lost, where the third part is a normal bf16 (|t| > 2^-100);
+    # under that, lo rounds to bf16's subnormal spacing (2^-133), as fp32's own ulp does there
+    normal = t.double().abs() > 2 ** -100
+    assert normal.float().mean().item() > 0.9  # the relative check below is most of the cases
+    assert (diff[normal] / t.double().abs()[normal]).max().item() < 2 ** -24
+    assert diff.max().item() <= 2 ** -134
     # two parts do not hold it: the third is needed (a split that dropped lo would pass nothing)
     assert (((hi + mid) - t.double()).abs() / t.double().abs()).max().item() > 2 ** -20
 
