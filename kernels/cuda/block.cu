@@ -45,6 +45,7 @@ struct fwd_bufs {
     void *perm_scratch, *xg, *a, *out, *as, *ys; /* routed rows: padded layout (fwd_padded) */
     void *hp; /* padded gate|up output, aliases out (fwd_padded), else NULL */
     float *gs;
+    int joint; /* fwd_decode_shared: as and ys follow a's and out's routed rows */
 };
 
 struct bwd_bufs {
@@ -194,9 +195,7 @@ static int decode_ok(const struct moe_problem *p, const struct moe_mlp *m, int64
 /* Largest decode-size call: at T = 16 the engine's tiles were already faster than these GEMVs
    (tests/bench/RESULTS.md, thirteenth session). It also bounds an expert's rows (T), so one pass
    of the kernel (GEMV_ROWS) covers them. */
-#ifndef DECODE_MAX_T
 #define DECODE_MAX_T 8
-#endif
 
 /* 1: the routed experts' forward runs as decode GEMVs (a no-grad call of few tokens). */
 static int fwd_decode(const struct moe_problem *p)
@@ -346,7 +345,7 @@ static size_t plan_fwd(const struct moe_problem *p, char *base, struct fwd_bufs 
     b->shift = pd ? (int64_t *)moe__take(&a, sizeof(int64_t) * (size_t)E) : NULL;
     b->perm_scratch = moe__take(&a, moe_permute_scratch_bytes_cuda(T, p->route.K, p->route.E));
     /* the shared expert's rows right after the routed ones: the decode GEMVs run both at once */
-    const int joint = fwd_decode_shared(p);
+    const int joint = b->joint = fwd_decode_shared(p);
     /* the engine reads x's rows in place: xg is only the down-proj output there */
     b->xg = moe__take(&a, es * (size_t)((Rp + (joint ? T : 0)) * H));
     b->a = moe__take(&a, es * (size_t)((Rp + (joint ? T : 0)) * I));
@@ -664,11 +663,10 @@ static int forward(struct moe_problem *p, cudaStream_t st)
 
     struct mlp_ctx ex =
         ctx_of(&p->experts, p->counts_host, s.counts, s.offsets, p->dtype, f.ptrs, h, st);
-    const int joint = decode && fwd_decode_shared(p);
-    if (decode) { /* joint: the shared expert's rows land at f.as and f.ys (plan_fwd) */
+    if (decode) { /* f.joint: the shared expert's rows land at f.as and f.ys (plan_fwd) */
         struct moe__gemv gu, dn;
-        decode_gemvs(p, &p->experts, R, p->idx, K, joint ? &p->shared : NULL, joint ? T : 0, f.a,
-                     f.out, &gu, &dn);
+        decode_gemvs(p, &p->experts, R, p->idx, K, f.joint ? &p->shared : NULL, f.joint ? T : 0,
+                     f.a, f.out, &gu, &dn);
         MOE_TRY(moe__gemv_cuda(&gu));
         MOE_TRY(moe__gemv_cuda(&dn));
     } else if (fwd_engine(p)) {
@@ -691,21 +689,20 @@ static int forward(struct moe_problem *p, cudaStream_t st)
         MOE_TRY(mlp_forward(&ex, f.xg, H, s.h, NULL, f.a, R, f.out));
     }
 
-    if (p->shared.n) {
+    if (p->shared.n && !f.joint) {
         const int64_t all[1] = {T};
         struct mlp_ctx sh = ctx_of(&p->shared, all, NULL, NULL, p->dtype, f.ptrs, h, st);
-        if (!joint && decode && decode_ok(p, NULL, 0, 1, &p->shared, T)) {
+        if (decode && decode_ok(p, NULL, 0, 1, &p->shared, T)) {
             struct moe__gemv gu, dn;
             decode_gemvs(p, NULL, 0, NULL, 1, &p->shared, T, f.as, f.ys, &gu, &dn);
             MOE_TRY(moe__gemv_cuda(&gu));
             MOE_TRY(moe__gemv_cuda(&dn));
-        } else if (!joint) {
+        } else {
             MOE_TRY(mlp_forward(&sh, p->x, x_stride(p), s.hs, NULL, f.as, T, f.ys));
         }
-        if (p->shared_gate)
-            MOE_TRY(
-                moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, f.gs, p->dtype, st));
     }
+    if (p->shared_gate) /* shared.n == 1 (problem_ok) */
+        MOE_TRY(moe__shared_gate_cuda(T, H, p->x, x_stride(p), p->shared_gate, f.gs, p->dtype, st));
     return moe__combine_cuda(T, K, H, f.out, decode ? NULL : s.inv, p->idx, decode ? NULL : f.shift,
                              p->w, f.ys, f.gs, NULL, NULL, p->y, p->dtype, st);
 }

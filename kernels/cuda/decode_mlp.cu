@@ -126,7 +126,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, 3)
     if (EXTRA) {
         w0 = expert_w<T>(g.w0, g.x0, e) + col * g.w0.rs;
         w1 = ACT ? expert_w<T>(g.w1, g.x1, e) + col * g.w1.rs : w0 + (two ? g.w0.rs : 0);
-    } else {
+    } else { /* the routed kernel's code as it was before the extra expert */
         w0 = mat_row<T>(g.w0, e, col);
         w1 = ACT ? mat_row<T>(g.w1, e, col) : mat_row<T>(g.w0, e, two ? col + 1 : col);
     }
@@ -424,9 +424,9 @@ template <typename T, bool ACT> static void gemv_go(const struct moe__gemv *g)
 int moe__gemv_cuda(const struct moe__gemv *g)
 {
     MOE_REQUIRE(moe__gemv_ok(g) && g->a && g->c, MOE_EINVAL);
+    /* the extra expert alone: the kernels step its rows by w0's and w1's stride */
     struct moe__gemv k = *g;
-    if (k.nx ==
-        k.R) { /* the extra expert alone: the kernels step its rows by w0's and w1's stride */
+    if (k.nx == k.R) {
         k.w0.rs = k.x0.rs;
         k.w1.rs = k.x1.rs;
     }
