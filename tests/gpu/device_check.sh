@@ -23,6 +23,8 @@
 #                                       reasons (ncu source page; NCU_SHAPE, NCU_GEMMS, NCU_SCHED)
 #   tests/gpu/device_check.sh decode    bench_moe.py at T = 1, 8, 64 (forward replayed from a CUDA graph
 #                                       against the weight-read time: issue 4's decode bound)
+#   tests/gpu/device_check.sh decodeab  decode C tests, then bench_moe.py's decode table and profile_decode.py
+#                                       for this build and PREV's (as for ab), alternating in one call
 #   tests/gpu/device_check.sh ab        this build against another commit's, alternating in one call:
 #                                       bench_gemm.py and the T=16384 layers of bench_moe.py. PREV (default
 #                                       build/prev) holds that build's .so files, made here with
@@ -186,6 +188,32 @@ ab)
                 --no-loop --out "$OUT/layer_${side}_$round.json" >"$OUT/layer_${side}_$round.log" 2>&1
             grep -E "grouped_mm \||moepatch(_tf5)? \|" "$OUT/layer_${side}_$round.log"
         done
+    done
+    ;;
+decodeab)
+    # the decode C tests, then this build against PREV's (alternating) at T = 1, 8, 64, then where
+    # each build's decode forward spends its GPU time (one graph replay under the profiler)
+    PREV=${PREV:-build/prev}
+    [ -f "$PREV/libmoepatch.so" ] || { echo "decodeab: no $PREV/libmoepatch.so (see the header)"; exit 2; }
+    timeout 200 ./build/tests/test_cuda_kernels --filter='cuda_kernels/decode*' --verbose \
+        >"$OUT/ctest_decode.log" 2>&1
+    echo "decode C tests rc=$?"
+    grep -E "FAIL|Synthesis" "$OUT/ctest_decode.log"
+    for side in new prev new prev; do
+        dir=build
+        [ $side = prev ] && dir=$PREV
+        echo "== $side"
+        LD_PRELOAD=$PWD/$dir/libmoepatch.so timeout 120 python3 tests/bench/bench_moe.py --tokens 1,8,64 \
+            --engine --no-loop --out "$OUT/decode_$side.json" >"$OUT/decode_$side.log" 2>&1
+        sed -n '/Decode forward replayed/,$p' "$OUT/decode_$side.log" | grep -E "moepatch(_tf5)?_engine"
+    done
+    for side in new prev; do
+        dir=build
+        [ $side = prev ] && dir=$PREV
+        echo "== profile $side"
+        LD_PRELOAD=$PWD/$dir/libmoepatch.so timeout 120 python3 tests/bench/profile_decode.py --tokens 1,8 \
+            --blocks tf5,remote >"$OUT/prof_$side.log" 2>&1
+        grep -E "^==|  \+" "$OUT/prof_$side.log" | cut -c1-110
     done
     ;;
 profile)
