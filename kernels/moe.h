@@ -53,7 +53,8 @@ typedef enum { MOE_F32 = 0, MOE_BF16 = 1, MOE_F16 = 2 } moe_dtype;
 MOE_API size_t moe_dtype_size(moe_dtype dt);
 
 /* Routing recipes. Router logits are fp32 (CUDA, for a forward with infer set: also bf16/fp16,
-   widened exactly, moe_problem.logits_dtype); the caller computes them. */
+   widened exactly, moe_problem.logits_dtype); the caller computes them, or for a forward with
+   infer set the forward itself (moe_problem.router_w). */
 typedef enum {
     /* p = softmax(logits); idx = top-K of p, or of p + bias when a bias is given (selection only:
        the aux-loss-free balancing bias of families without a native one); w = p[idx] (unbiased),
@@ -105,10 +106,19 @@ struct moe_problem {
     /* inputs */
     const void *x; /* [T, H] dtype, row stride x_rs elements */
     int64_t x_rs;
-    const float *logits;     /* [T, E] fp32 router logits (logits_dtype) */
-    moe_dtype logits_dtype;  /* MOE_F32; CUDA with infer set: MOE_BF16 or MOE_F16 too (the
-                                pointer is then of that type) */
-    const float *bias;       /* [E] fp32 selection bias (both recipes, see moe_recipe), or NULL */
+    const float *logits;    /* [T, E] fp32 router logits (logits_dtype) */
+    moe_dtype logits_dtype; /* MOE_F32; CUDA with infer set: MOE_BF16 or MOE_F16 too (the
+                               pointer is then of that type) */
+    const float *bias;      /* [E] fp32 selection bias (both recipes, see moe_recipe), or NULL */
+    /* The router's fp32 logits made here (the families whose gate is x.float() @ W.float()ᵀ):
+       with router_w set, the forward first writes logits_out = x · router_wᵀ
+       (moe_router_logits_cpu's sum order, the same bits on both backends; not torch's order, so the
+       last bits differ from its fp32 GEMM) and routes from them; logits and logits_dtype are then
+       not read. router_w: [E, H] in dtype, row stride router_w_rs elements, contiguous along H.
+       With infer only: the backward reads logits. */
+    const void *router_w;
+    int64_t router_w_rs;
+    float *logits_out;       /* [T, E] fp32 */
     struct moe_mlp experts;  /* n = E */
     struct moe_mlp shared;   /* n = 1, or n = 0 when the block has no shared expert */
     const void *shared_gate; /* [H] dtype: Qwen2 sigmoid gate of the shared expert, or NULL */
@@ -164,6 +174,16 @@ MOE_API int moe_backward_cpu(struct moe_problem *p);
    either recipe and never enters the weights). */
 MOE_API int moe_route_cpu(const struct moe_route_cfg *c, int64_t T, const float *logits,
                           const float *bias, int32_t *idx, float *w);
+
+/* logits [T, E] fp32 = x [T, H] · w [E, H]ᵀ (dtype dt, row strides x_rs and w_rs elements), in
+   this sum order (the CUDA forward's too, so both give the same bits): element h belongs to
+   chunk h / 8 and chunk c to lane c % 128; a lane sums its chunks in ascending order with fmaf;
+   the lanes form 4 groups of 32 (lane / 32), each summed as a butterfly (v[l] += v[l + o] for
+   o = 16, 8, 4, 2, 1), and the groups as (g0 + g1) + (g2 + g3). */
+#define MOE_ROUTER_CHUNK 8   /* elements per chunk of moe_router_logits_cpu's sum order */
+#define MOE_ROUTER_LANES 128 /* its lanes: 4 groups of 32 */
+MOE_API int moe_router_logits_cpu(int64_t T, int64_t H, int E, moe_dtype dt, const void *x,
+                                  int64_t x_rs, const void *w, int64_t w_rs, float *logits);
 
 /* dlogits [T, E] from dw [T, K] through the recipe (selection itself has no gradient). */
 MOE_API int moe_route_backward_cpu(const struct moe_route_cfg *c, int64_t T, const float *logits,

@@ -136,6 +136,7 @@ class _State:
         self.calls = 0
         self.direct_calls = 0  # fused calls whose expert grads skip autograd (_direct_grads)
         self.fast_router_calls = 0  # fused calls whose fp32 logits came from _router_fn
+        self.own_router_calls = 0  # fused no-grad calls whose fp32 logits the kernels made
         self.disabled = None  # a reason string once the block fell back for good
         self.kinds = _module_kinds(block, spec)
 
@@ -302,6 +303,7 @@ class _Plan:
         self.E, self.I, self.H = E, I, H
         self.direct = spec["layout"] == 0 and _direct_grads(torch, self.weights)
         self.fast_router = False  # set by _router_logits
+        self.router_w = None  # the router weight when the forward makes the logits (_own_router)
         self.infer = False  # set by _fused: no backward can follow this call
 
     def inputs(self):
@@ -617,6 +619,9 @@ def _make_function(torch):
                   "experts": experts}
             if bias is not None:
                 io["bias"] = bias.data_ptr()
+            if plan.router_w is not None:
+                io["router_w"], io["router_w_rs"] = plan.router_w.data_ptr(), plan.router_w.stride(0)
+                io["logits_out"] = logits.data_ptr()
             if plan.shared:
                 io["shared"] = plan.shared_mlp(shared)
             sg = _as_dtype(shared_gate, x.dtype)
@@ -740,6 +745,27 @@ def _router_logits(torch, plan, x, block_bias):
                 return fn.apply(x, w)
             return torch.nn.functional.linear(x.float(), w.float())
     return torch.nn.functional.linear(x, w)
+
+
+_OWN_ROUTER_MAX_T = 16  # decode sizes: above them torch's GEMM is the faster way
+
+
+def _own_router(torch, plan, x, x_in, amp):
+    """The router weight when the CUDA forward makes the fp32 logits itself (moe_problem.router_w:
+    one kernel in place of torch's casts of x and the weight and its fp32 GEMM, which at decode
+    sizes cost more than the routed experts' weights take to read), else None. Only for no-grad
+    calls of families whose gate is x.float() @ W.float()ᵀ with nobody watching the router, at
+    decode sizes, under MOEPATCH_FAST_ROUTER. The sum order is not torch's: the logits match its
+    to fp32 rounding (~1e-7 relative), so an expert choice can differ only where two scores tie
+    to that precision."""
+    if not (plan.infer and plan.cuda and plan.spec["logits_fp32"] and amp is None
+            and _opts.get("fast_router", True) and x.shape[0] <= _OWN_ROUTER_MAX_T):
+        return None
+    w = getattr(plan.router, "weight", None)
+    ok = (isinstance(w, torch.Tensor) and w.dim() == 2 and tuple(w.shape) == (plan.E, plan.H)
+          and w.dtype == x.dtype == x_in.dtype and x.dtype in (torch.bfloat16, torch.float16)
+          and w.device == x.device and w.stride(1) == 1 and not _has_hooks(torch, plan.router))
+    return w.detach() if ok else None
 
 
 # ---------------------------------------------------------------- fp32 router, backward on tensor cores
@@ -874,9 +900,6 @@ def _fused(block, st, hidden_states):
     native = None  # the selection bias tensor, on the block or on the router (spec["bias_on_block"])
     if spec["bias"]:
         native = getattr(block if spec["bias_on_block"] else plan.router, spec["bias"])
-    # the router sees the block's own input: under autocast its linear casts it as the original's does
-    logits = _router_logits(torch, plan, x_in if amp is not None else x,
-                            native if spec["bias_on_block"] else None)
     bias = None
     if native is not None:
         bias = native.detach().float().contiguous()
@@ -888,14 +911,25 @@ def _fused(block, st, hidden_states):
     sg = plan.shared_gate
     rest = (bias, sg.reshape(-1) if sg is not None else None, *plan.inputs(), *plan.shared)
     # no backward can follow (generate, eval): the CUDA side may skip what only backward reads
+    w_r = getattr(plan.router, "weight", None)
     plan.infer = not torch.is_grad_enabled() or not any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in (x, logits, *rest))
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (x, w_r, *rest))
+    plan.router_w = _own_router(torch, plan, x, x_in, amp)
+    if plan.router_w is not None:  # the forward writes them (moe_problem.router_w)
+        logits = torch.empty((x.shape[0], spec["E"]), dtype=torch.float32, device=x.device)
+    else:
+        # the router sees the block's own input: under autocast its linear casts it as the
+        # original's does
+        logits = _router_logits(torch, plan, x_in if amp is not None else x,
+                                native if spec["bias_on_block"] else None)
+        plan.infer = plan.infer and not logits.requires_grad
     # there it also reads bf16/fp16 logits as they are (the cast is one more kernel per call)
     narrow = plan.infer and plan.cuda and logits.dtype in (torch.bfloat16, torch.float16)
     y, idx = _fn[0].apply(plan, x, logits.contiguous() if narrow else logits.float().contiguous(),
                           *rest)
     st.direct_calls += plan.direct
     st.fast_router_calls += plan.fast_router
+    st.own_router_calls += plan.router_w is not None
     if plan.counts is not None:  # auxfree
         _bal.observe(block, plan.counts)
     y = y.view(shape)

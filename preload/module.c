@@ -156,6 +156,9 @@ static int parse_io(PyObject *io, struct moe_problem *p)
     p->x_rs = get_i64(io, "x_rs");
     p->logits = get_ptr(io, "logits");
     p->bias = get_ptr(io, "bias");
+    p->router_w = get_ptr(io, "router_w");
+    p->router_w_rs = get_i64(io, "router_w_rs");
+    p->logits_out = get_ptr(io, "logits_out");
     p->shared_gate = get_ptr(io, "shared_gate");
     p->y = get_ptr(io, "y");
     p->idx = get_ptr(io, "idx");

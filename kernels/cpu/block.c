@@ -28,9 +28,12 @@ static int problem_valid(const struct moe_problem *p, int backward)
         return 0;
     if (p->shared_gate && p->shared.n == 0)
         return 0;
-    if (p->T > 0 && (!p->x || !p->logits || !p->idx || !p->w || (p->T > 1 && p->x_rs < p->H)))
+    if (p->T > 0 && (!p->x || !p->idx || !p->w || (p->T > 1 && p->x_rs < p->H)))
         return 0;
-    if (p->logits_dtype != MOE_F32) /* other dtypes: CUDA only (moe_problem.logits_dtype) */
+    if (p->router_w) /* the forward makes the logits (moe_problem.router_w): no backward follows */
+        return !backward && (p->T == 0 || p->logits_out) && p->router_w_rs >= p->H &&
+               (p->T == 0 || p->y);
+    if ((p->T > 0 && !p->logits) || p->logits_dtype != MOE_F32) /* others: CUDA only */
         return 0;
     if (!backward)
         return p->T == 0 || p->y;
@@ -130,7 +133,15 @@ int moe_forward_cpu(struct moe_problem *p)
     if (p->T == 0)
         return MOE_OK;
     int64_t T = p->T, H = p->H, TK = T * p->route.K;
-    int rc = moe_route_cpu(&p->route, T, p->logits, p->bias, p->idx, p->w);
+    const float *logits = p->logits;
+    if (p->router_w) {
+        int rc = moe_router_logits_cpu(T, H, p->route.E, p->dtype, p->x, p->x_rs, p->router_w,
+                                       p->router_w_rs, p->logits_out);
+        if (rc != MOE_OK)
+            return rc;
+        logits = p->logits_out;
+    }
+    int rc = moe_route_cpu(&p->route, T, logits, p->bias, p->idx, p->w);
     if (rc != MOE_OK)
         return rc;
     struct groups g;

@@ -4,11 +4,13 @@
  * ascending index order, which gives exactly the contract of moe.h (lower index wins ties, slots in
  * descending score) for any value, -inf and 0.0 mask values included, at O(K·E) per token.
  * A selection bias (aux-loss-free balancing) moves the choice of either recipe, never the weights.
+ * Also the router's own logits (moe_router_logits_cpu), in the sum order the CUDA kernel uses.
  */
 #include <math.h>
 #include <string.h>
 
 #include "cpu.h"
+#include "dtype.h"
 
 int moe__route_cfg_valid(const struct moe_route_cfg *c)
 {
@@ -274,4 +276,39 @@ int moe_route_backward_cpu(const struct moe_route_cfg *c, int64_t T, const float
     free(dv);
     free(v);
     return rc;
+}
+
+/* One logit in moe.h's order: the lanes' partial sums, then the 32-lane butterflies, then the
+   four groups pairwise. */
+static float router_logit(moe_dtype dt, const void *x, const void *w, int64_t H, float *lane)
+{
+    const int64_t chunks = (H + MOE_ROUTER_CHUNK - 1) / MOE_ROUTER_CHUNK;
+    for (int l = 0; l < MOE_ROUTER_LANES; l++) {
+        float acc = 0.0f;
+        for (int64_t c = l; c < chunks; c += MOE_ROUTER_LANES)
+            for (int64_t h = c * MOE_ROUTER_CHUNK; h < (c + 1) * MOE_ROUTER_CHUNK && h < H; h++)
+                acc = fmaf(moe__load(dt, x, h), moe__load(dt, w, h), acc);
+        lane[l] = acc;
+    }
+    for (int g = 0; g < MOE_ROUTER_LANES; g += 32)
+        for (int o = 16; o > 0; o >>= 1)
+            for (int l = 0; l < o; l++)
+                lane[g + l] = lane[g + l] + lane[g + l + o];
+    return (lane[0] + lane[32]) + (lane[64] + lane[96]);
+}
+
+int moe_router_logits_cpu(int64_t T, int64_t H, int E, moe_dtype dt, const void *x, int64_t x_rs,
+                          const void *w, int64_t w_rs, float *logits)
+{
+    if (T < 0 || H < 1 || E < 1 || !moe__dtype_valid(dt) || (T > 1 && x_rs < H) || w_rs < H ||
+        (T > 0 && (!x || !w || !logits)))
+        return MOE_EINVAL;
+    const size_t es = moe_dtype_size(dt);
+    float lane[MOE_ROUTER_LANES];
+    for (int64_t t = 0; t < T; t++)
+        for (int e = 0; e < E; e++)
+            logits[t * E + e] =
+                router_logit(dt, (const char *)x + (size_t)(t * x_rs) * es,
+                             (const char *)w + (size_t)((int64_t)e * w_rs) * es, H, lane);
+    return MOE_OK;
 }

@@ -585,7 +585,11 @@ static int problem_ok(const struct moe_problem *p)
                     (p->infer && (p->logits_dtype == MOE_BF16 || p->logits_dtype == MOE_F16)),
                 MOE_EINVAL);
     MOE_REQUIRE(p->counts_host && p->saved, MOE_EINVAL);
-    MOE_REQUIRE(p->T == 0 || (p->x && p->logits && p->idx && p->w), MOE_EINVAL);
+    MOE_REQUIRE(p->T == 0 || (p->x && (p->logits || p->router_w) && p->idx && p->w), MOE_EINVAL);
+    /* logits made here (moe_problem.router_w): no backward, which would read them, follows */
+    MOE_REQUIRE(!p->router_w ||
+                    (p->infer && (p->T == 0 || p->logits_out) && p->router_w_rs >= p->H),
+                MOE_EINVAL);
     MOE_REQUIRE(p->T <= 1 || p->x_rs >= p->H, MOE_EINVAL);
     return MOE_OK;
 }
@@ -641,7 +645,15 @@ static int forward(struct moe_problem *p, cudaStream_t st)
     cublasHandle_t h;
     MOE_TRY(moe__cublas_handle(&h));
 
-    MOE_TRY(moe__route_cuda(&p->route, T, p->logits, p->logits_dtype, p->bias, p->idx, p->w, st));
+    const void *logits = p->logits;
+    moe_dtype ldt = p->logits_dtype;
+    if (p->router_w) {
+        MOE_TRY(moe__router_logits_cuda(T, H, E, p->dtype, p->x, p->x_rs, p->router_w,
+                                        p->router_w_rs, p->logits_out, st));
+        logits = p->logits_out;
+        ldt = MOE_F32;
+    }
+    MOE_TRY(moe__route_cuda(&p->route, T, logits, ldt, p->bias, p->idx, p->w, st));
     /* the decode GEMVs need no sort; the per-expert counts, when asked for, come from it */
     const int decode = fwd_decode(p);
     if (!decode || p->counts)

@@ -231,6 +231,9 @@ int moe__gemv_cuda(const struct moe__gemv *g);
 /* logits of dtype ldt (widened to fp32 exactly) */
 int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const void *logits, moe_dtype ldt,
                     const float *bias, int32_t *idx, float *w, cudaStream_t st);
+/* logits [T, E] = x [T, H] · w [E, H]ᵀ in fp32, in moe_router_logits_cpu's sum order (its bits) */
+int moe__router_logits_cuda(int64_t T, int64_t H, int E, moe_dtype dt, const void *x, int64_t x_rs,
+                            const void *w, int64_t w_rs, float *logits, cudaStream_t st);
 int moe__route_backward_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
                              const int32_t *idx, const float *dw, float *dlogits, cudaStream_t st);
 

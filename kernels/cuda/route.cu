@@ -3,6 +3,8 @@
  * recipes of moe.h. One warp per token; the token's E scores live in shared memory. The forward
  * reads logits of any dtype (fp32 as float; bf16/fp16 widened exactly, which is torch's cast).
  *
+ * Also the router's own fp32 logits where the forward makes them (moe_problem.router_w).
+ *
  * Design choice: every top-k is a repeated warp arg-max whose comparison prefers the lower index
  * on equal values, so the choice (and the slot order: descending score) is the CPU reference's.
  * Sums are warp-shuffle trees in a fixed order: the same input gives the same bits every run.
@@ -309,6 +311,120 @@ static __global__ void route_backward_kernel(struct moe_route_cfg c, int64_t T, 
         for (int e = lane; e < E; e += 32)
             out[e] = dval[e] * val[e] / (1.f + expf(l[e])); /* 1 − s = sigmoid(−l) */
     }
+}
+
+/* ---- the router's own logits (moe_problem.router_w): logits = x · wᵀ in fp32 ---- */
+
+#define ROUTER_EXPERTS 4 /* experts per block: each x chunk it loads serves all of them */
+#define ROUTER_TOKENS 8  /* tokens per pass: ROUTER_EXPERTS x ROUTER_TOKENS sums per thread */
+
+/* MOE_ROUTER_CHUNK (8) raw elements: one 16-byte vector, two for fp32 */
+template <typename T> struct raw8 {
+    uint4 v[sizeof(T) / 2];
+};
+
+/* elements h0.. h0 + 7 of a row (zeros past H: a zero product leaves the sum's bits unchanged, as
+   the CPU's skipped terms do, since the sum starts at +0 and never becomes -0) */
+template <typename T, bool VEC>
+static __device__ __forceinline__ raw8<T> load8(const T *__restrict__ row, int64_t h0, int64_t H)
+{
+    raw8<T> r;
+    if (VEC && h0 + MOE_ROUTER_CHUNK <= H) {
+#pragma unroll
+        for (int i = 0; i < (int)(sizeof(T) / 2); i++)
+            r.v[i] = __ldg((const uint4 *)(row + h0) + i);
+    } else {
+        T *e = (T *)&r;
+#pragma unroll
+        for (int j = 0; j < MOE_ROUTER_CHUNK; j++)
+            e[j] = h0 + j < H ? row[h0 + j] : moe__from_f<T>(0.f);
+    }
+    return r;
+}
+
+template <typename T> static __device__ __forceinline__ float elem8(const raw8<T> &r, int j)
+{
+    return moe__to_f(((const T *)&r)[j]);
+}
+
+/* A block of MOE_ROUTER_LANES threads: ROUTER_EXPERTS experts' logits of every token, thread l
+   summing chunks l, l + 128, ... (moe_router_logits_cpu's order), then the four warps' butterflies
+   meet in shared memory. VEC: rows 16-byte aligned, chunks loaded as vectors. */
+template <typename T, bool VEC>
+static __global__ void __launch_bounds__(MOE_ROUTER_LANES)
+    router_logits_kernel(int64_t n_tok, int64_t H, int E, const T *__restrict__ x, int64_t x_rs,
+                         const T *__restrict__ w, int64_t w_rs, float *__restrict__ out)
+{
+    __shared__ float part[MOE_ROUTER_LANES / 32][ROUTER_EXPERTS * ROUTER_TOKENS];
+    const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
+    const int e0 = blockIdx.x * ROUTER_EXPERTS;
+    const int64_t chunks = (H + MOE_ROUTER_CHUNK - 1) / MOE_ROUTER_CHUNK;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += ROUTER_TOKENS) {
+        const int nt = n_tok - t0 < ROUTER_TOKENS ? (int)(n_tok - t0) : ROUTER_TOKENS;
+        float acc[ROUTER_EXPERTS][ROUTER_TOKENS];
+#pragma unroll
+        for (int e = 0; e < ROUTER_EXPERTS; e++)
+#pragma unroll
+            for (int r = 0; r < ROUTER_TOKENS; r++)
+                acc[e][r] = 0.f;
+        for (int64_t c = tid; c < chunks; c += MOE_ROUTER_LANES) {
+            const int64_t h0 = c * MOE_ROUTER_CHUNK;
+            raw8<T> wr[ROUTER_EXPERTS], xr[ROUTER_TOKENS];
+#pragma unroll
+            for (int e = 0; e < ROUTER_EXPERTS; e++)
+                wr[e] = load8<T, VEC>(w + (int64_t)(e0 + (e0 + e < E ? e : 0)) * w_rs, h0, H);
+#pragma unroll
+            for (int r = 0; r < ROUTER_TOKENS; r++)
+                xr[r] = load8<T, VEC>(x + (t0 + (r < nt ? r : 0)) * x_rs, h0, H);
+#pragma unroll
+            for (int j = 0; j < MOE_ROUTER_CHUNK; j++)
+#pragma unroll
+                for (int e = 0; e < ROUTER_EXPERTS; e++)
+#pragma unroll
+                    for (int r = 0; r < ROUTER_TOKENS; r++)
+                        acc[e][r] = fmaf(elem8(xr[r], j), elem8(wr[e], j), acc[e][r]);
+        }
+#pragma unroll
+        for (int e = 0; e < ROUTER_EXPERTS; e++)
+#pragma unroll
+            for (int r = 0; r < ROUTER_TOKENS; r++) {
+                float v = acc[e][r];
+                for (int o = 16; o > 0; o >>= 1)
+                    v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0)
+                    part[grp][e * ROUTER_TOKENS + r] = v;
+            }
+        __syncthreads();
+        if (tid < ROUTER_EXPERTS * ROUTER_TOKENS) {
+            const int e = tid / ROUTER_TOKENS, r = tid % ROUTER_TOKENS;
+            if (e0 + e < E && r < nt)
+                out[(t0 + r) * E + e0 + e] =
+                    (part[0][tid] + part[1][tid]) + (part[2][tid] + part[3][tid]);
+        }
+        __syncthreads(); /* part is refilled by the next pass */
+    }
+}
+
+int moe__router_logits_cuda(int64_t n_tok, int64_t H, int E, moe_dtype dt, const void *x,
+                            int64_t x_rs, const void *w, int64_t w_rs, float *logits,
+                            cudaStream_t st)
+{
+    MOE_REQUIRE(n_tok >= 0 && H > 0 && E > 0 && (n_tok <= 1 || x_rs >= H) && w_rs >= H, MOE_EINVAL);
+    if (n_tok == 0)
+        return MOE_OK;
+    MOE_REQUIRE(x && w && logits, MOE_EINVAL);
+    const int64_t es = (int64_t)moe_dtype_size(dt);
+    const bool vec = (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && (w_rs * es) % 16 == 0 &&
+                     (n_tok == 1 || (x_rs * es) % 16 == 0);
+    const unsigned blocks = (unsigned)((E + ROUTER_EXPERTS - 1) / ROUTER_EXPERTS);
+    if (vec)
+        MOE_DISPATCH(dt, (router_logits_kernel<T, true><<<blocks, MOE_ROUTER_LANES, 0, st>>>(
+                             n_tok, H, E, (const T *)x, x_rs, (const T *)w, w_rs, logits)));
+    else
+        MOE_DISPATCH(dt, (router_logits_kernel<T, false><<<blocks, MOE_ROUTER_LANES, 0, st>>>(
+                             n_tok, H, E, (const T *)x, x_rs, (const T *)w, w_rs, logits)));
+    MOE_CHECK_LAUNCH();
+    return MOE_OK;
 }
 
 static int route_geometry(size_t words_per_warp, int *warps, size_t *smem)

@@ -311,7 +311,7 @@ static void expect_close(const struct tcase *c, const char *what, moe_dtype dt, 
 struct gpu_out { /* everything the GPU writes, downloaded */
     void *y, *dx, *dsg;
     int32_t *idx;
-    float *w, *dlogits;
+    float *w, *dlogits, *logits;
     void *dexp[3], *dsh[3];
 };
 
@@ -337,12 +337,38 @@ static void expect_grads_close(const struct tcase *c, const struct gpu_out *o, c
         expect_close(c, "d_shared_gate", dt, o->dsg, dsg_c, (size_t)c->H);
 }
 
+/* The GPU's own logits: the CPU's bits (moe_router_logits_cpu's order), and within the fp32
+   tolerance of float64 sums of x [T, H] (row stride xrs) · w [E, H]ᵀ (row stride wrs). */
+static void expect_router_logits(const struct tcase *c, const float *got, const float *cpu,
+                                 const void *x, int64_t xrs, const void *w, int64_t wrs)
+{
+    const int64_t T = c->T, E = c->E, H = c->H;
+    int differ = 0;
+    double err = 0.0, scale = 0.0;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t e = 0; e < E; e++) {
+            double ref = 0.0;
+            for (int64_t h = 0; h < H; h++)
+                ref +=
+                    elem(c->dt, x, (size_t)(t * xrs + h)) * elem(c->dt, w, (size_t)(e * wrs + h));
+            const float g = got[t * E + e];
+            differ += memcmp(&g, &cpu[t * E + e], sizeof g) != 0;
+            err = fmax(err, isnan(g) ? INFINITY : fabs(g - ref));
+            scale = fmax(scale, fabs(ref));
+        }
+    fprintf(stderr, "  %-28s %-14s rel %.3g\n", c->name, "logits", err / scale);
+    cr_expect_eq(differ, 0, "%s: %d router logits differ from the CPU's", c->name, differ);
+    cr_expect(err <= MOE_TOL_F32 * scale, "%s: router logits rel err %g", c->name, err / scale);
+}
+
 /* engine: moe_problem.engine of the GPU side (the Hopper engine where it tiles the shapes).
    infer: moe_problem.infer, a forward with no backward after it (only y, idx and w are checked);
    path: what moe_forward_path_cuda must answer, or NULL. ldt: the GPU's logits dtype (bf16/fp16
-   with infer only), the CPU gets their exact fp32 values. */
+   with infer only), the CPU gets their exact fp32 values. router (infer only): both sides make
+   the logits from router weights (moe_problem.router_w), which must be the same bits, and close
+   to float64 sums. */
 static void run_case_mode(const struct tcase *c, int engine, int infer, const char *path,
-                          moe_dtype ldt)
+                          moe_dtype ldt, int router)
 {
     need_gpu();
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(c->T * 1315423911u + c->E * 2654435761u +
@@ -391,6 +417,14 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     }
     pair_up(&lg);
     pair_up(&lgn);
+    /* the router's weights [E, H] with padded rows, and where each side writes the logits */
+    const int64_t rrs = H + 3;
+    struct pair rw = pair_new((size_t)(E * rrs) * es),
+                lo = pair_new(sizeof(float) * (size_t)(T * E));
+    if (router) { /* only then: the other cases keep their random numbers */
+        fill(dt, rw.h, (size_t)(E * rrs), 2.0f / sqrtf((float)H));
+        pair_up(&rw);
+    }
     pair_up(&bias);
     pair_up(&sg);
 
@@ -422,7 +456,10 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     pc.H = H;
     pc.x = x.h;
     pc.x_rs = xrs;
-    pc.logits = lg.h;
+    pc.logits = router ? NULL : lg.h;
+    pc.router_w = router ? rw.h : NULL;
+    pc.router_w_rs = rrs;
+    pc.logits_out = router ? lo.h : NULL;
     pc.bias = bias.h; /* both recipes: softmax selection is biased too (aux-free) */
     pc.experts = ex.cpu;
     pc.shared = shared ? sh.cpu : (struct moe_mlp){0};
@@ -441,7 +478,8 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     pc.d_shared = shared ? dsh_c.cpu : (struct moe_mlp){0};
     pc.d_shared_gate = c->gated ? dsg_c : NULL;
     cr_assert_eq(moe_forward_cpu(&pc), MOE_OK, "%s: cpu forward", c->name);
-    cr_assert_eq(moe_backward_cpu(&pc), MOE_OK, "%s: cpu backward", c->name);
+    if (!infer) /* nothing of a backward is compared after a no-grad forward */
+        cr_assert_eq(moe_backward_cpu(&pc), MOE_OK, "%s: cpu backward", c->name);
 
     /* GPU */
     struct moe_problem pg = pc;
@@ -462,7 +500,9 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     pg.x = x.d;
-    pg.logits = ldt == MOE_F32 ? lg.d : lgn.d;
+    pg.logits = router ? NULL : ldt == MOE_F32 ? lg.d : lgn.d;
+    pg.router_w = router ? rw.d : NULL;
+    pg.logits_out = router ? lo.d : NULL;
     pg.logits_dtype = ldt;
     pg.bias = pc.bias ? bias.d : NULL;
     pg.experts = ex.gpu;
@@ -489,7 +529,7 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     struct gpu_out run[2];
     memset(run, 0, sizeof run);
     for (int r = 0; r < 2; r++) {
-        struct pair *outs[] = {&y, &dx, &idx, &w, &dl, &dsg};
+        struct pair *outs[] = {&y, &dx, &idx, &w, &dl, &dsg, &lo};
         for (size_t j = 0; j < sizeof outs / sizeof *outs; j++)
             CK(cudaMemset(outs[j]->d, 0xff, outs[j]->bytes));
         CK(cudaMemset(pg.saved, 0xff, sb ? sb : 1));
@@ -530,6 +570,8 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
         o->w = malloc(w.bytes + 1);
         o->dlogits = malloc(dl.bytes + 1);
         o->dsg = malloc(dsg.bytes + 1);
+        o->logits = malloc(lo.bytes + 1);
+        CK(cudaMemcpy(o->logits, lo.d, lo.bytes, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(o->y, y.d, y.bytes, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(o->dx, dx.d, dx.bytes, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(o->idx, idx.d, idx.bytes, cudaMemcpyDeviceToHost));
@@ -564,6 +606,8 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     for (int64_t i = 0; i < T * K; i++)
         idx_bad += o->idx[i] != idx_c[i];
     cr_expect_eq(idx_bad, 0, "%s: %d routing choices differ", c->name, idx_bad);
+    if (router)
+        expect_router_logits(c, o->logits, lo.h, x.h, xrs, rw.h, rrs);
     expect_close(c, "y", dt, o->y, y_c, (size_t)(T * H));
     expect_close(c, "w", MOE_F32, o->w, w_c, (size_t)(T * K));
     if (!infer) /* else no backward ran: its outputs are still the poison */
@@ -573,7 +617,8 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     /* determinism: the second run gives the same bits */
     struct gpu_out *o2 = &run[1];
     int same = !memcmp(o->y, o2->y, y.bytes) && !memcmp(o->idx, o2->idx, idx.bytes) &&
-               !memcmp(o->w, o2->w, w.bytes);
+               !memcmp(o->w, o2->w, w.bytes) &&
+               (!router || !memcmp(o->logits, o2->logits, lo.bytes));
     if (!infer) {
         same &= !memcmp(o->dx, o2->dx, dx.bytes) && !memcmp(o->dlogits, o2->dlogits, dl.bytes) &&
                 (!c->gated || !memcmp(o->dsg, o2->dsg, dsg.bytes));
@@ -595,6 +640,7 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
         free(run[r].w);
         free(run[r].dlogits);
         free(run[r].dsg);
+        free(run[r].logits);
         for (int j = 0; j < 3; j++) {
             free(run[r].dexp[j]);
             free(run[r].dsh[j]);
@@ -610,7 +656,7 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     free(w_c);
     free(dl_c);
     free(dsg_c);
-    struct pair *ps[] = {&x, &dy, &lg, &lgn, &bias, &sg, &y, &dx, &idx, &w, &dl, &dsg};
+    struct pair *ps[] = {&x, &dy, &lg, &lgn, &bias, &sg, &y, &dx, &idx, &w, &dl, &dsg, &rw, &lo};
     for (size_t j = 0; j < sizeof ps / sizeof *ps; j++)
         pair_free(ps[j]);
     mlp_free(&ex);
@@ -625,7 +671,7 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
 
 static void run_case_on(const struct tcase *c, int engine)
 {
-    run_case_mode(c, engine, 0, NULL, MOE_F32);
+    run_case_mode(c, engine, 0, NULL, MOE_F32, 0);
 }
 
 static void run_case(const struct tcase *c)
@@ -791,56 +837,66 @@ Test(cuda_kernels, decode_forward_matches_cpu, .timeout = 120)
         int engine;
         const char *path;
         moe_dtype logits;
+        int router; /* the forward makes the logits (moe_problem.router_w) */
     } cases[] = {
         {{"decode bf16 groups", MOE_BF16, 8, 256, 128, 0, 64, 8, SIGMOID, 8, 4, 0, L3D, 0, 0, 0,
           0.0f},
          1,
          "decode",
-         MOE_BF16},
+         MOE_BF16,
+         0},
         {{"decode bf16 T=1 list shared", MOE_BF16, 1, 512, 256, 128, 32, 8, SOFTMAX, 1, 1, 0, LLIST,
           0, 0, 0, 0.0f},
          1,
          "decode",
-         MOE_F32},
+         MOE_F32,
+         0},
         /* 256 slots, the most one call takes: every planning thread owns a slot; skewed loads
            give some experts all 8 tokens and leave others untouched */
         {{"decode bf16 256 slots", MOE_BF16, 8, 128, 64, 0, 64, 32, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
           4.0f},
          1,
          "decode",
-         MOE_BF16},
+         MOE_BF16,
+         0},
         /* every token on both experts: 8 rows each, all of one pass */
         {{"decode fp16 crowded", MOE_F16, 8, 128, 64, 0, 2, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
           0.0f},
          1,
          "decode",
-         MOE_F16},
+         MOE_F16,
+         0},
         /* fewer 16-byte vectors per row than lanes; a strided x */
         {{"decode fp32 narrow", MOE_F32, 5, 96, 40, 0, 12, 3, SOFTMAX, 1, 1, 0, L3D, 1, 0, 4, 0.0f},
          1,
          "decode",
-         MOE_F32},
+         MOE_F32,
+         0},
         /* long reductions (many 16-byte vectors per lane); down with 3 vectors a lane takes
            gemv_kernel, the others the wide down kernel */
         {{"decode fp32 split", MOE_F32, 1, 1024, 384, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
           0.0f},
          1,
          "decode",
-         MOE_F32},
+         MOE_F32,
+         0},
         {{"decode bf16 split", MOE_BF16, 1, 512, 512, 0, 8, 2, SIGMOID, 1, 1, 0, LLIST, 0, 0, 0,
           0.0f},
          1,
          "decode",
-         MOE_BF16},
+         MOE_BF16,
+         0},
         {{"decode fp32 K=11", MOE_F32, 5, 64, 32, 32, 32, 11, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
          1,
          "decode+shared",
-         MOE_F32},
+         MOE_F32,
+         0},
         {{"decode bf16 gated shared", MOE_BF16, 3, 64, 32, 96, 8, 2, SOFTMAX, 1, 1, 1, L3D, 0, 0, 0,
           0.0f},
          1,
          "decode",
-         MOE_F32},
+         MOE_F32,
+         0},
         /* the shared expert as the GEMVs' last T slots (its width is the routed one): Ring's
            form (pointer arrays, sigmoid groups, wide down kernel), a gated one on gemv_kernel's
            down (fp32, 96 vectors a lane), and 256 routed slots, where it runs on its own */
@@ -848,42 +904,72 @@ Test(cuda_kernels, decode_forward_matches_cpu, .timeout = 120)
           0, 0, 0.0f},
          1,
          "decode+shared",
-         MOE_F32},
+         MOE_F32,
+         0},
         {{"decode fp32 joint gated", MOE_F32, 5, 128, 384, 384, 16, 3, SOFTMAX, 1, 1, 1, L3D, 0, 0,
           0, 0.0f},
          1,
          "decode+shared",
-         MOE_F32},
+         MOE_F32,
+         0},
         {{"decode bf16 256 slots shared", MOE_BF16, 8, 128, 64, 64, 64, 32, SOFTMAX, 1, 1, 0, L3D,
           0, 0, 0, 0.0f},
          1,
          "decode",
-         MOE_BF16},
+         MOE_BF16,
+         0},
+        /* the forward makes the router's logits (moe_problem.router_w): Ring's form (16-byte
+           rows, two chunks a lane, the shared expert joint); a row stride of no multiple of 16
+           bytes and a partial chunk (element loads); more than 8 tokens (two passes) and E not a
+           multiple of the block's 4 experts, off the decode path */
+        {{"router bf16 joint shared", MOE_BF16, 8, 2048, 64, 64, 32, 4, SIGMOID, 8, 4, 0, LLIST, 0,
+          0, 0, 0.0f},
+         1,
+         "decode+shared",
+         MOE_F32,
+         1},
+        {{"router fp16 odd rows", MOE_F16, 5, 200, 40, 0, 12, 3, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
+          0.0f},
+         1,
+         NULL,
+         MOE_F32,
+         1},
+        {{"router fp32 T=13", MOE_F32, 13, 96, 40, 0, 14, 3, SOFTMAX, 1, 1, 0, L3D, 0, 0, 4, 0.0f},
+         1,
+         "cublas",
+         MOE_F32,
+         1},
         {{"decode ties", MOE_F32, 8, 64, 32, 0, 16, 4, SIGMOID, 4, 2, 0, LLIST, 0, 1, 0, 0.0f},
          1,
          "decode",
-         MOE_F32},
+         MOE_F32,
+         0},
         {{"decode transposed bf16", MOE_BF16, 4, 64, 32, 0, 6, 2, SOFTMAX, 1, 1, 0, LT3D, 0, 0, 0,
           0.0f},
          1,
          "cublas",
-         MOE_BF16},
+         MOE_BF16,
+         0},
         {{"decode odd widths bf16", MOE_BF16, 6, 68, 36, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0,
           0.0f},
          1,
          "cublas",
-         MOE_F32},
+         MOE_F32,
+         0},
         {{"decode T=9", MOE_BF16, 9, 64, 32, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
          1,
          "cublas",
-         MOE_F32},
+         MOE_F32,
+         0},
         {{"decode engine off", MOE_BF16, 8, 64, 32, 0, 8, 2, SOFTMAX, 1, 1, 0, L3D, 0, 0, 0, 0.0f},
          0,
          "cublas",
-         MOE_F32},
+         MOE_F32,
+         0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-        run_case_mode(&cases[i].c, cases[i].engine, 1, cases[i].path, cases[i].logits);
+        run_case_mode(&cases[i].c, cases[i].engine, 1, cases[i].path, cases[i].logits,
+                      cases[i].router);
 }
 
 /* ---- the routing permutation alone (moe_permute_cuda vs moe_permute_cpu) ---- */

@@ -324,3 +324,58 @@ Test(kernels_block, rejects_inconsistent_problems)
     cr_expect_eq(moe_backward_cpu(&p), MOE_EINVAL, "expert index out of range");
     ref_block_free(&b);
 }
+
+/* moe_problem.router_w: the forward makes the logits itself (moe_router_logits_cpu's bits) and
+   routes from them, as a forward given those logits does; no backward can follow. */
+Test(kernels_block, forward_makes_the_router_logits_from_router_w)
+{
+    struct ref_block b;
+    struct moe_route_cfg c = sigmoid_cfg(-INFINITY);
+    ref_block_init(&b, &c, MOE_BF16, REF_PTR, T, H, I, IS, 0, 1, 1400);
+    uint64_t seed = 77;
+    const int E = c.E;
+    uint16_t *rw = ref_alloc((size_t)(E * (H + 3)) * 2);
+    for (int64_t i = 0; i < E * (H + 3); i++)
+        ref_put(MOE_BF16, rw, i, ref_uniform(&seed, -1.0, 1.0));
+    float *want_l = ref_alloc((size_t)(T * E) * sizeof(float));
+    cr_assert_eq(moe_router_logits_cpu(T, H, E, MOE_BF16, b.p.x, b.p.x_rs, rw, H + 3, want_l),
+                 MOE_OK);
+    struct moe_problem given = b.p;
+    given.logits = want_l;
+    const size_t ny = (size_t)(T * H) * 2, nk = (size_t)(T * c.K);
+    cr_assert_eq(moe_forward_cpu(&given), MOE_OK);
+    void *want_y = malloc(ny);
+    int32_t *want_idx = malloc(nk * sizeof(int32_t));
+    float *want_w = malloc(nk * sizeof(float));
+    memcpy(want_y, b.yb, ny);
+    memcpy(want_idx, b.idx, nk * sizeof(int32_t));
+    memcpy(want_w, b.w, nk * sizeof(float));
+
+    struct moe_problem own = b.p;
+    float *got_l = ref_alloc((size_t)(T * E) * sizeof(float));
+    own.logits = NULL;
+    own.router_w = rw;
+    own.router_w_rs = H + 3;
+    own.logits_out = got_l;
+    ref_poison(b.yb, ny);
+    ref_poison(b.idx, nk * sizeof(int32_t));
+    ref_poison(b.w, nk * sizeof(float));
+    cr_assert_eq(moe_forward_cpu(&own), MOE_OK);
+    cr_expect_eq(memcmp(got_l, want_l, (size_t)(T * E) * sizeof(float)), 0, "logits differ");
+    cr_expect_eq(memcmp(b.yb, want_y, ny), 0, "y differs");
+    cr_expect_eq(memcmp(b.idx, want_idx, nk * sizeof(int32_t)), 0, "idx differs");
+    cr_expect_eq(memcmp(b.w, want_w, nk * sizeof(float)), 0, "w differs");
+    cr_expect_eq(moe_backward_cpu(&own), MOE_EINVAL, "a backward after router_w");
+    own.logits_out = NULL;
+    cr_expect_eq(moe_forward_cpu(&own), MOE_EINVAL, "router_w without logits_out");
+    own.logits_out = got_l;
+    own.router_w_rs = H - 1;
+    cr_expect_eq(moe_forward_cpu(&own), MOE_EINVAL, "router_w_rs < H");
+    free(rw);
+    free(want_l);
+    free(got_l);
+    free(want_y);
+    free(want_idx);
+    free(want_w);
+    ref_block_free(&b);
+}

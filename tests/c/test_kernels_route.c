@@ -2,7 +2,8 @@
  * tests/c/test_kernels_route.c — routing on the CPU (moe_route_cpu, moe_route_backward_cpu): both
  * recipes on hand-computed cases (ties, group limits, -inf and 0.0 masks, norm, scale, K = 1,
  * K = E, the selection bias of either recipe), argument checks, and the backward against float64
- * central differences.
+ * central differences; the router's own logits (moe_router_logits_cpu) against float64 and in
+ * their documented sum order.
  */
 #include "kernels_ref.h"
 
@@ -555,4 +556,74 @@ Test(kernels_route, backward_softmax_is_accurate_for_a_confident_router)
 Test(kernels_route, backward_sigmoid_is_accurate_for_a_confident_router)
 {
     cr_expect_lt(confident_router_err(MOE_ROUTE_SIGMOID_GROUP), 1e-6);
+}
+
+/* ---- the router's own logits (moe_router_logits_cpu) ---- */
+
+/* x [T, H] · w [E, H]ᵀ of dtype dt with padded rows, against float64 sums of the same values. */
+static void check_router_logits(moe_dtype dt, int64_t T, int64_t H, int E, uint64_t seed)
+{
+    const int64_t xrs = H + 5, wrs = H + 3;
+    const size_t es = moe_dtype_size(dt);
+    void *x = ref_alloc((size_t)(T * xrs) * es), *w = ref_alloc((size_t)((int64_t)E * wrs) * es);
+    for (int64_t i = 0; i < T * xrs; i++)
+        ref_put(dt, x, i, ref_uniform(&seed, -1.0, 1.0));
+    for (int64_t i = 0; i < E * wrs; i++)
+        ref_put(dt, w, i, ref_uniform(&seed, -1.0, 1.0));
+    float *got = ref_alloc((size_t)(T * E) * sizeof(float));
+    cr_assert_eq(moe_router_logits_cpu(T, H, E, dt, x, xrs, w, wrs, got), MOE_OK);
+    double *want = ref_doubles((size_t)(T * E)), *gotd = ref_read(MOE_F32, got, T * E);
+    for (int64_t t = 0; t < T; t++)
+        for (int e = 0; e < E; e++) {
+            double s = 0.0;
+            for (int64_t h = 0; h < H; h++)
+                s += ref_get(dt, x, t * xrs + h) * ref_get(dt, w, e * wrs + h);
+            want[t * E + e] = s;
+        }
+    double err = moe_rel_err(gotd, want, (size_t)(T * E));
+    cr_expect_lt(err, MOE_TOL_F32, "%s T %lld H %lld E %d: rel err %g", ref_dtype_name(dt),
+                 (long long)T, (long long)H, E, err);
+    free(x);
+    free(w);
+    free(got);
+    free(want);
+    free(gotd);
+}
+
+Test(kernels_route, router_logits_match_float64)
+{
+    check_router_logits(MOE_BF16, 5, 2048, 24, 1);
+    check_router_logits(MOE_F16, 3, 203, 7, 2); /* a partial last chunk */
+    check_router_logits(MOE_F32, 1, 1031, 9, 3);
+    check_router_logits(MOE_BF16, 2, 5, 3, 4); /* fewer elements than one chunk */
+}
+
+/* The documented order, where it shows: 2^27 in chunk 0 and -2^27 in chunk 128 share lane 0 and
+   cancel there, so the 1 of chunk 1 (lane 1) survives; a sum in element order loses it. */
+Test(kernels_route, router_logits_sum_in_the_documented_lane_order)
+{
+    const int64_t H = 2 * MOE_ROUTER_LANES * MOE_ROUTER_CHUNK;
+    float x[2 * MOE_ROUTER_LANES * MOE_ROUTER_CHUNK], w[2 * MOE_ROUTER_LANES * MOE_ROUTER_CHUNK];
+    for (int64_t h = 0; h < H; h++)
+        x[h] = w[h] = 0.0f;
+    x[0] = 0x1p27f;
+    x[MOE_ROUTER_CHUNK] = 1.0f;
+    x[MOE_ROUTER_LANES * MOE_ROUTER_CHUNK] = -0x1p27f;
+    w[0] = w[MOE_ROUTER_CHUNK] = w[MOE_ROUTER_LANES * MOE_ROUTER_CHUNK] = 1.0f;
+    float l = -1.0f;
+    cr_assert_eq(moe_router_logits_cpu(1, H, 1, MOE_F32, x, H, w, H, &l), MOE_OK);
+    cr_expect_eq(l, 1.0f, "logit %g", (double)l);
+}
+
+Test(kernels_route, router_logits_reject_bad_arguments)
+{
+    float x[8] = {0}, w[8] = {0}, l[4];
+    cr_expect_eq(moe_router_logits_cpu(-1, 8, 1, MOE_F32, x, 8, w, 8, l), MOE_EINVAL);
+    cr_expect_eq(moe_router_logits_cpu(1, 0, 1, MOE_F32, x, 8, w, 8, l), MOE_EINVAL);
+    cr_expect_eq(moe_router_logits_cpu(1, 8, 0, MOE_F32, x, 8, w, 8, l), MOE_EINVAL);
+    cr_expect_eq(moe_router_logits_cpu(1, 8, 1, (moe_dtype)7, x, 8, w, 8, l), MOE_EINVAL);
+    cr_expect_eq(moe_router_logits_cpu(2, 8, 1, MOE_F32, x, 4, w, 8, l), MOE_EINVAL);
+    cr_expect_eq(moe_router_logits_cpu(1, 8, 1, MOE_F32, x, 8, w, 4, l), MOE_EINVAL);
+    cr_expect_eq(moe_router_logits_cpu(1, 8, 1, MOE_F32, NULL, 8, w, 8, l), MOE_EINVAL);
+    cr_expect_eq(moe_router_logits_cpu(0, 8, 1, MOE_F32, NULL, 8, NULL, 8, NULL), MOE_OK);
 }

@@ -274,10 +274,10 @@ def errors(a, b, floor_max=0.0, floor_fro=0.0):
     return {"max": d.abs().max().item() / (smax or 1.0), "fro": d.norm().item() / (sfro or 1.0)}
 
 
-def compare(run, ref):
-    """Per tensor: normwise errors for float tensors, per-row set equality for index tensors."""
+def compare_outs(outs, ref_outs):
+    """Per output: normwise errors for float tensors, per-row set equality for index tensors."""
     res = {}
-    for i, (a, b) in enumerate(zip(run["outs"], ref["outs"])):
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
         key = "out%d" % i
         if a.dtype.is_floating_point:
             res[key] = errors(a, b)
@@ -285,6 +285,12 @@ def compare(run, ref):
             sa = a.reshape(-1, a.shape[-1]).sort(dim=-1)[0]
             sb = b.reshape(-1, b.shape[-1]).sort(dim=-1)[0]
             res[key] = {"rows_differ": int((sa != sb).any(dim=-1).sum().item())}
+    return res
+
+
+def compare(run, ref):
+    """compare_outs of the outputs, and normwise errors of the gradients."""
+    res = compare_outs(run["outs"], ref["outs"])
     gmax = max(g.abs().max().item() for g in ref["grads"].values())
     gfro = max(g.double().norm().item() for g in ref["grads"].values())
     for n, a in run["grads"].items():
@@ -402,7 +408,26 @@ def run_case(mp, torch, c, tol):
         rec["zero_grad_patched"], rec["zero_grad_params"] = zero_expert_grads(p1, E, zero)
         rec["zero_grad_unpatched"], _ = zero_expert_grads(u, E, zero)
     rec["finite"] = all(bool(torch.isfinite(t).all().item()) for t in p1["outs"] if t.dtype.is_floating_point)
+    if T <= INFER_MAX_T:
+        rec.update(infer_case(torch, block, ref, x, st))
     return rec
+
+
+INFER_MAX_T = 16  # decode sizes: where a no-grad forward of an fp32-logits family makes its own logits
+
+
+def infer_case(torch, block, ref, x, st):
+    """A no-grad forward (the decode path; for bf16 fp32-logits families the kernels make the router
+    logits, glue _own_router) patched, unpatched and in float64: errors of every output, and how many
+    calls made their own logits."""
+    own0 = getattr(st, "own_router_calls", 0)
+    with torch.no_grad():
+        p = [o.detach().clone() for o in flatten(block(x.view(1, *x.shape)))]
+        own = getattr(st, "own_router_calls", 0) - own0
+        u = [o.detach().clone() for o in flatten(type(block).forward(block, x.view(1, *x.shape)))]
+        r = [o.detach().clone() for o in flatten(type(ref).forward(ref, x.double().view(1, *x.shape)))]
+    return {"own_router_calls": own, "infer_vs_unpatched": compare_outs(p, u),
+            "infer_vs_fp64": compare_outs(p, r), "infer_orig_vs_fp64": compare_outs(u, r)}
 
 
 def main(argv):

@@ -213,3 +213,48 @@ def test_expert_without_tokens_gets_zero_gradient(probe, name):
             name, e0, r["zero_grad_unpatched"]))
     assert r["zero_grad_patched"] == 0.0, "%s: expert %d got no token but its gradient reaches %g" % (
         name, e0, r["zero_grad_patched"])
+
+
+# margin cases of decode size: gpu_probe.infer_case runs a no-grad forward of them
+INFER = [n for n in MARGIN if CASES[n]["T"] <= _probe_mod.INFER_MAX_T]
+
+
+@pytest.mark.parametrize("name", INFER)
+def test_no_grad_forward_makes_router_logits_exactly_for_bf16_fp32_logits(probe, name):
+    """A decode-size no-grad call of a bf16 fp32-logits family has the kernels make its router logits
+    (glue _own_router, moe_problem.router_w); every other case keeps the router's own."""
+    r = _patched(probe, name)
+    c = CASES[name]
+    want = 1 if c["family"] in FP32_LOGITS and c["dtype"] == "bf16" else 0
+    assert r["own_router_calls"] == want, (name, r["own_router_calls"])
+
+
+@pytest.mark.parametrize("name", INFER)
+def test_no_grad_forward_matches_float64_and_unpatched(probe, name):
+    """The no-grad forward under the same rules as the training forward's outputs; returned router
+    logits (Bailing's block returns them) within the fp32 tolerance of the original's, made by the
+    kernels or not."""
+    r = _patched(probe, name)
+    tol = _tol(probe, name)
+    bf16 = CASES[name]["dtype"] == "bf16"
+    failures = []
+    for key, e in sorted(r["infer_vs_fp64"].items()):
+        unp, o = r["infer_vs_unpatched"][key], r["infer_orig_vs_fp64"][key]
+        if "rows_differ" in e:
+            if e["rows_differ"] or unp["rows_differ"]:
+                failures.append("%s: expert sets differ on %d rows (fp64), %d (unpatched)"
+                                % (key, e["rows_differ"], unp["rows_differ"]))
+            continue
+        limit = BF16_RULE[0] * o["fro"] + BF16_RULE[1] if bf16 else max(tol, 1.5 * o["fro"] + tol / 10)
+        if o["fro"] < tol:
+            limit = min(tol, limit)
+        if not e["fro"] < limit:
+            failures.append("%s vs float64: rel err %.3g > %.3g; original block %.3g"
+                            % (key, e["fro"], limit, o["fro"]))
+        logits = key != "out0"
+        limit_u = _probe_mod.tolerances()["fp32"] if logits else 2 * tol
+        if o["fro"] >= tol and not logits:
+            limit_u = max(limit_u, e["fro"] + o["fro"] + tol / 10)
+        if not unp["fro"] < limit_u:
+            failures.append("%s vs unpatched: rel err %.3g > %.3g" % (key, unp["fro"], limit_u))
+    assert not failures, "%s, no-grad forward:\n  %s" % (name, _fmt(failures))
