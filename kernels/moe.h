@@ -109,7 +109,8 @@ struct moe_problem {
     const float *logits;    /* [T, E] fp32 router logits (logits_dtype) */
     moe_dtype logits_dtype; /* MOE_F32; CUDA with infer set: MOE_BF16 or MOE_F16 too (the
                                pointer is then of that type) */
-    const float *bias;      /* [E] fp32 selection bias (both recipes, see moe_recipe), or NULL */
+    const void *bias;       /* [E] selection bias (both recipes, see moe_recipe), or NULL */
+    moe_dtype bias_dtype;   /* MOE_F32; CUDA: MOE_BF16 or MOE_F16 too (widened exactly) */
     /* The router's fp32 logits made here (the families whose gate is x.float() @ W.float()ᵀ):
        with router_w set, the forward first writes logits_out = x · router_wᵀ
        (moe_router_logits_cpu's sum order, the same bits on both backends; not torch's order, so the
@@ -126,6 +127,7 @@ struct moe_problem {
     /* forward outputs (backward reads idx and w) */
     void *y;         /* [T, H] dtype */
     int32_t *idx;    /* [T, K] */
+    int64_t *idx64;  /* [T, K] idx as int64 too (what torch's topk gives), or NULL */
     float *w;        /* [T, K] fp32 routing weights */
     int64_t *counts; /* [E] slots routed to each expert by this call, on the tensors' device;
                         optional (the load telemetry of aux-loss-free balancing reads it) */

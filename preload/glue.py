@@ -618,7 +618,12 @@ def _make_function(torch):
                   "y": y.data_ptr(), "idx": idx.data_ptr(), "w": w.data_ptr(),
                   "experts": experts}
             if bias is not None:
-                io["bias"] = bias.data_ptr()
+                io["bias"], io["bias_dtype"] = bias.data_ptr(), _DTYPES[str(bias.dtype)]
+            # the families returning (logits, topk idx) get torch's int64 indices from the kernels
+            idx64 = (torch.empty((T, K), dtype=torch.int64, device=dev) if plan.spec["ret"] == 2
+                     else None)
+            if idx64 is not None:
+                io["idx64"] = idx64.data_ptr()
             if plan.router_w is not None:
                 io["router_w"], io["router_w_rs"] = plan.router_w.data_ptr(), plan.router_w.stride(0)
                 io["logits_out"] = logits.data_ptr()
@@ -645,10 +650,11 @@ def _make_function(torch):
             plan.keep = []  # cast copies: made again in backward
             ctx.plan, ctx.io_saved, ctx.counts = plan, saved, counts
             ctx.save_for_backward(x, logits, bias, shared_gate, idx, w, *weights)
-            ctx.mark_non_differentiable(idx)
+            idx_out = idx if idx64 is None else idx64
+            ctx.mark_non_differentiable(idx_out)
             # no zeros made for idx's gradient in backward (a [T, K] fill per call)
             ctx.set_materialize_grads(False)
-            return y, idx
+            return y, idx_out
 
         @staticmethod
         def backward(ctx, dy, _didx):
@@ -672,7 +678,7 @@ def _make_function(torch):
                   "dy": dy.data_ptr(), "dx": dx.data_ptr(), "dlogits": dlogits.data_ptr(),
                   "experts": experts, "d_experts": d_experts}
             if bias is not None:
-                io["bias"] = bias.data_ptr()
+                io["bias"], io["bias_dtype"] = bias.data_ptr(), _DTYPES[str(bias.dtype)]
             if plan.shared:
                 io["shared"] = plan.shared_mlp(shared)
                 io["d_shared"] = plan.shared_mlp(d_shared)
@@ -902,7 +908,11 @@ def _fused(block, st, hidden_states):
         native = getattr(block if spec["bias_on_block"] else plan.router, spec["bias"])
     bias = None
     if native is not None:
-        bias = native.detach().float().contiguous()
+        bias = native.detach()
+        # CUDA reads a bf16/fp16 bias as it is (moe_problem.bias_dtype: one cast kernel less a call)
+        if not (plan.cuda and _bal is None and bias.dtype in (torch.bfloat16, torch.float16)
+                and bias.is_contiguous()):
+            bias = bias.float().contiguous()
     if _bal is not None:  # auxfree: the selection bias, and counts when this forward counts
         bias = _bal.selection_bias(block, x, bias)
         plan.counts = _bal.counts_for(block, x)

@@ -156,6 +156,8 @@ static int parse_io(PyObject *io, struct moe_problem *p)
     p->x_rs = get_i64(io, "x_rs");
     p->logits = get_ptr(io, "logits");
     p->bias = get_ptr(io, "bias");
+    p->bias_dtype = (moe_dtype)get_i64(io, "bias_dtype");
+    p->idx64 = get_ptr(io, "idx64");
     p->router_w = get_ptr(io, "router_w");
     p->router_w_rs = get_i64(io, "router_w_rs");
     p->logits_out = get_ptr(io, "logits_out");

@@ -30,6 +30,8 @@ static int problem_valid(const struct moe_problem *p, int backward)
         return 0;
     if (p->T > 0 && (!p->x || !p->idx || !p->w || (p->T > 1 && p->x_rs < p->H)))
         return 0;
+    if (p->bias && p->bias_dtype != MOE_F32) /* others: CUDA only */
+        return 0;
     if (p->router_w) /* the forward makes the logits (moe_problem.router_w): no backward follows */
         return !backward && (p->T == 0 || p->logits_out) && p->router_w_rs >= p->H &&
                (p->T == 0 || p->y);
@@ -144,6 +146,8 @@ int moe_forward_cpu(struct moe_problem *p)
     int rc = moe_route_cpu(&p->route, T, logits, p->bias, p->idx, p->w);
     if (rc != MOE_OK)
         return rc;
+    for (int64_t i = 0; p->idx64 && i < TK; i++)
+        p->idx64[i] = p->idx[i];
     struct groups g;
     if ((rc = groups_build(&g, p)) != MOE_OK)
         return rc;

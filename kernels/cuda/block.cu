@@ -584,6 +584,8 @@ static int problem_ok(const struct moe_problem *p)
     MOE_REQUIRE(p->logits_dtype == MOE_F32 ||
                     (p->infer && (p->logits_dtype == MOE_BF16 || p->logits_dtype == MOE_F16)),
                 MOE_EINVAL);
+    MOE_REQUIRE(p->bias_dtype == MOE_F32 || p->bias_dtype == MOE_BF16 || p->bias_dtype == MOE_F16,
+                MOE_EINVAL);
     MOE_REQUIRE(p->counts_host && p->saved, MOE_EINVAL);
     MOE_REQUIRE(p->T == 0 || (p->x && (p->logits || p->router_w) && p->idx && p->w), MOE_EINVAL);
     /* logits made here (moe_problem.router_w): no backward, which would read them, follows */
@@ -653,7 +655,8 @@ static int forward(struct moe_problem *p, cudaStream_t st)
         logits = p->logits_out;
         ldt = MOE_F32;
     }
-    MOE_TRY(moe__route_cuda(&p->route, T, logits, ldt, p->bias, p->idx, p->w, st));
+    MOE_TRY(moe__route_cuda(&p->route, T, logits, ldt, p->bias, p->bias_dtype, p->idx, p->idx64,
+                            p->w, st));
     /* the decode GEMVs need no sort; the per-expert counts, when asked for, come from it */
     const int decode = fwd_decode(p);
     if (!decode || p->counts)

@@ -228,9 +228,11 @@ int moe__gemv_ok(const struct moe__gemv *g);
 int moe__gemv_cuda(const struct moe__gemv *g);
 
 /* ---- routing (route.cu) ---- */
-/* logits of dtype ldt (widened to fp32 exactly) */
+/* logits of dtype ldt and the bias of dtype bdt (widened to fp32 exactly); idx64 NULL or [T, K]:
+   idx as int64 too */
 int moe__route_cuda(const struct moe_route_cfg *c, int64_t T, const void *logits, moe_dtype ldt,
-                    const float *bias, int32_t *idx, float *w, cudaStream_t st);
+                    const void *bias, moe_dtype bdt, int32_t *idx, int64_t *idx64, float *w,
+                    cudaStream_t st);
 /* logits [T, E] = x [T, H] · w [E, H]ᵀ in fp32, in moe_router_logits_cpu's sum order (its bits) */
 int moe__router_logits_cuda(int64_t T, int64_t H, int E, moe_dtype dt, const void *x, int64_t x_rs,
                             const void *w, int64_t w_rs, float *logits, cudaStream_t st);

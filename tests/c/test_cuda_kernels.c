@@ -312,6 +312,7 @@ struct gpu_out { /* everything the GPU writes, downloaded */
     void *y, *dx, *dsg;
     int32_t *idx;
     float *w, *dlogits, *logits;
+    int64_t *idx64;
     void *dexp[3], *dsh[3];
 };
 
@@ -425,6 +426,14 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
         fill(dt, rw.h, (size_t)(E * rrs), 2.0f / sqrtf((float)H));
         pair_up(&rw);
     }
+    /* router cases: the GPU reads the bias in the block's dtype (moe_problem.bias_dtype), the CPU
+       its exact fp32 values, and the GPU writes idx as int64 too */
+    struct pair biasn = pair_new(es * (size_t)E), idx64 = pair_new(8 * (size_t)(T * K));
+    for (int e = 0; router && e < E; e++) {
+        set_elem(dt, biasn.h, (size_t)e, b[e]);
+        b[e] = (float)elem(dt, biasn.h, (size_t)e);
+    }
+    pair_up(&biasn);
     pair_up(&bias);
     pair_up(&sg);
 
@@ -504,7 +513,9 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     pg.router_w = router ? rw.d : NULL;
     pg.logits_out = router ? lo.d : NULL;
     pg.logits_dtype = ldt;
-    pg.bias = pc.bias ? bias.d : NULL;
+    pg.bias = pc.bias ? (router ? biasn.d : bias.d) : NULL;
+    pg.bias_dtype = router ? dt : MOE_F32;
+    pg.idx64 = router ? idx64.d : NULL;
     pg.experts = ex.gpu;
     pg.shared = shared ? sh.gpu : (struct moe_mlp){0};
     pg.shared_gate = c->gated ? sg.d : NULL;
@@ -529,7 +540,7 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     struct gpu_out run[2];
     memset(run, 0, sizeof run);
     for (int r = 0; r < 2; r++) {
-        struct pair *outs[] = {&y, &dx, &idx, &w, &dl, &dsg, &lo};
+        struct pair *outs[] = {&y, &dx, &idx, &w, &dl, &dsg, &lo, &idx64};
         for (size_t j = 0; j < sizeof outs / sizeof *outs; j++)
             CK(cudaMemset(outs[j]->d, 0xff, outs[j]->bytes));
         CK(cudaMemset(pg.saved, 0xff, sb ? sb : 1));
@@ -572,6 +583,8 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
         o->dsg = malloc(dsg.bytes + 1);
         o->logits = malloc(lo.bytes + 1);
         CK(cudaMemcpy(o->logits, lo.d, lo.bytes, cudaMemcpyDeviceToHost));
+        o->idx64 = malloc(idx64.bytes + 1);
+        CK(cudaMemcpy(o->idx64, idx64.d, idx64.bytes, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(o->y, y.d, y.bytes, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(o->dx, dx.d, dx.bytes, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(o->idx, idx.d, idx.bytes, cudaMemcpyDeviceToHost));
@@ -606,6 +619,10 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     for (int64_t i = 0; i < T * K; i++)
         idx_bad += o->idx[i] != idx_c[i];
     cr_expect_eq(idx_bad, 0, "%s: %d routing choices differ", c->name, idx_bad);
+    int idx64_bad = 0;
+    for (int64_t i = 0; router && i < T * K; i++)
+        idx64_bad += o->idx64[i] != o->idx[i];
+    cr_expect_eq(idx64_bad, 0, "%s: %d of idx64 differ from idx", c->name, idx64_bad);
     if (router)
         expect_router_logits(c, o->logits, lo.h, x.h, xrs, rw.h, rrs);
     expect_close(c, "y", dt, o->y, y_c, (size_t)(T * H));
@@ -641,6 +658,7 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
         free(run[r].dlogits);
         free(run[r].dsg);
         free(run[r].logits);
+        free(run[r].idx64);
         for (int j = 0; j < 3; j++) {
             free(run[r].dexp[j]);
             free(run[r].dsh[j]);
@@ -656,7 +674,8 @@ static void run_case_mode(const struct tcase *c, int engine, int infer, const ch
     free(w_c);
     free(dl_c);
     free(dsg_c);
-    struct pair *ps[] = {&x, &dy, &lg, &lgn, &bias, &sg, &y, &dx, &idx, &w, &dl, &dsg, &rw, &lo};
+    struct pair *ps[] = {&x,   &dy, &lg, &lgn, &bias, &sg, &y,     &dx,
+                         &idx, &w,  &dl, &dsg, &rw,   &lo, &biasn, &idx64};
     for (size_t j = 0; j < sizeof ps / sizeof *ps; j++)
         pair_free(ps[j]);
     mlp_free(&ex);
@@ -750,6 +769,25 @@ Test(cuda_kernels, ties_go_to_the_lower_index)
                              0, 1, 0, 0.0f});
     run_case(&(struct tcase){"ties sigmoid groups", MOE_F32, 64, 64, 32, 0, 16, 4, SIGMOID, 4, 2, 0,
                              L3D, 0, 1, 0, 0.0f});
+}
+
+/* The routing kernel's paths: in registers (E <= 512) with the group limit on groups of 32, 64 and
+   128 experts (one, two and four registers a lane), ties among them, a decode call; in shared
+   memory for groups of 96 (not a power of two of registers) and for E > 512 (repeated warp
+   arg-max). The routing must be the CPU's bit for bit. */
+Test(cuda_kernels, routing_paths_match_cpu, .timeout = 60)
+{
+    run_case(&(struct tcase){"groups of 32 fp32", MOE_F32, 40, 64, 32, 0, 256, 8, SIGMOID, 8, 4, 0,
+                             L3D, 0, 0, 0, 0.0f});
+    run_case(&(struct tcase){"groups of 128 ties", MOE_F32, 33, 64, 32, 0, 512, 8, SIGMOID, 4, 2, 0,
+                             L3D, 0, 1, 0, 0.0f});
+    run_case(&(struct tcase){"groups of 96 bf16", MOE_BF16, 17, 64, 32, 0, 384, 6, SIGMOID, 4, 3, 0,
+                             L3D, 0, 0, 0, 0.0f});
+    run_case(&(struct tcase){"E=600 softmax", MOE_F32, 5, 64, 32, 0, 600, 4, SOFTMAX, 1, 1, 0, L3D,
+                             0, 0, 0, 0.0f});
+    run_case_mode(&(struct tcase){"groups of 64 decode ties", MOE_BF16, 8, 64, 32, 0, 128, 4,
+                                  SIGMOID, 2, 1, 0, L3D, 0, 1, 0, 0.0f},
+                  1, 1, "decode", MOE_F32, 0);
 }
 
 Test(cuda_kernels, modulelist_pointer_arrays_match_cpu)

@@ -326,7 +326,8 @@ Test(kernels_block, rejects_inconsistent_problems)
 }
 
 /* moe_problem.router_w: the forward makes the logits itself (moe_router_logits_cpu's bits) and
-   routes from them, as a forward given those logits does; no backward can follow. */
+   routes from them, as a forward given those logits does; no backward can follow. idx64 gets idx
+   as int64; a bias other than fp32 is CUDA's only. */
 Test(kernels_block, forward_makes_the_router_logits_from_router_w)
 {
     struct ref_block b;
@@ -360,7 +361,12 @@ Test(kernels_block, forward_makes_the_router_logits_from_router_w)
     ref_poison(b.yb, ny);
     ref_poison(b.idx, nk * sizeof(int32_t));
     ref_poison(b.w, nk * sizeof(float));
+    int64_t idx64[T * 8];
+    ref_poison(idx64, sizeof idx64);
+    own.idx64 = idx64; /* idx as int64 too */
     cr_assert_eq(moe_forward_cpu(&own), MOE_OK);
+    for (size_t i = 0; i < nk; i++)
+        cr_expect_eq(idx64[i], b.idx[i], "idx64[%zu]", i);
     cr_expect_eq(memcmp(got_l, want_l, (size_t)(T * E) * sizeof(float)), 0, "logits differ");
     cr_expect_eq(memcmp(b.yb, want_y, ny), 0, "y differs");
     cr_expect_eq(memcmp(b.idx, want_idx, nk * sizeof(int32_t)), 0, "idx differs");
@@ -371,6 +377,9 @@ Test(kernels_block, forward_makes_the_router_logits_from_router_w)
     own.logits_out = got_l;
     own.router_w_rs = H - 1;
     cr_expect_eq(moe_forward_cpu(&own), MOE_EINVAL, "router_w_rs < H");
+    own.router_w_rs = H + 3;
+    own.bias_dtype = MOE_BF16; /* a narrow bias: CUDA only */
+    cr_expect_eq(moe_forward_cpu(&own), MOE_EINVAL, "a bf16 bias on the CPU");
     free(rw);
     free(want_l);
     free(got_l);
