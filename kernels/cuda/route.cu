@@ -119,7 +119,7 @@ static __device__ void route_scores(const struct moe_route_cfg &c, float *val, i
     }
 }
 
-#define ROUTE_REG 16 /* scores per lane in registers: E <= 512 routes there (reg_route) */
+#define ROUTE_REG 16 /* selection scores per lane in registers: E <= 512 takes reg_topk */
 
 /* Order-preserving map of a float to an unsigned key (-0 made +0 first, as == compares). */
 static __device__ __forceinline__ unsigned ordered_key(float v)
@@ -128,191 +128,37 @@ static __device__ __forceinline__ unsigned ordered_key(float v)
     return u & 0x80000000u ? ~u : u | 0x80000000u;
 }
 
-/* An entry as one key: the score's ordered key above, the complement of its expert below, so that
-   the largest key is the best score and, among equal scores, the lowest expert (moe.h's tie
-   rule). Never 0 (the key of no entry): an ordered key is at least that of -inf. */
-static __device__ __forceinline__ uint64_t entry_key(float v, int e)
-{
-    return (uint64_t)ordered_key(v) << 32 | (uint32_t) ~(uint32_t)e;
-}
-
-/* The largest live key (0: none): a 4-level tree, written out so that every index is a constant and
-   the keys stay in registers. */
-static __device__ __forceinline__ uint64_t live_max(const uint64_t (&key)[ROUTE_REG], unsigned live)
-{
-    static_assert(ROUTE_REG == 16, "the tree's levels");
-    uint64_t m[8];
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const uint64_t a = live >> j & 1u ? key[j] : 0, b = live >> (j + 8) & 1u ? key[j + 8] : 0;
-        m[j] = a > b ? a : b;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-        m[j] = m[j] > m[j + 4] ? m[j] : m[j + 4];
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-        m[j] = m[j] > m[j + 2] ? m[j] : m[j + 2];
-    return m[0] > m[1] ? m[0] : m[1];
-}
-
-/* K rounds of an arg-max over the live entries of v (lane l holds experts l + 32 j), each choice
-   then dead: a round is two warp reductions of each lane's best entry (its score's key, then the
-   lowest expert with that key), and only the winning lane finds its next best. idx[k] (idx64[k]
-   too, if any) and wk[k] = val[e] (the scores, in shared memory) get the K slots in order,
-   written by the winning lane. */
+/* warp_argmax K times over v (E <= 32 · ROUTE_REG: lane l holds experts l, l + 32, ...; the live
+   bits say which are left), with the scores in registers: a round is a lane-local scan and two
+   warp reductions (the best key, then the lowest expert holding it) instead of five shuffle rounds
+   over shared memory. The same choice: the best score, the lower index on ties. idx[k] (idx64[k]
+   too, if any) and wk[k] = val[idx[k]] get the K slots. */
 static __device__ __forceinline__ void reg_topk(const float (&v)[ROUTE_REG], unsigned live, int K,
                                                 int lane, const float *val, int32_t *idx,
                                                 int64_t *idx64, float *wk)
 {
-    uint64_t key[ROUTE_REG];
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j++)
-        key[j] = entry_key(v[j], lane + 32 * j);
-    uint64_t best = live_max(key, live);
     for (int k = 0; k < K; k++) {
-        const unsigned hi = (unsigned)(best >> 32);
-        const unsigned top = __reduce_max_sync(0xffffffffu, hi);
-        const int e = (int)~__reduce_max_sync(0xffffffffu, hi == top ? (unsigned)best : 0u);
-        if (lane == e % 32) {
+        float bv = 0.f;
+        int bj = -1;
+#pragma unroll
+        for (int j = 0; j < ROUTE_REG; j++)
+            if ((live >> j & 1u) && (bj < 0 || v[j] > bv)) {
+                bv = v[j];
+                bj = j;
+            }
+        const unsigned key = bj < 0 ? 0u : ordered_key(bv);
+        const unsigned top = __reduce_max_sync(0xffffffffu, key);
+        const int e = (int)__reduce_min_sync(
+            0xffffffffu, bj >= 0 && key == top ? (unsigned)(lane + 32 * bj) : 0xffffffffu);
+        if (lane == e % 32)
             live &= ~(1u << (e / 32));
-            best = live_max(key, live);
-            wk[k] = val[e];
+        if (lane == 0) {
             idx[k] = e;
             if (idx64)
                 idx64[k] = e;
+            wk[k] = val[e];
         }
     }
-}
-
-/* (a1 >= a2) := the two largest of {a1, a2, b1, b2} (b1 >= b2) */
-static __device__ __forceinline__ void top2_merge(float &a1, float &a2, float b1, float b2)
-{
-    const float lo = fminf(a1, b1);
-    a1 = fmaxf(a1, b1);
-    a2 = fmaxf(lo, fmaxf(a2, b2));
-}
-
-/* 1: reg_route routes tokens of c: E <= 32 ROUTE_REG, and a group limit, if any, on groups that
-   fill whole registers, a power of two of them each (E / n_group = 32 · 2^i). */
-static __host__ __device__ inline bool reg_route_ok(const struct moe_route_cfg &c)
-{
-    if (c.E > 32 * ROUTE_REG)
-        return false;
-    if (c.recipe != MOE_ROUTE_SIGMOID_GROUP || c.n_group <= 1 || c.topk_group >= c.n_group)
-        return true;
-    const int gs = c.E / c.n_group, per = gs / 32;
-    return gs % 32 == 0 && (per & (per - 1)) == 0;
-}
-
-/* The group limit on v in registers (reg_route_ok): each group's top two (its per = E / G / 32
-   registers merged pairwise, then across the warp), their sums, the topk_group best groups (lower
-   group on ties), the rest masked. Every lane holds every group's score, so each chooses alone. */
-static __device__ __forceinline__ void reg_group_limit(const struct moe_route_cfg &c,
-                                                       float (&v)[ROUTE_REG])
-{
-    const int G = c.n_group, per = c.E / G / 32;
-    float a1[ROUTE_REG], a2[ROUTE_REG];
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j++) {
-        a1[j] = v[j];
-        a2[j] = -INFINITY;
-    }
-    /* aligned runs of per registers (written out: constant indices keep a1, a2 in registers) */
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j += 2)
-        if (per > 1)
-            top2_merge(a1[j], a2[j], a1[j + 1], a2[j + 1]);
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j += 4)
-        if (per > 2)
-            top2_merge(a1[j], a2[j], a1[j + 2], a2[j + 2]);
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j += 8)
-        if (per > 4)
-            top2_merge(a1[j], a2[j], a1[j + 4], a2[j + 4]);
-    if (per > 8)
-        top2_merge(a1[0], a2[0], a1[8], a2[8]);
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j++)
-        if (j % per == 0 && j < G * per)
-            for (int o = 16; o > 0; o >>= 1) {
-                const float b1 = __shfl_xor_sync(0xffffffffu, a1[j], o);
-                const float b2 = __shfl_xor_sync(0xffffffffu, a2[j], o);
-                top2_merge(a1[j], a2[j], b1, b2);
-            }
-    unsigned kept = 0; /* bits of the kept groups' first registers */
-    for (int r = 0; r < c.topk_group; r++) {
-        int bj = -1;
-        float bv = 0.f;
-#pragma unroll
-        for (int j = 0; j < ROUTE_REG; j++)
-            if (j % per == 0 && j < G * per && !(kept >> j & 1u)) {
-                const float g = a1[j] + a2[j];
-                if (bj < 0 || g > bv) {
-                    bj = j;
-                    bv = g;
-                }
-            }
-        kept |= 1u << bj;
-    }
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j++)
-        if (!(kept >> (j - j % per) & 1u))
-            v[j] = c.mask_value;
-}
-
-/* One token routed in registers (reg_route_ok): scores, selection values, the group limit, the
-   top-K, with the shared-memory path's arithmetic in its order (the same bits). */
-template <typename L>
-static __device__ __forceinline__ void
-reg_route(const struct moe_route_cfg &c, const L *__restrict__ lg, const void *bias, moe_dtype bdt,
-          int lane, float *val, int32_t *idx, int64_t *idx64, float *wk)
-{
-    const int E = c.E;
-    float s[ROUTE_REG], v[ROUTE_REG];
-    unsigned live = 0;
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j++) {
-        const int e = lane + 32 * j;
-        s[j] = e < E ? moe__to_f(__ldg(lg + e)) : 0.f;
-        v[j] = e < E && bias ? bias_at(bias, bdt, e) : 0.f;
-        live |= (e < E ? 1u : 0u) << j;
-    }
-    if (c.recipe == MOE_ROUTE_SOFTMAX_TOPK) {
-        float m = -INFINITY, z = 0.f;
-#pragma unroll
-        for (int j = 0; j < ROUTE_REG; j++)
-            if (live >> j & 1u)
-                m = fmaxf(m, s[j]);
-        m = warp_max(m);
-#pragma unroll
-        for (int j = 0; j < ROUTE_REG; j++)
-            if (live >> j & 1u) {
-                s[j] = expf(s[j] - m);
-                z += s[j];
-            }
-        z = warp_sum(z);
-#pragma unroll
-        for (int j = 0; j < ROUTE_REG; j++)
-            if (live >> j & 1u)
-                s[j] = s[j] / z;
-    } else {
-#pragma unroll
-        for (int j = 0; j < ROUTE_REG; j++)
-            if (live >> j & 1u)
-                s[j] = 1.f / (1.f + expf(-s[j]));
-    }
-#pragma unroll
-    for (int j = 0; j < ROUTE_REG; j++) {
-        v[j] = bias ? s[j] + v[j] : s[j];
-        if (live >> j & 1u)
-            val[lane + 32 * j] = s[j]; /* where the chosen scores are read from */
-    }
-    if (c.recipe == MOE_ROUTE_SIGMOID_GROUP && c.n_group > 1 && c.topk_group < c.n_group)
-        reg_group_limit(c, v);
-    __syncwarp();
-    reg_topk(v, live, c.K, lane, val, idx, idx64, wk);
 }
 
 /* Shared memory words per warp: val[E], sel[E], taken[E], gscore[G], gtaken[G], wk[K]. */
@@ -321,8 +167,8 @@ static size_t route_words(const struct moe_route_cfg *c)
     return 3 * (size_t)c->E + 2 * (size_t)c->n_group + (size_t)c->K;
 }
 
-/* The shared-memory path (reg_route_ok false): the group limit on groups of any size, top-K over
-   E > 512 by repeated warp arg-max. */
+/* One token: scores and selection values in shared memory, the group limit, the top-K (in
+   registers for E <= 512, else by repeated warp arg-max). */
 template <typename L>
 static __device__ void smem_route(const struct moe_route_cfg &c, const L *__restrict__ lg,
                                   const void *bias, moe_dtype bdt, int lane, float *val,
@@ -413,10 +259,7 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const L *
     float *val = smem + (size_t)warp * words;
     float *wk = val + 3 * E + 2 * c.n_group; /* [K] the chosen experts' scores, in slot order */
     int64_t *ik64 = idx64 ? idx64 + t * K : NULL;
-    if (reg_route_ok(c))
-        reg_route(c, logits + t * E, bias, bdt, lane, val, idx + t * K, ik64, wk);
-    else
-        smem_route(c, logits + t * E, bias, bdt, lane, val, idx + t * K, ik64, wk);
+    smem_route(c, logits + t * E, bias, bdt, lane, val, idx + t * K, ik64, wk);
     __syncwarp();
     float sum = 0.f;
     for (int k = 0; k < K; k++)

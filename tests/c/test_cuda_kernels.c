@@ -771,10 +771,10 @@ Test(cuda_kernels, ties_go_to_the_lower_index)
                              L3D, 0, 1, 0, 0.0f});
 }
 
-/* The routing kernel's paths: in registers (E <= 512) with the group limit on groups of 32, 64 and
-   128 experts (one, two and four registers a lane), ties among them, a decode call; in shared
-   memory for groups of 96 (not a power of two of registers) and for E > 512 (repeated warp
-   arg-max). The routing must be the CPU's bit for bit. */
+/* Routing shapes that earlier cases miss: the group limit on groups of 32, 64, 96 and 128 experts
+   (Ring's and DeepSeek-V3's 8 groups of 32 among them), ties among them, E > 512 (top-K by
+   repeated warp arg-max instead of in registers), a decode call. The routing must be the CPU's
+   bit for bit. */
 Test(cuda_kernels, routing_paths_match_cpu, .timeout = 60)
 {
     run_case(&(struct tcase){"groups of 32 fp32", MOE_F32, 40, 64, 32, 0, 256, 8, SIGMOID, 8, 4, 0,
