@@ -756,8 +756,8 @@ def _router_logits(torch, plan, x, block_bias):
 _OWN_ROUTER_MAX_T = 16  # decode sizes: above them torch's GEMM is the faster way
 
 
-def _own_router(torch, plan, x, x_in, amp):
-    """The router weight when the CUDA forward makes the fp32 logits itself (moe_problem.router_w:
+def _own_router(torch, plan, w, x, x_in, amp):
+    """The router weight w (detached) when the CUDA forward makes the fp32 logits itself (moe_problem.router_w:
     one kernel in place of torch's casts of x and the weight and its fp32 GEMM, which at decode
     sizes cost more than the routed experts' weights take to read), else None. Only for no-grad
     calls of families whose gate is x.float() @ W.float()ᵀ with nobody watching the router, at
@@ -767,7 +767,6 @@ def _own_router(torch, plan, x, x_in, amp):
     if not (plan.infer and plan.cuda and plan.spec["logits_fp32"] and amp is None
             and _opts.get("fast_router", True) and x.shape[0] <= _OWN_ROUTER_MAX_T):
         return None
-    w = getattr(plan.router, "weight", None)
     ok = (isinstance(w, torch.Tensor) and w.dim() == 2 and tuple(w.shape) == (plan.E, plan.H)
           and w.dtype == x.dtype == x_in.dtype and x.dtype in (torch.bfloat16, torch.float16)
           and w.device == x.device and w.stride(1) == 1 and not _has_hooks(torch, plan.router))
@@ -924,7 +923,7 @@ def _fused(block, st, hidden_states):
     w_r = getattr(plan.router, "weight", None)
     plan.infer = not torch.is_grad_enabled() or not any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in (x, w_r, *rest))
-    plan.router_w = _own_router(torch, plan, x, x_in, amp)
+    plan.router_w = _own_router(torch, plan, w_r, x, x_in, amp)
     if plan.router_w is not None:  # the forward writes them (moe_problem.router_w)
         logits = torch.empty((x.shape[0], spec["E"]), dtype=torch.float32, device=x.device)
     else:
@@ -951,7 +950,8 @@ def _fused(block, st, hidden_states):
     if ret == 1:
         return y, logits
     lead = tuple(shape[:-1])
-    return y, (logits.view(*lead, spec["E"]), idx.long().view(*lead, spec["K"]))
+    # idx is int64 here: the kernels write it so for these families (moe_problem.idx64)
+    return y, (logits.view(*lead, spec["E"]), idx.view(*lead, spec["K"]))
 
 
 def _first_tensor(out):
