@@ -4,7 +4,7 @@
 #                   (stage 2, loaded only inside Python), build/libmoepatch_cuda.so (if nvcc exists)
 #   make test       C unit tests (Criterion) + Python integration tests under LD_PRELOAD (CPU)
 #   make deps       install the Debian packages the build and the tests need (root)
-#   DEBUG=1 ASAN=1 CUDA_HOME=... NVCC_GENCODE=... PYTHON=...
+#   DEBUG=1 ASAN=1 CUDA_HOME=... NVCC_GENCODE=... NVCC_DEFS=... PYTHON=...
 
 CC          ?= gcc
 CUDA_HOME   ?= /usr/local/cuda
@@ -85,7 +85,7 @@ $(BUILD)/libmoepatch_py.so: $(STAGE2_OBJ) $(KERNEL_OBJ) preload/stage2.map
 
 # CUDA backend: dlopened on the first CUDA tensor. Links cudart/cuBLAS by soname, so the copies torch
 # already loaded are the ones used.
-NVCCFLAGS ?= -O3 -std=c++17 $(NVCC_GENCODE) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -lineinfo
+NVCCFLAGS ?= -O3 -std=c++17 $(NVCC_GENCODE) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -lineinfo $(NVCC_DEFS)
 # ptxas reports (C7515, C7520) when it serializes a kernel's wgmma pipeline, a silent 1.5-2x
 # slowdown: fail.
 $(BUILD)/obj/%.o: %.cu
