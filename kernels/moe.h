@@ -284,6 +284,11 @@ MOE_API size_t moe_permute_scratch_bytes_cuda(int64_t T, int K, int E);
 MOE_API int moe_permute_cuda(int64_t T, int K, int E, const int32_t *idx, int64_t *counts,
                              int64_t *offsets, int32_t *perm, int32_t *inv, void *scratch,
                              void *stream);
+/* moe_route_cpu on the device (device pointers, fp32 logits and bias, on stream): the same idx, w
+   within fp32 rounding (the softmax sums in another order), the same bits whichever kernel the
+   call's T picks (a block per token at decode sizes, else a warp per token). */
+MOE_API int moe_route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
+                           const float *bias, int32_t *idx, float *w, void *stream);
 /* The calling thread's last CUDA-backend failure: "file:line: statement: detail (error)". */
 MOE_API const char *moe_last_error_cuda(void);
 /* Which kernels moe_forward_cuda would run p's routed experts on: "decode" (GEMVs, p->infer;

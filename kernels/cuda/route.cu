@@ -269,6 +269,190 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const L *
         w[t * K + k] = c.norm ? wk[k] / denom * c.scale : wk[k] * c.scale;
 }
 
+/* ---- decode sizes: a block per token, a thread per expert ----
+   At T <= RB_T_MAX the warp kernel's chain of dependent shared-memory passes is the whole cost.
+   Here every expert's score is computed at once; the softmax sum, group scores, group choice and
+   top-K follow the warp kernel's orders and tie rules, so a token gets the same bits from either
+   kernel: the sum as lane l's experts l, l + 32, ... in order, then the warp butterfly; a group's
+   score the top-2 of its multiset (max and min are exact); every choice the best value, the lower
+   index on ties. The top-K: each warp its own best min(K, 32) (two warp reductions a round), then
+   warp 0 merges the warps' sorted lists head by head. */
+#define RB_T_MAX 256
+#define RB_MAX_E 1024
+#define RB_MAX_K 32
+#define RB_WARPS (RB_MAX_E / 32)
+
+/* whether route_block_kernel takes c: group limits over whole runs of lanes (a group inside a
+   warp, or whole warps per group), at most one warp of groups */
+static int route_block_ok(const struct moe_route_cfg *c)
+{
+    if (c->E > RB_MAX_E || c->K > RB_MAX_K)
+        return 0;
+    if (c->recipe != MOE_ROUTE_SIGMOID_GROUP || c->n_group <= 1 || c->topk_group >= c->n_group)
+        return 1;
+    const int gs = c->E / c->n_group;
+    return c->n_group <= 32 && (gs % 32 == 0 || 32 % gs == 0);
+}
+
+/* the top-2 pair (b1 >= b2) of a multiset, merged with another's: exact */
+static __device__ __forceinline__ void pair_merge(float &b1, float &b2, float o1, float o2)
+{
+    const float lo = fminf(b1, o1);
+    b1 = fmaxf(b1, o1);
+    b2 = fmaxf(lo, fmaxf(b2, o2));
+}
+
+/* the best of the lanes' (key, index) candidates, those with ok: the highest key, then the
+   lowest index; index INT_MAX when no lane has one */
+static __device__ __forceinline__ int warp_best(unsigned key, int i, bool ok, unsigned *top)
+{
+    *top = __reduce_max_sync(0xffffffffu, ok ? key : 0u);
+    return (int)__reduce_min_sync(0xffffffffu, ok && key == *top ? (unsigned)i : 0x7fffffffu);
+}
+
+/* the group limit: sel of the experts outside the kept groups becomes mask_value */
+static __device__ float block_group_limit(const struct moe_route_cfg &c, float sel, int e, int lane,
+                                          int warp, float2 *pw, float *gs_score, unsigned *gmask)
+{
+    const int G = c.n_group, gs = c.E / G;
+    const bool live = e < c.E;
+    float b1 = live ? sel : -INFINITY, b2 = -INFINITY;
+    const int span = gs < 32 ? gs : 32;
+    for (int o = span / 2; o > 0; o >>= 1) {
+        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+        pair_merge(b1, b2, o1, o2);
+    }
+    if (gs <= 32) {
+        if (live && lane % gs == 0)
+            gs_score[e / gs] = gs >= 2 ? b1 + b2 : b1;
+    } else if (lane == 0) {
+        pw[warp] = make_float2(b1, b2);
+    }
+    __syncthreads();
+    if (gs > 32 && threadIdx.x < G) { /* whole warps per group: their pairs in order */
+        const int per = gs / 32, g = threadIdx.x;
+        float p1 = -INFINITY, p2 = -INFINITY;
+        for (int j = 0; j < per; j++)
+            pair_merge(p1, p2, pw[g * per + j].x, pw[g * per + j].y);
+        gs_score[g] = p1 + p2;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const float v = lane < G ? gs_score[lane] : 0.f;
+        bool left = lane < G;
+        unsigned kept = 0, top;
+        for (int j = 0; j < c.topk_group; j++) {
+            const int g = warp_best(ordered_key(v), lane, left, &top);
+            kept |= 1u << g;
+            if (lane == g)
+                left = false;
+        }
+        if (lane == 0)
+            *gmask = kept;
+    }
+    __syncthreads();
+    return live && !(*gmask >> (e / gs) & 1u) ? c.mask_value : sel;
+}
+
+template <typename L>
+static __global__ void __launch_bounds__(RB_MAX_E)
+    route_block_kernel(struct moe_route_cfg c, const L *logits, const void *bias, moe_dtype bdt,
+                       int32_t *idx, int64_t *idx64, float *w)
+{
+    __shared__ float val[RB_MAX_E];
+    __shared__ unsigned lkey[RB_WARPS][RB_MAX_K];
+    __shared__ int lidx[RB_WARPS][RB_MAX_K], lcnt[RB_WARPS];
+    __shared__ float red[RB_WARPS], wk[RB_MAX_K];
+    __shared__ float2 pw[RB_WARPS];
+    __shared__ float gs_score[32];
+    __shared__ unsigned gmask;
+    const int E = c.E, K = c.K, e = threadIdx.x, lane = e & 31, warp = e >> 5;
+    const int nw = blockDim.x / 32;
+    const int64_t t = blockIdx.x;
+    const bool live = e < E;
+    const float l = live ? moe__to_f(__ldg(logits + t * E + e)) : 0.f;
+    const float b = live && bias ? bias_at(bias, bdt, e) : 0.f;
+
+    float p;
+    if (c.recipe == MOE_ROUTE_SOFTMAX_TOPK) {
+        const float m0 = warp_max(live ? l : -INFINITY);
+        if (lane == 0)
+            red[warp] = m0;
+        __syncthreads();
+        float m = red[0];
+        for (int j = 1; j < nw; j++)
+            m = fmaxf(m, red[j]);
+        const float x = live ? expf(l - m) : 0.f;
+        val[e] = x;
+        __syncthreads();
+        if (warp ==
+            0) { /* the warp kernel's order: lane l's experts in order, then the butterfly */
+            float s = 0.f;
+            for (int j = lane; j < E; j += 32)
+                s += val[j];
+            s = warp_sum(s);
+            if (lane == 0)
+                red[0] = s;
+        }
+        __syncthreads();
+        p = x / red[0];
+    } else {
+        p = 1.f / (1.f + expf(-l));
+    }
+    float sel = bias ? p + b : p;
+    __syncthreads(); /* val (the softmax terms) is rewritten with the scores */
+    if (live)
+        val[e] = p;
+    if (c.recipe == MOE_ROUTE_SIGMOID_GROUP && c.n_group > 1 && c.topk_group < c.n_group)
+        sel = block_group_limit(c, sel, e, lane, warp, pw, gs_score, &gmask);
+
+    /* each warp's best min(K, 32), in order */
+    const unsigned key = ordered_key(sel);
+    bool left = live;
+    int n = 0;
+    for (; n < K; n++) {
+        unsigned top;
+        const int i = warp_best(key, lane, left, &top);
+        if (i == 0x7fffffff)
+            break;
+        if (lane == i)
+            left = false;
+        if (lane == 0) {
+            lkey[warp][n] = top;
+            lidx[warp][n] = warp * 32 + i;
+        }
+    }
+    if (lane == 0)
+        lcnt[warp] = n;
+    __syncthreads();
+    if (warp != 0)
+        return;
+    /* warp 0: lane j holds the head of warp j's list */
+    int h = 0;
+    const int cnt = lane < nw ? lcnt[lane] : 0;
+    for (int k = 0; k < K; k++) {
+        unsigned top;
+        const bool has = h < cnt;
+        const int i = warp_best(has ? lkey[lane][h] : 0u, has ? lidx[lane][h] : 0, has, &top);
+        if (has && lidx[lane][h] == i)
+            h++;
+        if (lane == 0) {
+            idx[t * K + k] = i;
+            if (idx64)
+                idx64[t * K + k] = i;
+            wk[k] = val[i];
+        }
+    }
+    __syncwarp();
+    float sum = 0.f;
+    for (int k = 0; k < K; k++)
+        sum += wk[k];
+    const float denom = c.norm ? sum + c.norm_eps : 1.f;
+    for (int k = lane; k < K; k += 32)
+        w[t * K + k] = c.norm ? wk[k] / denom * c.scale : wk[k] * c.scale;
+}
+
 static __global__ void route_backward_kernel(struct moe_route_cfg c, int64_t T, const float *logits,
                                              const int32_t *idx, const float *dw, float *dlogits,
                                              int words)
@@ -467,6 +651,13 @@ static int route_launch(const struct moe_route_cfg *c, int64_t n_tok, const void
                         moe_dtype ldt, const void *bias, moe_dtype bdt, int32_t *idx,
                         int64_t *idx64, float *w, cudaStream_t st)
 {
+    if (n_tok <= RB_T_MAX && route_block_ok(c)) {
+        const unsigned threads = (unsigned)((c->E + 31) / 32 * 32);
+        MOE_DISPATCH(ldt, (route_block_kernel<T><<<(unsigned)n_tok, threads, 0, st>>>(
+                              *c, (const T *)logits, bias, bdt, idx, idx64, w)));
+        MOE_CHECK_LAUNCH();
+        return MOE_OK;
+    }
     int warps = 1;
     size_t smem = 0, words = route_words(c);
     MOE_TRY(route_geometry(words, &warps, &smem));
@@ -522,4 +713,11 @@ int moe__route_backward_cuda(const struct moe_route_cfg *c, int64_t T, const flo
         return MOE_OK;
     MOE_REQUIRE(logits && idx && dw && dlogits, MOE_EINVAL);
     return route_backward_launch(c, T, logits, idx, dw, dlogits, st);
+}
+
+extern "C" MOE_API int moe_route_cuda(const struct moe_route_cfg *c, int64_t T, const float *logits,
+                                      const float *bias, int32_t *idx, float *w, void *stream)
+{
+    return moe__route_cuda(c, T, logits, MOE_F32, bias, MOE_F32, idx, NULL, w,
+                           (cudaStream_t)stream);
 }

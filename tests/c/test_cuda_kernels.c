@@ -1102,6 +1102,120 @@ Test(cuda_kernels, permutation_is_the_cpu_s_bits, .timeout = 120)
     check_permute(0, 8, 16, 0, 0);
 }
 
+/* ---- the routing alone (moe_route_cuda vs moe_route_cpu) ---- */
+
+#define RC_T 300 /* tokens of the warp-per-token kernel's call (above its block kernel's 256) */
+#define RC_B 37  /* the first tokens again, in a call the block-per-token kernel takes */
+
+struct rcase {
+    moe_recipe recipe;
+    int E, K, n_group, topk_group, norm;
+    float scale, mask_value;
+    int bias, ties;
+};
+
+static void route_on_gpu(const struct moe_route_cfg *rc, int64_t T, const float *dl,
+                         const float *db, int32_t *idx, float *w)
+{
+    const size_t n = (size_t)(T * rc->K);
+    int32_t *didx;
+    float *dw;
+    CK(cudaMalloc((void **)&didx, sizeof(int32_t) * n));
+    CK(cudaMalloc((void **)&dw, sizeof(float) * n));
+    CK(cudaMemset(didx, 0xff, sizeof(int32_t) * n));
+    CK(cudaMemset(dw, 0xff, sizeof(float) * n)); /* NaN: an unwritten weight fails */
+    cr_assert_eq(moe_route_cuda(rc, T, dl, db, didx, dw, NULL), MOE_OK, "E=%d K=%d T=%lld: %s",
+                 rc->E, rc->K, (long long)T, moe_last_error_cuda());
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(idx, didx, sizeof(int32_t) * n, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(w, dw, sizeof(float) * n, cudaMemcpyDeviceToHost));
+    cudaFree(didx);
+    cudaFree(dw);
+}
+
+/* RC_T tokens against the CPU (idx exact; w within fp32 rounding: the softmax sum's order and
+   the device's expf differ), and the first RC_B of them in a call of their own, which must give
+   the first call's bits. */
+static void check_route(const struct rcase *r)
+{
+    const struct moe_route_cfg rc = {r->recipe,
+                                     r->E,
+                                     r->K,
+                                     r->n_group,
+                                     r->topk_group,
+                                     r->norm,
+                                     r->recipe == SIGMOID ? 1e-20f : 0.f,
+                                     r->scale,
+                                     r->mask_value};
+    const int E = r->E, K = r->K;
+    const size_t nl = (size_t)RC_T * (size_t)E, nk = (size_t)RC_T * (size_t)K;
+    float *lg = malloc(sizeof(float) * nl), *bias = malloc(sizeof(float) * (size_t)E);
+    float *w_c = malloc(sizeof(float) * nk), *w_a = malloc(sizeof(float) * nk),
+          *w_b = malloc(sizeof(float) * nk);
+    int32_t *i_c = malloc(sizeof(int32_t) * nk), *i_a = malloc(sizeof(int32_t) * nk),
+            *i_b = malloc(sizeof(int32_t) * nk);
+    rng_state = 0x5bd1e995u ^ (uint64_t)(E * 131 + K * 7 + r->n_group);
+    for (size_t i = 0; i < nl; i++)
+        lg[i] = r->ties ? roundf(urand() * 12.f) / 4.f : urand() * 3.f;
+    for (int e = 0; e < E; e++)
+        bias[e] = r->ties ? roundf(urand() * 2.f) / 4.f : urand() * 0.5f;
+    const float *hb = r->bias ? bias : NULL;
+    cr_assert_eq(moe_route_cpu(&rc, RC_T, lg, hb, i_c, w_c), MOE_OK);
+    float *dl, *db;
+    CK(cudaMalloc((void **)&dl, sizeof(float) * nl));
+    CK(cudaMalloc((void **)&db, sizeof(float) * (size_t)E));
+    CK(cudaMemcpy(dl, lg, sizeof(float) * nl, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db, bias, sizeof(float) * (size_t)E, cudaMemcpyHostToDevice));
+    route_on_gpu(&rc, RC_T, dl, r->bias ? db : NULL, i_a, w_a);
+    route_on_gpu(&rc, RC_B, dl, r->bias ? db : NULL, i_b, w_b);
+    int bad_i = 0, bad_w = 0;
+    for (size_t i = 0; i < nk; i++) {
+        bad_i += i_a[i] != i_c[i];
+        bad_w += !(fabsf(w_a[i] - w_c[i]) <= 1e-5f * fabsf(w_c[i]) + 1e-30f);
+    }
+    const size_t nb = (size_t)RC_B * (size_t)K;
+    cr_expect_eq(bad_i, 0, "E=%d K=%d G=%d: %d choices differ from the CPU's", E, K, r->n_group,
+                 bad_i);
+    cr_expect_eq(bad_w, 0, "E=%d K=%d G=%d: %d weights off the CPU's", E, K, r->n_group, bad_w);
+    cr_expect(!memcmp(i_b, i_a, sizeof(int32_t) * nb) && !memcmp(w_b, w_a, sizeof(float) * nb),
+              "E=%d K=%d G=%d: the decode-size call's bits differ from the larger call's", E, K,
+              r->n_group);
+    cudaFree(dl);
+    cudaFree(db);
+    free(lg);
+    free(bias);
+    free(w_c);
+    free(w_a);
+    free(w_b);
+    free(i_c);
+    free(i_a);
+    free(i_b);
+}
+
+/* Both routing kernels on every recipe form: E from 1 to 1024 (a partial last warp, more than 512
+   experts), K up to 32, the group limit on groups of 1 to 128 experts (inside a warp, whole warps,
+   and 48, which the block kernel leaves to the warp kernel), a selection bias, exact ties. */
+Test(cuda_kernels, routing_alone_matches_cpu, .timeout = 60)
+{
+    need_gpu();
+    const float NI = -INFINITY;
+    static const struct rcase cases[] = {
+        {SOFTMAX, 1, 1, 1, 1, 0, 1.f, NI, 0, 0},      {SOFTMAX, 7, 2, 1, 1, 1, 1.f, NI, 0, 0},
+        {SOFTMAX, 32, 4, 1, 1, 0, 1.f, NI, 0, 0},     {SOFTMAX, 60, 8, 1, 1, 1, 1.f, NI, 0, 1},
+        {SOFTMAX, 128, 8, 1, 1, 1, 1.f, NI, 0, 0},    {SOFTMAX, 128, 8, 1, 1, 0, 1.f, NI, 1, 0},
+        {SOFTMAX, 256, 8, 1, 1, 1, 1.f, NI, 0, 0},    {SOFTMAX, 600, 4, 1, 1, 0, 1.f, NI, 0, 0},
+        {SOFTMAX, 1024, 32, 1, 1, 1, 1.f, NI, 0, 0},  {SOFTMAX, 1024, 8, 1, 1, 1, 1.f, NI, 0, 1},
+        {SOFTMAX, 40, 32, 1, 1, 1, 1.f, NI, 0, 1},    {SIGMOID, 64, 6, 1, 1, 1, 2.5f, NI, 1, 0},
+        {SIGMOID, 384, 8, 1, 1, 1, 2.827f, NI, 1, 0}, {SIGMOID, 256, 8, 8, 4, 1, 2.5f, 0.f, 1, 0},
+        {SIGMOID, 256, 8, 8, 4, 1, 2.5f, NI, 1, 1},   {SIGMOID, 64, 4, 32, 8, 1, 1.f, NI, 1, 0},
+        {SIGMOID, 32, 4, 32, 5, 0, 1.f, 0.f, 1, 1},   {SIGMOID, 128, 4, 16, 3, 1, 1.f, NI, 1, 0},
+        {SIGMOID, 512, 8, 4, 2, 1, 1.f, NI, 1, 1},    {SIGMOID, 384, 6, 4, 3, 1, 1.f, NI, 0, 0},
+        {SIGMOID, 160, 6, 10, 3, 1, 1.f, NI, 1, 0},   {SIGMOID, 192, 6, 4, 2, 1, 1.f, NI, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        check_route(&cases[i]);
+}
+
 /* ---- the Hopper grouped GEMM alone (moe_grouped_gemm_cuda vs moe_grouped_gemm_cpu) ---- */
 
 struct gcase {
