@@ -73,17 +73,8 @@
 #define SM90_A_BYTES (SM90_BM * SM90_BK * 2)
 #define SM90_B_BYTES (SM90_BN * SM90_BK * 2)
 #define SM90_STAGE_BYTES (SM90_A_BYTES + SM90_B_BYTES)
-/* Each computing warp's own output buffer: 16 rows x 64 columns (one sub-tile) for the row copies,
-   SM90_EPI_SLOTS sub-tiles of 16 x SM90_EPI_SUB in flight for the TMA stores. */
-#ifndef SM90_EPI_SLOTS
-#define SM90_EPI_SLOTS 2
-#endif
-#ifndef SM90_EPI_SUB
-#define SM90_EPI_SUB 32
-#endif
-#define SM90_EPI_SUB_BYTES (16 * SM90_EPI_SUB * 2)
-#define SM90_EPI_WARP_BYTES                                                                        \
-    (SM90_EPI_SLOTS * SM90_EPI_SUB_BYTES > 2048 ? SM90_EPI_SLOTS * SM90_EPI_SUB_BYTES : 2048)
+/* Each computing warp's own output buffer: 16 rows x 64 columns (one sub-tile), 2 KB. */
+#define SM90_EPI_WARP_BYTES 2048
 #define SM90_EPI_BYTES (8 * SM90_EPI_WARP_BYTES)
 #define SM90_SMEM_BYTES (SM90_STAGES * SM90_STAGE_BYTES + SM90_EPI_BYTES + 1024)
 
@@ -688,78 +679,53 @@ static __device__ __forceinline__ void bulk_wait_read0()
     bulk_wait_read<0>();
 }
 
-#if MOE_L2_HINT
-/* An L2 policy for outputs no CTA of this kernel reads again: evicted before the operands the
-   other CTAs are still loading. */
-static __device__ __forceinline__ uint64_t evict_first()
-{
-    uint64_t p;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-    return p;
-}
-#define SM90_ST_HINT ".L2::cache_hint"
-#define SM90_ST_POL ", %5"
-#else
-#define SM90_ST_HINT ""
-#define SM90_ST_POL ""
-#endif
-
 static __device__ __forceinline__ void tma_store(const struct sm90_dst &o, uint32_t src, int x,
                                                  int y)
 {
-#if MOE_L2_HINT
-    const uint64_t pol = evict_first();
-#define SM90_ST_POLARG , "l"(pol)
-#else
-#define SM90_ST_POLARG
-#endif
     if (o.rank3)
-        asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group" SM90_ST_HINT
-                     " [%0, {%2, %3, %4}], [%1]" SM90_ST_POL ";\n" ::"l"(o.map),
-                     "r"(src), "r"(x), "r"(y), "r"(o.z)SM90_ST_POLARG
-                     : "memory");
+        asm volatile(
+            "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::
+                "l"(o.map),
+            "r"(src), "r"(x), "r"(y), "r"(o.z)
+            : "memory");
     else
-        asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" SM90_ST_HINT
-                     " [%0, {%2, %3}], [%1]" SM90_ST_POL ";\n" ::"l"(o.map),
-                     "r"(src), "r"(x), "r"(y), "r"(0)SM90_ST_POLARG
-                     : "memory");
+        asm volatile(
+            "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+                o.map),
+            "r"(src), "r"(x), "r"(y)
+            : "memory");
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 
 template <typename T, int ACT, int COLS>
 static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, const float *d,
-                                                      uint32_t buf, int row0, int lane, int &nst)
+                                                      uint32_t buf, int row0, int lane)
 {
-    constexpr int SUB = SM90_EPI_SUB, PITCH = 2 * SUB, SUBS = SM90_OUT_COLS(ACT, COLS) / SUB;
-    static_assert(SUB == 32 || SUB == 16, "sub-tiles of 64- or 32-byte rows");
     const int r = lane >> 2;
-    const uint32_t wa = buf + (uint32_t)(r * PITCH + 4 * (lane & 3));
-    /* the swizzle's chunk mask for row r (64-byte rows: c ^ (r / 2) % 4; 32-byte: c ^ (r / 4) % 2),
-       which rows r and r + 8 share */
-    const int sw = SUB == 32 ? (r >> 1) & 3 : (r >> 2) & 1;
+    const uint32_t wa = buf + (uint32_t)(r * 64 + 4 * (lane & 3));
+    const int sw = (r >> 1) & 3; /* rows r and r + 8 share it */
 #pragma unroll
-    /* nst counts the warp's TMA stores: store n uses slot n % SLOTS, last used SLOTS stores ago
-       (where every call's count is a multiple of SLOTS, that is sub % SLOTS) */
-    for (int sub = 0; sub < SUBS; sub++, nst++) {
-        const int slot = SUBS % SM90_EPI_SLOTS == 0 ? sub % SM90_EPI_SLOTS : nst % SM90_EPI_SLOTS;
-        const uint32_t half = (uint32_t)(slot * SM90_EPI_SUB_BYTES);
+    /* an even count of sub-tiles per call (8, or 4 of the activation or a 128-wide fragment): the
+       half that sub-tile sub uses is sub % 2 across tiles and calls as well */
+    for (int sub = 0; sub < SM90_OUT_COLS(ACT, COLS) / 32; sub++) {
+        const uint32_t half = (uint32_t)((sub & 1) * 1024);
         if (lane == 0)
-            bulk_wait_read<SM90_EPI_SLOTS - 1>(); /* that store has read the slot */
+            bulk_wait_read<1>(); /* the store before last (this half's) has read it */
         __syncwarp();
 #pragma unroll
-        for (int jj = 0; jj < SUB / 8; jj++) {
-            const int i = 4 * (sub * (SUB / 8) + jj);
+        for (int jj = 0; jj < 4; jj++) {
+            const int i = 4 * (sub * 4 + jj);
             const uint32_t at = wa + half + (uint32_t)((jj ^ sw) << 4);
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(out_pair<T, ACT>(d, i))
                          : "memory");
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * PITCH),
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 64),
                          "r"(out_pair<T, ACT>(d, i + 2))
                          : "memory");
         }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the TMA */
         __syncwarp();
         if (lane == 0)
-            tma_store(o, buf + half, o.x + sub * SUB + (sub * SUB >= 128 ? o.xhi : 0), o.y + row0);
+            tma_store(o, buf + half, o.x + sub * 32 + (sub >= 4 ? o.xhi : 0), o.y + row0);
     }
 }
 
@@ -768,12 +734,12 @@ static __device__ __forceinline__ void store_tile_tma(const struct sm90_dst &o, 
    unaligned, the direct stores), after the warp's earlier TMA stores have read its buffer. */
 template <typename T, int ACT, int COLS>
 static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, const float *d,
-                                                  uint32_t buf, int row0, int lane, int &nst)
+                                                  uint32_t buf, int row0, int lane)
 {
     if (o.lim <= row0)
         return; /* also a warpgroup that skipped its wgmma: its d was never computed */
     if (o.map && o.lim >= row0 + 16) {
-        store_tile_tma<T, ACT, COLS>(o, d, buf, row0, lane, nst);
+        store_tile_tma<T, ACT, COLS>(o, d, buf, row0, lane);
         return;
     }
     if (lane == 0)
@@ -803,12 +769,12 @@ static __device__ __forceinline__ struct sm90_frag frag_of(int tid, uint32_t epi
 template <typename T, int ACT>
 static __device__ __forceinline__ void write_out(const struct sm90_args &g,
                                                  const struct sm90_tile &t, const float *d,
-                                                 uint32_t epi, int tid, int &nst)
+                                                 uint32_t epi, int tid)
 {
     const struct sm90_frag f = frag_of(tid, epi);
-    write_tile<T, 0, SM90_BN>(dst_of(g, t), d, f.buf, f.row0, f.lane, nst);
+    write_tile<T, 0, SM90_BN>(dst_of(g, t), d, f.buf, f.row0, f.lane);
     if (ACT)
-        write_tile<T, 1, SM90_BN>(act_of(g, t), d, f.buf, f.row0, f.lane, nst);
+        write_tile<T, 1, SM90_BN>(act_of(g, t), d, f.buf, f.row0, f.lane);
 }
 
 /* Before the kernel ends: every TMA store of this thread has completed. */
@@ -1010,7 +976,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
     /* slot: the consumer's k-steps so far, over all tiles; its stage is slot % STAGES, filled by
        the producer STAGES - 2 calls earlier. A stage is refilled only after every warpgroup's wgmma
        on it has retired (wait_group 1 of the previous slot, then the barrier of this one). */
-    int slot = 0, nst = 0;
+    int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
@@ -1030,7 +996,7 @@ static __global__ void __launch_bounds__(SM90_THREADS, 1)
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_d(d);
-        write_out<T, ACT>(g, t, d, epi, threadIdx.x, nst);
+        write_out<T, ACT>(g, t, d, epi, threadIdx.x);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
     bulk_wait_all();
@@ -1249,7 +1215,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
 {
     const int ctid = threadIdx.x - SM90W_LOADERS, wg = ctid >> 7, lane = ctid & 31;
     float d[128];
-    int slot = 0, nst = 0;
+    int slot = 0;
     for (int q = blockIdx.x; q < total; q += gridDim.x) {
         const struct sm90_tile t = tile_of(g, tiles, nt, q);
         if (t.KT == 0) {
@@ -1257,7 +1223,7 @@ static __device__ __forceinline__ void sm90w_compute(const struct sm90_args &g, 
             continue;
         }
         sm90w_ksteps<T, AMN, BMN, 0>(g, d, t, ring, full, wg, lane, empty, slot);
-        write_out<T, ACT>(g, t, d, epi, ctid, nst);
+        write_out<T, ACT>(g, t, d, epi, ctid);
     }
     bulk_wait_all();
 }
@@ -1282,7 +1248,7 @@ sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, ui
     const uint32_t buf = frag_of(ctid, epi).buf; /* the rows are per half, not frag_of's */
     const uint32_t mine = turn + 8 * wg, other = turn + 8 * (wg ^ 1);
     float d[128];
-    int slot = 0, nst = 0;
+    int slot = 0;
     for (int q = blockIdx.x, j = 0; q < total; q += gridDim.x, j++) {
         const struct sm90_tile t = tile_of<BN>(g, tiles, nt, q);
         if ((j & 1) != wg) {
@@ -1305,8 +1271,8 @@ sm90p_compute(const struct sm90_args &g, const int *tiles, int nt, int total, ui
         }
         sm90w_ksteps<T, AMN, BMN, PP>(g, d, t, ring, full, wg, threadIdx.x & 31 /* = lane */, empty,
                                       slot, other, leader);
-        write_tile<T, 0, BN>(o, d, buf, warp * 16, lane, nst);
-        write_tile<T, 0, BN>(o, d + BN / 2, buf, 64 + warp * 16, lane, nst);
+        write_tile<T, 0, BN>(o, d, buf, warp * 16, lane);
+        write_tile<T, 0, BN>(o, d + BN / 2, buf, 64 + warp * 16, lane);
     }
     bulk_wait_all();
 }
@@ -1577,9 +1543,8 @@ static int sm90_out_map(CUtensorMap *m, moe_dtype dt, void *base, int64_t cols, 
     if (rows < 1 || (E > 0 && (es % 16 || es < rows * rs)))
         return 0;
     const int64_t dim[3] = {cols, rows, E > 0 ? E : 1}, stride[2] = {rs, es};
-    const uint32_t box[3] = {SM90_EPI_SUB, 16, 1};
-    return sm90_map(m, dt, E > 0 ? 3 : 2, base, dim, stride, box,
-                    SM90_EPI_SUB == 32 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B,
+    const uint32_t box[3] = {32, 16, 1};
+    return sm90_map(m, dt, E > 0 ? 3 : 2, base, dim, stride, box, CU_TENSOR_MAP_SWIZZLE_64B,
                     CU_TENSOR_MAP_L2_PROMOTION_NONE);
 }
 

@@ -1,7 +1,9 @@
 /*
  * kernels/cuda/route.cu — routing forward (logits → idx, w) and backward (dw → dlogits) for both
- * recipes of moe.h. One warp per token; the token's E scores live in shared memory. The forward
- * reads logits of any dtype (fp32 as float; bf16/fp16 widened exactly, which is torch's cast).
+ * recipes of moe.h. One warp per token, the token's E scores in shared memory; at decode sizes
+ * (T <= RB_T_MAX) the forward instead gives each token a block, a thread per expert, with the same
+ * bits. The forward reads logits of any dtype (fp32 as float; bf16/fp16 widened exactly, which is
+ * torch's cast).
  *
  * Also the router's own fp32 logits where the forward makes them (moe_problem.router_w).
  *
