@@ -64,7 +64,7 @@ endif
 TEST_C_SRC := $(wildcard tests/c/test_*.c)
 TEST_BINS  := $(TEST_C_SRC:tests/c/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test test-c test-py demo bench install deps format tidy compdb clean
+.PHONY: all test test-c test-py demo bench diag install deps format tidy compdb clean
 all: $(LIBS)
 
 $(BUILD)/obj/%.o: %.c
@@ -135,6 +135,12 @@ test-py: $(LIBS)
 
 demo: $(LIBS)
 	$(PYTHON) examples/demo.py --lib $(abspath $(BUILD))/libmoepatch.so
+
+# The GEMM engine's timing-diagnostic builds, $(BUILD)/diag1..3/libmoepatch_cuda.so (kernels/cuda/
+# gemm_sm90.cu, MOE_DIAG; wrong outputs by design: never ship them); device_check.sh gemmdiag
+# times them.
+diag:
+	for n in 1 2 3; do $(MAKE) BUILD=$(BUILD)/diag$$n NVCC_DEFS=-DMOE_DIAG=$$n $(BUILD)/diag$$n/libmoepatch_cuda.so || exit 1; done
 
 bench: $(LIBS)
 	$(PYTHON) tests/bench/bench_moe.py --lib $(abspath $(BUILD))/libmoepatch.so

@@ -21,6 +21,9 @@
 #   tests/gpu/device_check.sh ncu       Nsight Compute sections of five engine GEMMs (NCU_SHAPE=...)
 #   tests/gpu/device_check.sh ncuhot    the warp-specialized kernel's hottest instructions and stall
 #                                       reasons (ncu source page; NCU_SHAPE, NCU_GEMMS, NCU_SCHED)
+#   tests/gpu/device_check.sh gemmdiag  bench_gemm.py for this build and the three timing-diagnostic
+#                                       builds (make diag: build/diag1..3; carry them), alternating, two
+#                                       rounds (DIAG_SHAPES, default ring-mini-2.0)
 #   tests/gpu/device_check.sh decode    bench_moe.py at T = 1, 8, 64 (forward replayed from a CUDA graph
 #                                       against the weight-read time: issue 4's decode bound)
 #   tests/gpu/device_check.sh decodeab  decode C tests, then bench_moe.py's decode table and profile_decode.py
@@ -165,6 +168,19 @@ ncuhot)
         ncu --import /tmp/hot.ncu-rep --page details 2>&1 | grep -E "Duration|Throughput|Warp Cycles|Stall" >>"$OUT/ncuhot.txt"
         python3 tests/bench/ncu_hotspots.py 25 </tmp/hot.csv 2>&1 | tee -a "$OUT/ncuhot.txt"
         gzip -c /tmp/hot.csv >"$OUT/hot_${gm// /_}_s${NCU_SCHED:-0}.csv.gz"
+    done
+    ;;
+gemmdiag)
+    # where a GEMM's time goes: no loads (1), no wgmma (2), no store waits (3) beside the real build
+    for round in 1 2; do
+        for dir in build build/diag1 build/diag2 build/diag3; do
+            [ -f "$dir/libmoepatch_cuda.so" ] || { echo "gemmdiag: no $dir/libmoepatch_cuda.so (make diag)"; continue; }
+            log=$OUT/gemmdiag_$(basename "$dir")_$round.log
+            timeout 60 python3 tests/bench/bench_gemm.py --lib "$dir/libmoepatch_cuda.so" --no-uniform \
+                --shapes "${DIAG_SHAPES:-ring-mini-2.0}" >"$log" 2>&1
+            echo "== $dir round $round rc=$? (a diagnostic build's outputs are wrong by design)"
+            grep "sm90 default" "$log" | awk -F'|' '{printf "%s %s;", $3, $7} END {print ""}'
+        done
     done
     ;;
 decode)
