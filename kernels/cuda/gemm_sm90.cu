@@ -674,11 +674,6 @@ template <int N> static __device__ __forceinline__ void bulk_wait_read()
 #endif
 }
 
-static __device__ __forceinline__ void bulk_wait_read0()
-{
-    bulk_wait_read<0>();
-}
-
 static __device__ __forceinline__ void tma_store(const struct sm90_dst &o, uint32_t src, int x,
                                                  int y)
 {
@@ -743,7 +738,7 @@ static __device__ __forceinline__ void write_tile(const struct sm90_dst &o, cons
         return;
     }
     if (lane == 0)
-        bulk_wait_read0();
+        bulk_wait_read<0>();
     __syncwarp();
     if (bufferable(o))
         store_tile<T, ACT, COLS>(o, d, buf, row0, lane);

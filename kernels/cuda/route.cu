@@ -130,6 +130,14 @@ static __device__ __forceinline__ unsigned ordered_key(float v)
     return u & 0x80000000u ? ~u : u | 0x80000000u;
 }
 
+/* the best of the lanes' (key, index) candidates, those with ok: the highest key, then the
+   lowest index; index INT_MAX when no lane has one */
+static __device__ __forceinline__ int warp_best(unsigned key, int i, bool ok, unsigned *top)
+{
+    *top = __reduce_max_sync(0xffffffffu, ok ? key : 0u);
+    return (int)__reduce_min_sync(0xffffffffu, ok && key == *top ? (unsigned)i : 0x7fffffffu);
+}
+
 /* warp_argmax K times over v (E <= 32 · ROUTE_REG: lane l holds experts l, l + 32, ...; the live
    bits say which are left), with the scores in registers: a round is a lane-local scan and two
    warp reductions (the best key, then the lowest expert holding it) instead of five shuffle rounds
@@ -148,10 +156,8 @@ static __device__ __forceinline__ void reg_topk(const float (&v)[ROUTE_REG], uns
                 bv = v[j];
                 bj = j;
             }
-        const unsigned key = bj < 0 ? 0u : ordered_key(bv);
-        const unsigned top = __reduce_max_sync(0xffffffffu, key);
-        const int e = (int)__reduce_min_sync(
-            0xffffffffu, bj >= 0 && key == top ? (unsigned)(lane + 32 * bj) : 0xffffffffu);
+        unsigned top;
+        const int e = warp_best(bj < 0 ? 0u : ordered_key(bv), lane + 32 * bj, bj >= 0, &top);
         if (lane == e % 32)
             live &= ~(1u << (e / 32));
         if (lane == 0) {
@@ -245,8 +251,20 @@ static __device__ void smem_route(const struct moe_route_cfg &c, const L *__rest
     }
 }
 
-/* One warp per token. Every lane sums the chosen scores in slot order (the CPU reference's), from
-   wk in shared memory. */
+/* A token's K weights from its chosen scores wk (shared memory, slot order), by one warp: every
+   lane sums them in slot order (the CPU reference's), then renormalises and scales. */
+static __device__ void write_weights(const struct moe_route_cfg &c, const float *wk, int lane,
+                                     float *w)
+{
+    float sum = 0.f;
+    for (int k = 0; k < c.K; k++)
+        sum += wk[k];
+    const float denom = c.norm ? sum + c.norm_eps : 1.f;
+    for (int k = lane; k < c.K; k += 32)
+        w[k] = c.norm ? wk[k] / denom * c.scale : wk[k] * c.scale;
+}
+
+/* One warp per token; the weights from wk in shared memory (write_weights). */
 template <typename L>
 static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const L *logits,
                                     const void *bias, moe_dtype bdt, int32_t *idx, int64_t *idx64,
@@ -263,12 +281,7 @@ static __global__ void route_kernel(struct moe_route_cfg c, int64_t T, const L *
     int64_t *ik64 = idx64 ? idx64 + t * K : NULL;
     smem_route(c, logits + t * E, bias, bdt, lane, val, idx + t * K, ik64, wk);
     __syncwarp();
-    float sum = 0.f;
-    for (int k = 0; k < K; k++)
-        sum += wk[k];
-    const float denom = c.norm ? sum + c.norm_eps : 1.f;
-    for (int k = lane; k < K; k += 32)
-        w[t * K + k] = c.norm ? wk[k] / denom * c.scale : wk[k] * c.scale;
+    write_weights(c, wk, lane, w + t * K);
 }
 
 /* ---- decode sizes: a block per token, a thread per expert ----
@@ -302,14 +315,6 @@ static __device__ __forceinline__ void pair_merge(float &b1, float &b2, float o1
     const float lo = fminf(b1, o1);
     b1 = fmaxf(b1, o1);
     b2 = fmaxf(lo, fmaxf(b2, o2));
-}
-
-/* the best of the lanes' (key, index) candidates, those with ok: the highest key, then the
-   lowest index; index INT_MAX when no lane has one */
-static __device__ __forceinline__ int warp_best(unsigned key, int i, bool ok, unsigned *top)
-{
-    *top = __reduce_max_sync(0xffffffffu, ok ? key : 0u);
-    return (int)__reduce_min_sync(0xffffffffu, ok && key == *top ? (unsigned)i : 0x7fffffffu);
 }
 
 /* the group limit: sel of the experts outside the kept groups becomes mask_value */
@@ -388,8 +393,8 @@ static __global__ void __launch_bounds__(RB_MAX_E)
         const float x = live ? expf(l - m) : 0.f;
         val[e] = x;
         __syncthreads();
-        if (warp ==
-            0) { /* the warp kernel's order: lane l's experts in order, then the butterfly */
+        /* the warp kernel's order: lane l's experts in order, then the butterfly */
+        if (warp == 0) {
             float s = 0.f;
             for (int j = lane; j < E; j += 32)
                 s += val[j];
@@ -447,12 +452,7 @@ static __global__ void __launch_bounds__(RB_MAX_E)
         }
     }
     __syncwarp();
-    float sum = 0.f;
-    for (int k = 0; k < K; k++)
-        sum += wk[k];
-    const float denom = c.norm ? sum + c.norm_eps : 1.f;
-    for (int k = lane; k < K; k += 32)
-        w[t * K + k] = c.norm ? wk[k] / denom * c.scale : wk[k] * c.scale;
+    write_weights(c, wk, lane, w + t * K);
 }
 
 static __global__ void route_backward_kernel(struct moe_route_cfg c, int64_t T, const float *logits,
